@@ -3,6 +3,7 @@ from models import (  # noqa: F401  (imported for registration)
     blip2_opt,
     blip2_qformer,
     blip2_t5,
+    frozen_pretrain,
     image_encoders,
     llms,
     qformer,
