@@ -62,13 +62,20 @@ class Registry:
 
     # -- lookup -----------------------------------------------------------------------------
     def _ensure_home(self) -> None:
-        if not self._home_loaded:
-            self._home_loaded = True
+        """Import the home package (built-in entries) and installed entry-point plugins, once."""
+        if self._home_loaded:
+            return
+        # Set first: the home package may itself query this registry while it is being imported.
+        self._home_loaded = True
+        try:
             importlib.import_module(self.home)
-            # Installed third-party packages may add entries too (entry-point group blip2.plugins).
-            from registry.plugins import load_entry_point_plugins
+        except Exception:
+            self._home_loaded = False  # let a later lookup retry and show the same error
+            raise
+        # Installed third-party packages may add entries too (entry-point group blip2.plugins).
+        from registry.plugins import load_entry_point_plugins
 
-            load_entry_point_plugins()
+        load_entry_point_plugins()
 
     def get(self, name: str) -> Any:
         """Return the entry for ``name``; unknown names raise with close matches and all choices."""
