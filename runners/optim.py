@@ -1,0 +1,91 @@
+"""AdamW over trainable parameters only, with per-group weight decay and ``lr_scale``."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+
+def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """Biases, norm weights and every 1-d parameter (e.g. temperatures) get no weight decay."""
+    lname = name.lower()
+    return param.ndim < 2 or lname.endswith(".bias") or "norm" in lname or "ln_" in lname
+
+
+def default_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two groups (decay / no decay) of the parameters that require grad."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if _no_decay(name, param) else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_param_groups(model: torch.nn.Module, weight_decay: float, lr_layer_decay: float) -> list[dict]:
+    """The model's own ``get_optimizer_params`` (layer-wise LR decay lives there) or the default.
+
+    Whatever the source, frozen parameters are removed, empty groups dropped, and a parameter
+    listed twice is an error (it would be updated twice per step).
+    """
+    if hasattr(model, "get_optimizer_params"):
+        groups = model.get_optimizer_params(weight_decay, lr_layer_decay)
+    else:
+        groups = default_param_groups(model, weight_decay)
+    cleaned, seen = [], set()
+    for group in groups:
+        params = [p for p in group["params"] if p.requires_grad]
+        for p in params:
+            if id(p) in seen:
+                raise ValueError("a parameter appears in two optimizer groups of get_optimizer_params()")
+            seen.add(id(p))
+        if params:
+            cleaned.append({**group, "params": params})
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
+    if missing:
+        raise ValueError(f"trainable parameters missing from the optimizer groups: {missing[:10]}")
+    if not cleaned:
+        raise ValueError("the model has no trainable parameters (all requires_grad=False)")
+    return cleaned
+
+
+def build_optimizer(model: torch.nn.Module, run_cfg: Any) -> torch.optim.AdamW:
+    """AdamW with ``run.init_lr``, betas ``(run.beta1, run.beta2)`` and ``run.weight_decay``."""
+    get = run_cfg.get
+    groups = build_param_groups(model, float(get("weight_decay", 0.05)), float(get("lr_layer_decay", 1.0)))
+    betas = (float(get("beta1", 0.9)), float(get("beta2", 0.999)))
+    return torch.optim.AdamW(groups, lr=float(get("init_lr")), betas=betas,
+                             weight_decay=float(get("weight_decay", 0.05)))
+
+
+def count_trainable(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+# -- mixed precision ---------------------------------------------------------------------------
+def resolve_amp(amp: Any, device: torch.device) -> torch.dtype | None:
+    """``run.amp`` (bf16 | fp16 | off, or LAVIS's True/False) -> autocast dtype or None."""
+    if amp is None or amp is False or str(amp).lower() in ("off", "false", "none", "fp32", "no"):
+        return None
+    value = str(amp).lower()
+    if value == "true":  # LAVIS YAMLs say amp: True (fp16 on GPU); bf16 is the fast path on CPU
+        value = "fp16" if device.type == "cuda" else "bf16"
+    if value == "bf16":
+        return torch.bfloat16
+    if value == "fp16":
+        if device.type != "cuda":
+            raise ValueError("run.amp=fp16 needs a CUDA device (fp16 on CPU is pathologically slow); use bf16")
+        return torch.float16
+    raise ValueError(f"run.amp must be one of bf16, fp16, off; got {amp!r}")
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -1,0 +1,401 @@
+"""Epoch-based runner: optimisation loop, evaluation, best checkpoint, resume (``runner_base``).
+
+Per optimizer step: LR set from the schedule, ``accum_grad_iters`` micro-batches (DDP ``no_sync``
+on all but the last), autocast (bf16/fp16), a collective finite-loss check, GradScaler for fp16,
+gradient clipping, AdamW step. The data order is a function of (seed, epoch), so a run resumed
+from a mid-epoch checkpoint replays exactly what the uninterrupted run would have done.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+import registry
+from runners import checkpointing as ckpt
+from runners import distributed as dist_utils
+from runners.batch_stream import BatchStream
+from runners.data import eval_loader, merge_train_datasets, move_to_device, train_loader
+from runners.lr_schedulers import build_lr_scheduler
+from runners.optim import autocast, build_optimizer, count_trainable, resolve_amp
+from runners.run_logging import MetricsLog, create_job_dir
+from runners.wrapping import wrap_model
+
+logger = logging.getLogger("runners")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; raised before the weights are touched."""
+
+
+def _run_node(cfg: Any) -> Any:
+    """The ``run`` section of a Config object or of a plain DictConfig."""
+    for attr in ("run", "run_cfg"):
+        node = getattr(cfg, attr, None)
+        if node is not None:
+            return node
+    return cfg["run"]
+
+
+def _to_container(cfg: Any) -> Any:
+    for attr in ("to_dict", "config", "cfg"):
+        value = getattr(cfg, attr, None)
+        if callable(value):
+            value = value()
+        if isinstance(value, dict) or OmegaConf.is_config(value):
+            return value
+    return cfg
+
+
+@registry.runners.register("runner_base")
+class RunnerBase:
+    """``Runner(cfg, task, model, datasets, job_id)``; ``.train()`` / ``.evaluate()``."""
+
+    # run: keys this runner reads beyond runners.config.RUN_SCHEMA (validated by Config).
+    RUN_KEYS = {
+        "save_every_steps": "also write a resumable checkpoint every N optimizer steps (0: only at epoch ends)",
+        "keep_last_ckpts": "resumable step checkpoints kept in <job>/checkpoints (older ones are deleted; 0: keep all)",
+        "find_unused_parameters": "DDP find_unused_parameters (only for models with unused trainable parameters)",
+        "dist_timeout_minutes": "timeout of torch.distributed collectives",
+    }
+
+    def __init__(self, cfg: Any, task: Any, model: torch.nn.Module, datasets: dict[str, dict[str, Any]],
+                 job_id: str, resume_from: str | Path | None = None) -> None:
+        self.cfg = cfg
+        self.run_cfg = _run_node(cfg)
+        self.task = task
+        self.datasets = datasets
+        self.job_id = job_id
+        get = self.run_cfg.get
+        self.rank, self.world_size = dist_utils.get_rank(), dist_utils.get_world_size()
+        self.is_main = self.rank == 0
+        self.device = self._resolve_device(str(get("device", "cpu")))
+        self.amp_dtype = resolve_amp(get("amp", "off"), self.device)
+        self.accum = int(get("accum_grad_iters", 1) or 1)
+        self.max_grad_norm = get("grad_clip", None)
+        self.seed = int(get("seed", 42))
+        self.log_freq = max(int(get("log_freq", 50) or 1), 1)
+        self.save_every_steps = int(get("save_every_steps", 0) or 0)
+        self.keep_last = int(get("keep_last_ckpts", 2) or 0)
+        self.resume_from = Path(resume_from) if resume_from else (
+            Path(get("resume_ckpt_path")) if get("resume_ckpt_path") else None)
+
+        # Job directory: a resumed run continues in the directory of its checkpoint.
+        output_dir = Path(str(get("output_dir", "output"))).expanduser()
+        self.job_dir = self.resume_from.parent.parent if self.resume_from else output_dir / job_id
+        if self.is_main:
+            create_job_dir(self.job_dir.parent, self.job_dir.name, exist_ok=True)
+        dist_utils.barrier()
+        self.metrics_log = MetricsLog(self.job_dir if self.is_main else None, bool(get("tensorboard", False)))
+        if hasattr(task, "set_output_dir"):
+            task.set_output_dir(self.job_dir)
+
+        self.raw_model = model.to(self.device)
+        self.trainable_keys = sorted(ckpt.trainable_state_dict(self.raw_model))
+        self.resume_state: dict | None = None
+        self.resume_optimizer: dict | None = None
+        if self.resume_from is not None:
+            self.resume_optimizer, self.resume_state = ckpt.load_checkpoint_state(self.resume_from)
+            ckpt.load_trainable_weights(self.raw_model, self.resume_from)
+            logger.info("resuming from %s (global step %d)", self.resume_from, self.resume_state["global_step"])
+        self.model = wrap_model(self.raw_model, self.run_cfg, self.device)
+        self._optimizer = None
+        self._scheduler = None
+        self.scaler = None
+        if self.amp_dtype == torch.float16:
+            self.scaler = torch.amp.GradScaler("cuda")
+        self.global_step = 0
+        self.start_epoch = 0
+        self.best_metric: float | None = None
+        self.best_epoch: int | None = None
+
+    # -- setup --------------------------------------------------------------------------------
+    def _resolve_device(self, device: str) -> torch.device:
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"run.device={device!r} but CUDA is not available; set run.device=cpu")
+            if dist_utils.is_dist():
+                return torch.device("cuda", torch.cuda.current_device())
+        return torch.device(device)
+
+    def split_datasets(self, split: str) -> dict[str, Any]:
+        """{dataset name: dataset} of every dataset that has ``split``."""
+        return {name: splits[split] for name, splits in self.datasets.items() if split in splits}
+
+    def build_train_stream(self) -> BatchStream:
+        splits = list(self.run_cfg.get("train_splits", ["train"]) or [])
+        parts = [ds for split in splits for ds in self.split_datasets(split).values()]
+        if not parts:
+            raise ValueError(f"no dataset has the training splits {splits} (run.train_splits)")
+        ratios = self.run_cfg.get("train_dataset_ratios", None)
+        if ratios is not None:
+            ratios = [float(r) for r in (ratios.values() if hasattr(ratios, "values") else ratios)]
+        dataset = merge_train_datasets(parts, ratios)
+        loader = train_loader(
+            dataset, int(self.run_cfg.get("batch_size_train")), int(self.run_cfg.get("num_workers", 0)),
+            self.rank, self.world_size, self.seed, pin_memory=self.device.type == "cuda",
+        )
+        return BatchStream(loader)
+
+    def steps_per_epoch(self, stream: BatchStream) -> int:
+        batches = stream.batches_per_epoch()
+        if batches is None:
+            raise ValueError("streaming training data has no epoch length: use runner: runner_iter "
+                             "with max_iters and iters_per_inner_epoch")
+        steps = batches // self.accum
+        if steps < 1:
+            raise ValueError(f"one epoch has {batches} batches, fewer than run.accum_grad_iters={self.accum}")
+        return steps
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        return int(self.run_cfg.get("max_epoch")) * steps_per_epoch
+
+    def setup_optimization(self, steps_per_epoch: int) -> None:
+        self.optimizer = build_optimizer(self.raw_model, self.run_cfg)
+        self.scheduler = build_lr_scheduler(
+            str(self.run_cfg.get("lr_sched", "linear_warmup_cosine_lr")), self.optimizer, self.run_cfg,
+            self.total_steps(steps_per_epoch), steps_per_epoch,
+        )
+        trainable, total = count_trainable(self.raw_model)
+        logger.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100.0 * trainable / max(total, 1))
+
+    # -- one optimizer step -----------------------------------------------------------------------
+    def optimizer_step(self, stream: BatchStream, epoch: int) -> dict[str, float]:
+        """Accumulate ``accum_grad_iters`` micro-batches and update; returns rank-averaged logs."""
+        lr = self.scheduler.step(self.global_step)
+        self.model.train()
+        totals: dict[str, float] = {}
+        for micro in range(self.accum):
+            samples = move_to_device(stream.next(), self.device)
+            if isinstance(samples, dict):
+                samples.update(epoch=epoch, iters=self.global_step)
+            last = micro == self.accum - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync:
+                with autocast(self.device, self.amp_dtype):
+                    loss, logs = self.task.train_step(self.model, samples)
+                self._check_finite(loss, epoch, micro)
+                scaled = loss / self.accum
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            for k, v in {"loss": loss.detach(), **(logs or {})}.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / self.accum
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.max_grad_norm:
+            clip = getattr(self.model, "clip_grad_norm_", None)  # FSDP clips across shards
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            grad_norm = clip(float(self.max_grad_norm)) if clip else torch.nn.utils.clip_grad_norm_(
+                params, float(self.max_grad_norm))
+            totals["grad_norm"] = float(grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        keys = sorted(totals)
+        mean = dist_utils.all_reduce_sum(torch.tensor([totals[k] for k in keys], dtype=torch.float64))
+        logs = {k: float(v) / self.world_size for k, v in zip(keys, mean)}
+        logs["lr"] = lr
+        return logs
+
+    def _check_finite(self, loss: torch.Tensor, epoch: int, micro: int) -> None:
+        """Stop every rank together if any rank's loss is NaN/inf (before backward touches grads)."""
+        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], dtype=torch.float64)
+        bad = dist_utils.all_reduce_sum(bad)
+        if bad.item() > 0:
+            raise NonFiniteLossError(
+                f"non-finite training loss ({float(loss.detach())} on rank {self.rank}) at optimizer step "
+                f"{self.global_step} (epoch {epoch}, micro-batch {micro}); stopping before the weights are "
+                f"updated. Lower run.init_lr, set run.grad_clip, or use run.amp=bf16 instead of fp16."
+            )
+
+    # -- training -------------------------------------------------------------------------------
+    def train_steps(self, stream: BatchStream, epoch: int, first_step: int, num_steps: int) -> dict[str, float]:
+        """Run steps ``first_step..num_steps-1`` of ``epoch``; returns the epoch's mean logs."""
+        sums: dict[str, float] = {}
+        bar = tqdm(total=num_steps, initial=first_step, desc=f"epoch {epoch}", disable=not self.is_main,
+                   dynamic_ncols=True, mininterval=1.0)
+        for step in range(first_step, num_steps):
+            logs = self.optimizer_step(stream, epoch)
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            bar.update(1)
+            if self.global_step % self.log_freq == 0:
+                self.metrics_log.write({"type": "train_step", "epoch": epoch, "step": self.global_step, **logs},
+                                       step=self.global_step)
+            if self.save_every_steps and self.global_step % self.save_every_steps == 0 and step < num_steps - 1:
+                self.save_resumable(epoch, stream)
+        bar.close()
+        done = max(num_steps - first_step, 1)
+        return {k: v / done for k, v in sums.items()}
+
+    def train(self) -> dict[str, Any]:
+        """Train for ``max_epoch`` epochs, validating every ``val_freq``; then test with the best weights."""
+        stream = self.build_train_stream()
+        steps = self.steps_per_epoch(stream)
+        self.setup_optimization(steps)
+        self.save_config()
+        max_epoch = int(self.run_cfg.get("max_epoch"))
+        first_step = self.restore(stream, steps)
+        val_freq = max(int(self.run_cfg.get("val_freq", 1) or 1), 1)
+        valid_splits = list(self.run_cfg.get("valid_splits", []) or [])
+        for epoch in range(self.start_epoch, max_epoch):
+            if first_step == 0:
+                stream.start_epoch(epoch)
+            stats = self.train_steps(stream, epoch, first_step, steps)
+            first_step = 0
+            self.metrics_log.write({"type": "train_epoch", "epoch": epoch, "step": self.global_step, **stats},
+                                   step=self.global_step)
+            if valid_splits and ((epoch + 1) % val_freq == 0 or epoch == max_epoch - 1):
+                self.validate(valid_splits, epoch)
+            self.save_resumable(epoch, stream, end_of_epoch=True)
+        return self.finish()
+
+    def validate(self, splits: list[str], epoch: int) -> None:
+        for split in splits:
+            metrics = self.eval_split(split, epoch)
+            agg = metrics.get("agg_metrics")
+            if split == splits[0] and agg is not None and (self.best_metric is None or agg > self.best_metric):
+                self.best_metric, self.best_epoch = float(agg), epoch
+                self.save_best(epoch)
+
+    def finish(self) -> dict[str, Any]:
+        """Final test-split evaluation with the best checkpoint (or the last weights if none)."""
+        results: dict[str, Any] = {"best_epoch": self.best_epoch, "best_agg_metrics": self.best_metric}
+        test_splits = list(self.run_cfg.get("test_splits", []) or [])
+        if test_splits:
+            best = self.job_dir / "checkpoint_best"
+            if (best / ckpt.MODEL_FILE).is_file():
+                ckpt.load_trainable_weights(self.raw_model, best)
+                logger.info("testing with the best checkpoint (epoch %s)", self.best_epoch)
+            for split in test_splits:
+                results[split] = self.eval_split(split, "best" if self.best_epoch is not None else "last")
+        self.metrics_log.close()
+        return results
+
+    def evaluate(self) -> dict[str, Any]:
+        """Evaluate the current weights on ``test_splits`` (or ``valid_splits``); used by runners.evaluate."""
+        self.save_config()
+        splits = list(self.run_cfg.get("test_splits", []) or self.run_cfg.get("valid_splits", []) or [])
+        if not splits:
+            raise ValueError("nothing to evaluate: set run.test_splits (or run.valid_splits)")
+        results = {split: self.eval_split(split, "eval") for split in splits}
+        self.metrics_log.close()
+        return results
+
+    @torch.no_grad()
+    def eval_split(self, split: str, epoch: Any) -> dict[str, Any]:
+        """Run the task's evaluation on every dataset having ``split``; metrics from rank 0."""
+        found = self.split_datasets(split)
+        if not found:
+            raise ValueError(f"no dataset has the split '{split}' (run.valid_splits / run.test_splits)")
+        split_across = bool(self.run_cfg.get("use_dist_eval_sampler", True)) and bool(
+            getattr(self.task, "split_eval_across_ranks", True))
+        all_metrics: dict[str, Any] = {}
+        model = self.raw_model
+        model.eval()
+        for name, dataset in found.items():
+            loader = eval_loader(dataset, int(self.run_cfg.get("batch_size_eval", 1)),
+                                 int(self.run_cfg.get("num_workers", 0)), self.rank, self.world_size, split_across)
+            if hasattr(self.task, "before_evaluation"):
+                self.task.before_evaluation(model, dataset)
+            with autocast(self.device, self.amp_dtype):
+                results = self.task.evaluation(model, loader)
+            metrics = self.task.after_evaluation(results, split, epoch) or {}
+            metrics = dist_utils.broadcast_object(metrics)
+            all_metrics[name] = metrics
+            self.metrics_log.write({"type": "eval", "split": split, "dataset": name, "epoch": epoch, **metrics},
+                                   step=self.global_step)
+            logger.info("%s/%s epoch %s: %s", name, split, epoch, metrics)
+        if len(all_metrics) == 1:
+            return next(iter(all_metrics.values()))
+        aggs = [m["agg_metrics"] for m in all_metrics.values() if "agg_metrics" in m]
+        return {**all_metrics, **({"agg_metrics": sum(aggs) / len(aggs)} if aggs else {})}
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save_config(self) -> None:
+        if self.is_main:
+            container = _to_container(self.cfg)
+            OmegaConf.save(OmegaConf.create(OmegaConf.to_container(container, resolve=True)
+                                            if OmegaConf.is_config(container) else container),
+                           self.job_dir / "config.yaml")
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        from runners.wrapping import full_trainable_state
+
+        return full_trainable_state(self.model, self.raw_model, self.trainable_keys)
+
+    def _optimizer_state(self) -> dict:
+        from runners.wrapping import full_optimizer_state
+
+        return full_optimizer_state(self.model, self.optimizer)
+
+    def save_resumable(self, epoch: int, stream: BatchStream, end_of_epoch: bool = False) -> None:
+        """Write ``checkpoints/step_N`` (collective: every rank contributes its RNG state)."""
+        model_state, opt_state = self._model_state(), self._optimizer_state()
+        rng = dist_utils.gather_objects(ckpt.rng_state())
+        if self.is_main:
+            state = {
+                "epoch": epoch, "end_of_epoch": end_of_epoch, "global_step": self.global_step,
+                "data": stream.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "best_metric": self.best_metric, "best_epoch": self.best_epoch,
+                "world_size": self.world_size, "rng": rng,
+            }
+            path = ckpt.save_checkpoint(self.job_dir / "checkpoints" / f"step_{self.global_step:08d}",
+                                        model_state, opt_state, state)
+            save_freq = int(self.run_cfg.get("save_freq", 0) or 0)
+            if end_of_epoch and save_freq > 0 and (epoch + 1) % save_freq == 0:
+                ckpt.save_checkpoint(self.job_dir / f"checkpoint_epoch{epoch}", model_state, None,
+                                     {"epoch": epoch, "global_step": self.global_step})
+            ckpt.prune_checkpoints(self.job_dir, self.keep_last)
+            logger.info("saved %s", path)
+        dist_utils.barrier()
+
+    def save_best(self, epoch: int) -> None:
+        model_state = self._model_state()
+        if self.is_main:
+            ckpt.save_checkpoint(self.job_dir / "checkpoint_best", model_state, None,
+                                 {"epoch": epoch, "global_step": self.global_step, "agg_metrics": self.best_metric})
+        dist_utils.barrier()
+
+    def restore(self, stream: BatchStream, steps_per_epoch: int) -> int:
+        """Apply the resume state (optimizer, schedule, scaler, RNG, data position); returns the step
+        within ``self.start_epoch`` to continue from."""
+        state = self.resume_state
+        if state is None:
+            return 0
+        from runners.wrapping import load_optimizer_state
+
+        load_optimizer_state(self.model, self.optimizer, self.resume_optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.global_step = int(state["global_step"])
+        self.best_metric, self.best_epoch = state.get("best_metric"), state.get("best_epoch")
+        rng = state["rng"]
+        if int(state.get("world_size", 1)) == self.world_size:
+            ckpt.set_rng_state(rng[self.rank])
+        else:
+            logger.warning("resuming on %d processes from a %d-process checkpoint: RNG streams are re-seeded",
+                           self.world_size, state.get("world_size"))
+            torch.manual_seed(self.seed + self.rank + self.global_step)
+        epoch = int(state["epoch"])
+        if state.get("end_of_epoch"):
+            self.start_epoch = epoch + 1
+            return 0
+        stream.load_state_dict(state["data"])
+        self.start_epoch = epoch
+        return self.global_step - epoch * steps_per_epoch
