@@ -1,0 +1,30 @@
+"""Tasks: what the model is asked to do in a run and how it is scored.
+
+Importing this package registers every built-in task in ``registry.tasks``:
+``image_text_pretrain``, ``captioning``, ``vqa``, ``gqa``, ``retrieval`` and the demo's
+frozen-part pre-training tasks (``tasks/frozen_pretrain.py``).
+
+    task = registry.tasks.get(cfg.run.task).setup_task(cfg)
+"""
+from tasks import (  # noqa: F401  (imported for registration)
+    captioning,
+    frozen_pretrain,
+    image_text_pretrain,
+    retrieval,
+    vqa,
+)
+from tasks.base_task import BaseTask
+
+__all__ = ["BaseTask", "setup_task"]
+
+
+def setup_task(cfg) -> BaseTask:
+    """The registered task named by ``cfg.run.task``, set up from ``cfg``."""
+    import registry  # noqa: PLC0415
+
+    from tasks.base_task import run_section  # noqa: PLC0415
+
+    name = run_section(cfg).get("task")
+    if not name:
+        raise KeyError("run.task is missing: name a registered task (e.g. captioning, vqa, retrieval)")
+    return registry.tasks.get(name).setup_task(cfg)

@@ -1,0 +1,268 @@
+"""The task base class: builds model and datasets from a config, runs train / eval steps, and
+merges evaluation results across ranks.
+
+A task is the part of a run that knows what the model is asked to do (pre-train, caption,
+answer, retrieve) and how that is scored; the runner owns the loop, the optimizer and the
+process group. Every method here works without ``torch.distributed`` and never touches it
+unless a process group is initialised.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import registry
+
+logger = logging.getLogger(__name__)
+
+
+# -- process-group helpers (safe without torch.distributed) ------------------------------------
+def dist_ready() -> bool:
+    """True only inside an initialised process group."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def get_rank() -> int:
+    return torch.distributed.get_rank() if dist_ready() else 0
+
+
+def get_world_size() -> int:
+    return torch.distributed.get_world_size() if dist_ready() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if dist_ready():
+        torch.distributed.barrier()
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's object on every rank (identity when not distributed)."""
+    if not dist_ready():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# -- small helpers -----------------------------------------------------------------------------
+def run_section(cfg: Any) -> DictConfig:
+    """The ``run:`` section of a Config / DictConfig (or the node itself if it already is one)."""
+    for name in ("run", "run_cfg"):
+        section = getattr(cfg, name, None) if not isinstance(cfg, Mapping) else cfg.get(name)
+        if section is not None:
+            return section if isinstance(section, DictConfig) else OmegaConf.create(section)
+    if cfg is None:
+        return OmegaConf.create({})
+    return cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
+
+
+def _section(cfg: Any, name: str) -> Any:
+    section = cfg.get(name) if isinstance(cfg, Mapping) else getattr(cfg, name, None)
+    if section is None:
+        raise KeyError(f"config has no '{name}:' section (needed to build the {name.rstrip('s')})")
+    return section
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Device of the model's first parameter or buffer (CPU for a parameterless model)."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def move_to_device(samples: Any, device: torch.device) -> Any:
+    """Tensors in nested dicts / lists moved to ``device``; everything else unchanged."""
+    if isinstance(samples, torch.Tensor):
+        return samples.to(device)
+    if isinstance(samples, dict):
+        return {k: move_to_device(v, device) for k, v in samples.items()}
+    if isinstance(samples, (list, tuple)):
+        return type(samples)(move_to_device(v, device) for v in samples)
+    return samples
+
+
+def to_jsonable(value: Any) -> Any:
+    """Python scalars for tensors / numpy values so results can be written as JSON."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        return value.item()
+    return value
+
+
+def id_value(value: Any) -> Any:
+    """An id as an int when it is int-like (tensor, numpy, digit string), else unchanged."""
+    value = to_jsonable(value)
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return value
+
+
+def call_with_supported_kwargs(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn`` with only the keyword options its signature accepts; warn about dropped ones.
+
+    Stage-1 and stage-2 models have different decoding options (e.g. the Q-Former caption
+    decoder has no ``length_penalty``); the task config is shared, so unknown options are
+    dropped with a warning instead of crashing the evaluation.
+    """
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn(*args, **kwargs)
+    accepted = {k: v for k, v in kwargs.items() if k in params}
+    dropped = sorted(set(kwargs) - set(accepted))
+    if dropped:
+        logger.warning("%s does not accept %s; these options are ignored", getattr(fn, "__qualname__", fn), dropped)
+    return fn(*args, **accepted)
+
+
+class BaseTask:
+    """What every task shares. Subclasses override ``valid_step`` and ``after_evaluation``.
+
+    ``run_cfg`` is the run section of the config; ``output_dir`` is where result files go
+    (``run.output_dir`` by default; the runner sets the job directory with ``set_output_dir``).
+    """
+
+    #: whether the runner may shard evaluation data across ranks (retrieval needs every image)
+    split_eval_across_ranks: bool = True
+
+    def __init__(self, run_cfg: DictConfig | None = None) -> None:
+        self.run_cfg = run_cfg if run_cfg is not None else OmegaConf.create({})
+        output_dir = self.run_cfg.get("output_dir")
+        self.output_dir: Path | None = Path(output_dir) if output_dir else None
+        self.eval_dataset: Any = None  # dataset of the latest evaluation() call
+
+    @classmethod
+    def setup_task(cls, cfg: Any) -> "BaseTask":
+        """Build the task from a Config (or its run section)."""
+        return cls(run_cfg=run_section(cfg))
+
+    def set_output_dir(self, path: str | os.PathLike) -> None:
+        self.output_dir = Path(path)
+
+    @property
+    def result_dir(self) -> Path:
+        if self.output_dir is None:
+            raise ValueError("task has no output directory: set run.output_dir or call task.set_output_dir(path)")
+        return self.output_dir / "result"
+
+    # -- building -------------------------------------------------------------------------------
+    def build_model(self, cfg: Any) -> torch.nn.Module:
+        """``registry.models.get(cfg.model.arch).from_config(cfg.model)``."""
+        model_cfg = _section(cfg, "model")
+        arch = model_cfg.get("arch")
+        if not arch:
+            raise KeyError("model.arch is missing: the model section must name a registered architecture")
+        return registry.models.get(arch).from_config(model_cfg)
+
+    def build_datasets(self, cfg: Any) -> dict[str, dict[str, Any]]:
+        """{dataset name: {split: Dataset}} from each dataset node via its registered builder.
+
+        A node may set ``builder: <registered name>`` to use a builder under another name
+        (e.g. two ``image_text_pairs`` datasets in one run).
+        """
+        datasets_cfg = _section(cfg, "datasets")
+        if len(datasets_cfg) == 0:
+            raise ValueError("the datasets section is empty: name at least one dataset builder")
+        out: dict[str, dict[str, Any]] = {}
+        for name, node in datasets_cfg.items():
+            builder_name = node.get("builder", name) if node is not None else name
+            builder = registry.builders.get(builder_name)(node)
+            out[name] = builder.build_datasets()
+        return out
+
+    # -- steps ----------------------------------------------------------------------------------
+    def train_step(self, model: torch.nn.Module, samples: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """Forward the model; returns (loss, {every loss term as float})."""
+        output = model(samples)
+        if "loss" not in output:
+            raise KeyError(f"{type(model).__name__}.forward returned no 'loss' (keys: {sorted(output)})")
+        logs = {
+            k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+            for k, v in output.items()
+            if "loss" in k and v is not None and (not isinstance(v, torch.Tensor) or v.numel() == 1)
+        }
+        return output["loss"], logs
+
+    def valid_step(self, model: torch.nn.Module, samples: dict) -> list[dict]:
+        raise NotImplementedError(f"{type(self).__name__} does not evaluate (no valid_step)")
+
+    @torch.no_grad()
+    def evaluation(self, model: torch.nn.Module, data_loader: Iterable) -> list[dict]:
+        """Run ``valid_step`` over this rank's share of the loader; returns this rank's records."""
+        self.eval_dataset = getattr(data_loader, "dataset", None)
+        was_training = model.training
+        model.eval()
+        device = model_device(model)
+        results: list[dict] = []
+        try:
+            for samples in data_loader:
+                results.extend(self.valid_step(model, move_to_device(samples, device)))
+        finally:
+            model.train(was_training)
+        return results
+
+    def after_evaluation(self, results: Any, split: str, epoch: Any) -> dict[str, Any]:
+        """Score merged results; every task returns a dict with ``agg_metrics``."""
+        raise NotImplementedError(f"{type(self).__name__} does not score evaluations")
+
+    # -- results across ranks ---------------------------------------------------------------------
+    def merge_results(self, results: list[dict], name: str, dedup_key: str | None = None) -> list[dict] | None:
+        """Write this rank's records to ``result/<name>_rank<r>.json``; rank 0 merges them into
+        ``result/<name>.json`` (dropping repeated ``dedup_key`` values) and returns the merged
+        list; other ranks return None. Assumes a file system shared by the ranks.
+        """
+        result_dir = self.result_dir
+        rank, world = get_rank(), get_world_size()
+        records = [{k: to_jsonable(v) for k, v in r.items()} for r in results]
+        if world == 1:
+            merged = records
+        else:
+            result_dir.mkdir(parents=True, exist_ok=True)
+            write_json(records, result_dir / f"{name}_rank{rank}.json")
+            barrier()
+            if rank != 0:
+                return None
+            merged = []
+            for r in range(world):
+                part = result_dir / f"{name}_rank{r}.json"
+                with open(part) as f:
+                    merged.extend(json.load(f))
+                part.unlink()
+        if dedup_key is not None:
+            seen, unique = set(), []
+            for rec in merged:
+                key = rec.get(dedup_key)
+                if key not in seen:
+                    seen.add(key)
+                    unique.append(rec)
+            merged = unique
+        write_json(merged, result_dir / f"{name}.json")
+        return merged
+
+    def finish_metrics(self, metrics: dict[str, Any] | None, split: str, epoch: Any) -> dict[str, Any]:
+        """Write rank 0's metrics next to the results and give every rank the same dict."""
+        if is_main_process() and metrics is not None:
+            write_json(metrics, self.result_dir / f"{split}_epoch{epoch}_metrics.json")
+            logger.info("%s %s epoch %s: %s", type(self).__name__, split, epoch,
+                        {k: v for k, v in metrics.items() if not isinstance(v, dict)})
+        return broadcast_from_main(metrics)
+
+
+def write_json(obj: Any, path: Path) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)

@@ -1,0 +1,121 @@
+"""``captioning``: generate captions with the configured decoding and score them (COCO caption metrics).
+
+Run options (``run:`` section, LAVIS names): num_beams (5), max_len (30), min_len (1),
+repetition_penalty (1.0), length_penalty (1.0), top_p (0.9), temperature (1.0),
+use_nucleus_sampling (False), prompt ("" = the model's own), annotation_file (a COCO caption file;
+default: built from the evaluated dataset), caption_metrics (default: all, SPICE when available),
+sample_id_key ("image_id").
+
+``agg_metrics`` = CIDEr + BLEU-4, as in LAVIS.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+import registry
+from tasks.base_task import BaseTask, call_with_supported_kwargs, id_value, is_main_process
+from tasks.metrics.caption import caption_scores, load_coco_caption_gt, write_coco_caption_gt
+
+
+def caption_references(dataset: Any) -> dict[Any, list[str]]:
+    """image_id -> reference captions of a caption evaluation dataset.
+
+    Uses the dataset's ``ground_truth`` mapping when it has one (the datasets package's caption
+    eval sets do); otherwise reads ``dataset.annotation`` records, each with an image id
+    (``image_id``) and one caption or a list of captions (``caption``). A ConcatDataset
+    contributes the references of each part.
+    """
+    ground_truth = getattr(dataset, "ground_truth", None)
+    if isinstance(ground_truth, Mapping):
+        return {id_value(k): [str(c) for c in v] for k, v in ground_truth.items()}
+    parts = getattr(dataset, "datasets", None)
+    if parts is not None:  # torch ConcatDataset
+        refs: dict[Any, list[str]] = {}
+        for part in parts:
+            for k, v in caption_references(part).items():
+                refs.setdefault(k, []).extend(v)
+        return refs
+    annotation = getattr(dataset, "annotation", None)
+    if annotation is None:
+        raise TypeError(
+            f"captioning: cannot find reference captions in {type(dataset).__name__}: it needs a "
+            "`ground_truth` mapping image_id -> captions or an `annotation` list of records with 'image_id' and "
+            "'caption'; alternatively set run.annotation_file to a COCO caption file"
+        )
+    refs = {}
+    for i, ann in enumerate(annotation):
+        if "image_id" not in ann or "caption" not in ann:
+            raise KeyError(
+                f"captioning: annotation record {i} of {type(dataset).__name__} lacks 'image_id' or "
+                f"'caption' (keys: {sorted(ann)}); set run.annotation_file to a COCO caption file instead"
+            )
+        captions = ann["caption"] if isinstance(ann["caption"], (list, tuple)) else [ann["caption"]]
+        refs.setdefault(id_value(ann["image_id"]), []).extend(str(c) for c in captions)
+    return refs
+
+
+@registry.tasks.register("captioning")
+class CaptionTask(BaseTask):
+    """Caption generation + BLEU / METEOR / ROUGE-L / CIDEr (/ SPICE)."""
+
+    DECODING_DEFAULTS = {
+        "num_beams": 5, "max_len": 30, "min_len": 1, "repetition_penalty": 1.0, "length_penalty": 1.0,
+        "top_p": 0.9, "temperature": 1.0, "use_nucleus_sampling": False,
+    }
+
+    def __init__(self, run_cfg=None) -> None:
+        super().__init__(run_cfg)
+        opts = {k: self.run_cfg.get(k, v) for k, v in self.DECODING_DEFAULTS.items()}
+        self.decoding = {
+            "use_nucleus_sampling": bool(opts["use_nucleus_sampling"]),
+            "num_beams": int(opts["num_beams"]),
+            "max_length": int(opts["max_len"]),
+            "min_length": int(opts["min_len"]),
+            "repetition_penalty": float(opts["repetition_penalty"]),
+            "length_penalty": float(opts["length_penalty"]),
+            "top_p": float(opts["top_p"]),
+            "temperature": float(opts["temperature"]),
+        }
+        self.prompt: str = self.run_cfg.get("prompt", "") or ""
+        self.annotation_file: str | None = self.run_cfg.get("annotation_file")
+        metrics = self.run_cfg.get("caption_metrics")
+        self.caption_metrics = list(metrics) if metrics is not None else None
+        self.sample_id_key: str = self.run_cfg.get("sample_id_key", "image_id")
+        self._reference_cache: tuple[Any, dict[Any, list[str]]] | None = None  # (dataset, references)
+
+    def valid_step(self, model: torch.nn.Module, samples: dict) -> list[dict]:
+        if self.prompt:
+            samples = {**samples, "prompt": self.prompt}
+        captions = call_with_supported_kwargs(model.generate, samples, **self.decoding)
+        if self.sample_id_key not in samples:
+            raise KeyError(f"captioning: batch has no '{self.sample_id_key}' (keys: {sorted(samples)})")
+        ids = samples[self.sample_id_key]
+        if len(captions) != len(ids):
+            raise ValueError(f"captioning: model returned {len(captions)} captions for {len(ids)} images")
+        return [{"image_id": id_value(i), "caption": c} for i, c in zip(ids, captions)]
+
+    def references(self, dataset: Any = None) -> Mapping[Any, list[str]]:
+        """Reference captions: from ``run.annotation_file`` if set, else from the dataset."""
+        if self.annotation_file:
+            return {id_value(k): v for k, v in load_coco_caption_gt(self.annotation_file).items()}
+        dataset = dataset if dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("captioning: no dataset evaluated yet and no run.annotation_file to score against")
+        if self._reference_cache is None or self._reference_cache[0] is not dataset:
+            self._reference_cache = (dataset, caption_references(dataset))
+        return self._reference_cache[1]
+
+    def after_evaluation(self, results: list[dict], split: str, epoch: Any) -> dict[str, Any]:
+        merged = self.merge_results(results, f"{split}_epoch{epoch}", dedup_key="image_id")
+        metrics = None
+        if is_main_process():
+            refs = self.references()
+            if not self.annotation_file:  # keep the COCO-format ground truth next to the results
+                write_coco_caption_gt(refs, self.result_dir / f"{split}_gt_coco.json")
+            predictions = {r["image_id"]: r["caption"] for r in merged}
+            metrics = caption_scores(predictions, refs, metrics=self.caption_metrics)
+            metrics["num_images"] = len(predictions)
+            metrics["agg_metrics"] = metrics.get("CIDEr", 0.0) + metrics.get("Bleu_4", 0.0)
+        return self.finish_metrics(metrics, split, epoch)

@@ -1,0 +1,181 @@
+"""``retrieval``: image-text retrieval with ITC candidates re-ranked by ITM (BLIP-2, section 4.4).
+
+1. Every caption -> ``text_feat`` [E]; every image -> query features [Q, E] and frozen image
+   embeddings (kept on the CPU).
+2. ITC similarity = max over queries of query-text cosine: ``sim`` [N_img, N_txt].
+3. For each image, its ``k_test`` most similar texts are re-scored ``ITM logit + ITC sim``
+   (all other entries -100); the same for each text over images.
+4. recall@1/5/10 in both directions (``tasks.metrics.retrieval``).
+
+Distributed: every rank encodes all images and texts (retrieval needs all of them) and
+re-ranks a disjoint block of rows; the score matrices are summed over ranks. Run options:
+k_test (128), text_batch_size (run.batch_size_eval or 64).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, SequentialSampler
+
+import registry
+from tasks.base_task import (
+    BaseTask,
+    dist_ready,
+    get_rank,
+    get_world_size,
+    is_main_process,
+    model_device,
+    move_to_device,
+    write_json,
+)
+from tasks.metrics.retrieval import retrieval_metrics
+
+OUTSIDE_TOP_K = -100.0  # score of pairs that were not re-ranked (as in LAVIS)
+
+
+def _sequential_loader(data_loader: Any) -> Any:
+    """A loader over the whole dataset in index order (eval loaders may shard or shuffle)."""
+    if isinstance(data_loader, DataLoader) and not isinstance(data_loader.sampler, SequentialSampler):
+        return DataLoader(
+            data_loader.dataset,
+            batch_size=data_loader.batch_size or 16,
+            shuffle=False,
+            num_workers=data_loader.num_workers,
+            collate_fn=data_loader.collate_fn,
+        )
+    return data_loader
+
+
+@torch.no_grad()
+def encode_texts(model: torch.nn.Module, texts: list[str], batch_size: int, device: torch.device):
+    """(text_feat [N, E] on device, text_ids [N, T], text_atts [N, T]) with right padding to the longest chunk."""
+    feats, ids, atts = [], [], []
+    for start in range(0, len(texts), batch_size):
+        feat, tid, tatt = model.text_retrieval_features(texts[start:start + batch_size])
+        feats.append(feat.float())
+        ids.append(tid)
+        atts.append(tatt)
+    width = max(t.shape[1] for t in ids)
+    ids = [torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in ids]
+    atts = [torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in atts]
+    return torch.cat(feats).to(device), torch.cat(ids).to(device), torch.cat(atts).to(device)
+
+
+@torch.no_grad()
+def encode_images(model: torch.nn.Module, loader: Any, num_images: int, device: torch.device):
+    """(image_feats [N, Q, E] on device, image_embeds [N, P, W] on CPU), placed by sample ``index``."""
+    feats: list[torch.Tensor | None] = [None] * num_images
+    embeds: list[torch.Tensor | None] = [None] * num_images
+    cursor = 0
+    for samples in loader:
+        images = move_to_device(samples["image"], device)
+        batch_feats, batch_embeds = model.image_retrieval_features(images)
+        index = samples.get("index")
+        positions = index.tolist() if isinstance(index, torch.Tensor) else list(range(cursor, cursor + len(images)))
+        cursor += len(images)
+        for j, pos in enumerate(positions):
+            feats[pos] = batch_feats[j].float()
+            embeds[pos] = batch_embeds[j].cpu()
+    missing = [i for i, f in enumerate(feats) if f is None]
+    if missing:
+        raise ValueError(f"retrieval: the loader produced no sample for {len(missing)} images, e.g. {missing[:5]}")
+    return torch.stack(feats).to(device), torch.stack(embeds)
+
+
+def _row_block(num_rows: int, rank: int, world: int) -> range:
+    step = -(-num_rows // world)
+    return range(min(rank * step, num_rows), min((rank + 1) * step, num_rows))
+
+
+@torch.no_grad()
+def rerank_scores(
+    model: torch.nn.Module,
+    sim_i2t: torch.Tensor,
+    image_embeds: torch.Tensor,
+    text_ids: torch.Tensor,
+    text_atts: torch.Tensor,
+    k_test: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """ITM + ITC scores of each row's top-k candidates, this rank's rows only (others 0), then
+    summed over ranks. sim_i2t: [N_img, N_txt]. Returns numpy (score_i2t, score_t2i)."""
+    device = sim_i2t.device
+    n_img, n_txt = sim_i2t.shape
+    rank, world = get_rank(), get_world_size()
+    score_i2t = torch.zeros(n_img, n_txt, device=device)
+    score_t2i = torch.zeros(n_txt, n_img, device=device)
+
+    k = min(k_test, n_txt)
+    for i in _row_block(n_img, rank, world):
+        top_sim, top_idx = sim_i2t[i].topk(k)
+        embeds = image_embeds[i].to(device).unsqueeze(0).expand(k, -1, -1)
+        itm = model.itm_scores(embeds, text_ids[top_idx], text_atts[top_idx]).float()
+        score_i2t[i].fill_(OUTSIDE_TOP_K)
+        score_i2t[i, top_idx] = itm + top_sim
+
+    sim_t2i = sim_i2t.t()
+    k = min(k_test, n_img)
+    for t in _row_block(n_txt, rank, world):
+        top_sim, top_idx = sim_t2i[t].topk(k)
+        embeds = image_embeds[top_idx.cpu()].to(device)
+        itm = model.itm_scores(embeds, text_ids[t].expand(k, -1), text_atts[t].expand(k, -1)).float()
+        score_t2i[t].fill_(OUTSIDE_TOP_K)
+        score_t2i[t, top_idx] = itm + top_sim
+
+    if dist_ready():
+        torch.distributed.all_reduce(score_i2t, op=torch.distributed.ReduceOp.SUM)
+        torch.distributed.all_reduce(score_t2i, op=torch.distributed.ReduceOp.SUM)
+    return score_i2t.cpu().numpy(), score_t2i.cpu().numpy()
+
+
+@registry.tasks.register("retrieval")
+class RetrievalTask(BaseTask):
+    """Zero-shot / fine-tuned image-text retrieval (COCO, Flickr30k)."""
+
+    split_eval_across_ranks = False
+
+    def __init__(self, run_cfg=None) -> None:
+        super().__init__(run_cfg)
+        self.k_test = int(self.run_cfg.get("k_test", 128))
+        self.text_batch_size = int(self.run_cfg.get("text_batch_size", self.run_cfg.get("batch_size_eval", 64)))
+        if self.k_test < 1:
+            raise ValueError(f"run.k_test={self.k_test}; expected a positive number of re-ranked candidates")
+
+    @torch.no_grad()
+    def evaluation(self, model: torch.nn.Module, data_loader: Any) -> dict[str, np.ndarray]:
+        dataset = getattr(data_loader, "dataset", None)
+        for attr in ("text", "txt2img", "img2txt"):
+            if not hasattr(dataset, attr):
+                raise TypeError(
+                    f"retrieval: the eval dataset {type(dataset).__name__} has no `{attr}`; retrieval "
+                    "needs a dataset exposing text, image, txt2img and img2txt"
+                )
+        self.eval_dataset = dataset
+        was_training = model.training
+        model.eval()
+        try:
+            device = model_device(model)
+            text_feat, text_ids, text_atts = encode_texts(model, list(dataset.text), self.text_batch_size, device)
+            image_feats, image_embeds = encode_images(model, _sequential_loader(data_loader), len(dataset.img2txt), device)
+            # [N_img, Q, E] x [N_txt, E] -> [N_img, Q, N_txt] -> max over queries
+            sim_i2t = torch.einsum("iqe,te->iqt", image_feats, text_feat).amax(dim=1)
+            score_i2t, score_t2i = rerank_scores(model, sim_i2t, image_embeds, text_ids, text_atts, self.k_test)
+        finally:
+            model.train(was_training)
+        return {"score_i2t": score_i2t, "score_t2i": score_t2i}
+
+    def after_evaluation(self, results: dict[str, np.ndarray], split: str, epoch: Any) -> dict[str, Any]:
+        metrics = None
+        if is_main_process():
+            dataset = self.eval_dataset
+            img2txt = [list(dataset.img2txt[i]) for i in range(len(dataset.img2txt))]
+            txt2img = [int(dataset.txt2img[t]) for t in range(len(dataset.txt2img))]
+            metrics = retrieval_metrics(results["score_i2t"], results["score_t2i"], img2txt, txt2img)
+            top = min(10, results["score_i2t"].shape[1]), min(10, results["score_t2i"].shape[1])
+            ranking = {
+                "i2t_top": np.argsort(-results["score_i2t"], axis=1, kind="stable")[:, : top[0]].tolist(),
+                "t2i_top": np.argsort(-results["score_t2i"], axis=1, kind="stable")[:, : top[1]].tolist(),
+            }
+            write_json(ranking, self.result_dir / f"{split}_epoch{epoch}_ranking.json")
+        return self.finish_metrics(metrics, split, epoch)
