@@ -1,1 +1,430 @@
-"""(being written; see ARCHITECTURE.md)"""
+"""Frozen LLM adapters: one small interface over Hugging Face causal and seq2seq language models.
+
+BLIP-2 feeds the LLM a soft prompt (projected Q-Former queries) through ``inputs_embeds``. The
+adapters below hide everything model-specific behind the same methods, so ``blip2_opt`` works
+with any decoder-only adapter and ``blip2_t5`` with any encoder-decoder adapter:
+
+    llm = registry.llms.get("opt")("facebook/opt-2.7b")         # or a local dir
+    embeds = llm.embed_tokens(ids)                              # [B, T, H] in the LLM dtype
+    out = llm(inputs_embeds, attention_mask, labels=labels)     # LLMOutput(logits, loss, nll ...)
+    new_ids = llm.generate(inputs_embeds, attention_mask, num_beams=5, max_new_tokens=30)
+
+Frozen for real: ``requires_grad_(False)``, kept in eval mode by ``train()``, and the weights
+are half precision on GPU by default (fp16 for OPT, bf16 otherwise) but never fp16 on CPU.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import registry
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_precision(precision: str | None, gpu_default: str) -> torch.dtype:
+    """Map a precision name to a dtype. ``auto``: ``gpu_default`` when CUDA exists, else fp32.
+
+    fp16 is never used without CUDA (CPU fp16 kernels are pathologically slow): it falls back to fp32.
+    """
+    if precision in (None, "auto"):
+        return PRECISIONS[gpu_default] if torch.cuda.is_available() else torch.float32
+    if precision not in PRECISIONS:
+        raise ValueError(f"LLM precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision == "fp16" and not torch.cuda.is_available():
+        logger.warning("LLM precision fp16 requested but CUDA is unavailable: using fp32 on CPU")
+        return torch.float32
+    return PRECISIONS[precision]
+
+
+def _building_on_meta() -> bool:
+    """True inside ``with torch.device("meta"):`` (instantiate without weights)."""
+    return torch.get_default_device().type == "meta"
+
+
+@dataclass
+class LLMOutput:
+    """What an adapter forward returns. ``nll``/``num_tokens`` are per sample (sum over target tokens)."""
+
+    logits: torch.Tensor  # [B, T, V] (decoder-only: over the whole input; seq2seq: over the decoder targets)
+    loss: torch.Tensor | None = None  # mean token NLL over all non-ignored labels
+    nll: torch.Tensor | None = None  # [B] summed token NLL
+    num_tokens: torch.Tensor | None = None  # [B] number of scored tokens
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token NLL in fp32 for already aligned ``logits`` [B,T,V] and ``labels`` [B,T] (-100 ignored).
+
+    Returns (nll [B,T] with zeros at ignored positions, mask [B,T] bool).
+    """
+    mask = labels.ne(-100)
+    nll = F.cross_entropy(
+        logits.float().transpose(1, 2), labels.masked_fill(~mask, 0), reduction="none"
+    )  # [B, T]
+    return nll * mask, mask
+
+
+class FrozenLLM(nn.Module):
+    """Base adapter around a Hugging Face ``PreTrainedModel`` (stored as ``self.model``)."""
+
+    auto_model_name: ClassVar[str] = "AutoModelForCausalLM"
+    gpu_precision: ClassVar[str] = "bf16"
+    is_encoder_decoder: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        precision: str | None = "auto",
+        freeze: bool = True,
+        *,
+        load_weights: bool = True,
+        config: Any = None,
+        tokenizer_name_or_path: str | None = None,
+        attn_implementation: str | None = "sdpa",
+        stop_at_newline: bool = False,
+        cache_dir: str | None = None,
+        revision: str | None = None,
+        local_files_only: bool | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        """Load ``model_name_or_path`` (hub id or local dir).
+
+        ``load_weights=False`` (or building under ``torch.device("meta")``) instantiates from the
+        config only: a full checkpoint is about to be loaded, or only shapes are needed.
+        ``config`` overrides the config (a ``PretrainedConfig`` or a dict with ``model_type``).
+        """
+        super().__init__()
+        from models.tiny import resolve_asset
+
+        model_name_or_path = resolve_asset(str(model_name_or_path))  # "tiny:opt" -> local dir
+        self.model_name_or_path = model_name_or_path
+        self.tokenizer_name_or_path = resolve_asset(str(tokenizer_name_or_path or model_name_or_path))
+        self.frozen = freeze
+        self.stop_at_newline = stop_at_newline
+        self._hub_kwargs = {
+            k: v
+            for k, v in dict(
+                cache_dir=cache_dir, revision=revision, local_files_only=local_files_only,
+                trust_remote_code=trust_remote_code or None,
+            ).items()
+            if v is not None
+        }
+        self._tokenizer = None
+        dtype = resolve_precision(precision, self.gpu_precision)
+        hf_config = self._load_config(config)
+        self.model = self._build_model(hf_config, dtype, load_weights and not _building_on_meta(), attn_implementation)
+        self._after_build()
+        if freeze:
+            self.model.requires_grad_(False)
+            self.model.eval()
+
+    # -- construction ------------------------------------------------------------------------------
+    def _auto_class(self):
+        import transformers
+
+        return getattr(transformers, self.auto_model_name)
+
+    def _load_config(self, config: Any):
+        from transformers import AutoConfig, PretrainedConfig
+
+        if isinstance(config, PretrainedConfig):
+            return config
+        if config is not None:
+            config = dict(config)
+            if "model_type" not in config:
+                raise ValueError(f"LLM config dict for {self.model_name_or_path!r} needs a 'model_type' key")
+            return AutoConfig.for_model(**config)
+        try:
+            return AutoConfig.from_pretrained(self.model_name_or_path, **self._hub_kwargs)
+        except OSError as err:
+            raise OSError(_load_error(self.model_name_or_path, "config.json", err)) from err
+
+    def _build_model(self, hf_config, dtype: torch.dtype, load_weights: bool, attn_implementation: str | None):
+        auto_cls = self._auto_class()
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        for attempt in range(2):
+            try:
+                if load_weights:
+                    return auto_cls.from_pretrained(
+                        self.model_name_or_path, config=hf_config, **kwargs, **self._hub_kwargs
+                    )
+                from_config = getattr(auto_cls, "from_config", None) or auto_cls._from_config  # Auto* vs concrete
+                return from_config(hf_config, **kwargs)
+            except ValueError as err:  # model without SDPA support: use its default attention
+                if attempt == 0 and "attn_implementation" in kwargs and "sdpa" in str(err).lower():
+                    logger.warning("%s does not support SDPA attention; using its default", self.model_name_or_path)
+                    kwargs.pop("attn_implementation")
+                    continue
+                raise
+            except OSError as err:
+                raise OSError(_load_error(self.model_name_or_path, "weights", err)) from err
+        raise AssertionError("unreachable")
+
+    def _after_build(self) -> None:
+        """Hook for model-specific fix-ups after construction (e.g. untying T5's lm_head)."""
+
+    # -- properties ---------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        """The LLM tokenizer, loaded on first use (meta instantiation needs no tokenizer files)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            try:
+                tok = AutoTokenizer.from_pretrained(self.tokenizer_name_or_path, **self._hub_kwargs)
+            except (OSError, ValueError) as err:
+                raise OSError(_load_error(self.tokenizer_name_or_path, "tokenizer", err)) from err
+            if tok.pad_token is None:  # GPT-2 / Llama style: pad with eos (ignored by masks anyway)
+                tok.pad_token = tok.eos_token
+            self._tokenizer = tok
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tok) -> None:
+        self._tokenizer = tok
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of ``inputs_embeds`` (the Q-Former projection's output size)."""
+        return self.model.get_input_embeddings().embedding_dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def newline_token_id(self) -> int:
+        ids = self.tokenizer("\n", add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise ValueError(f"tokenizer of {self.tokenizer_name_or_path!r} encodes '\\n' as {ids}, not one token")
+        return ids[0]
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Token ids that end generation (and end a scored answer): eos, plus "\\n" when asked."""
+        ids = [self.newline_token_id] if self.stop_at_newline else []
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(self.tokenizer.eos_token_id)
+        return ids
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    # -- frozen behaviour ---------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "FrozenLLM":
+        """A frozen LLM stays in eval mode (no dropout) whatever the parent model does."""
+        return super().train(False if self.frozen else mode)
+
+    def _cpu_safe(self) -> None:
+        """Never compute in fp16 on CPU: upcast once if fp16 weights ended up there."""
+        if self.device.type == "cpu" and self.dtype == torch.float16:
+            logger.warning("fp16 LLM weights on CPU: converting %s to fp32", self.model_name_or_path)
+            self.model.float()
+
+    def _cast(self, embeds: torch.Tensor) -> torch.Tensor:
+        return embeds.to(self.dtype) if embeds.is_floating_point() else embeds
+
+    # -- the interface ------------------------------------------------------------------------------
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, T, hidden_size] in the LLM dtype, as the LLM's input layer computes them."""
+        self._cpu_safe()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            return self.model.get_input_embeddings()(ids)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+    ) -> LLMOutput:
+        """Decoder-only: ``labels`` [B,T] align with ``inputs_embeds`` [B,T,H] (-100 = not scored);
+        the next-token shift happens here. The loss is computed in fp32."""
+        self._cpu_safe()
+        out = self.model(
+            inputs_embeds=self._cast(inputs_embeds), attention_mask=attention_mask, use_cache=False
+        )
+        if labels is None:
+            return LLMOutput(logits=out.logits)
+        nll, mask = token_nll(out.logits[:, :-1], labels[:, 1:])
+        return _with_loss(out.logits, nll, mask)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        num_beams: int = 5,
+        max_new_tokens: int = 30,
+        min_new_tokens: int = 1,
+        do_sample: bool = False,
+        top_p: float = 0.9,
+        temperature: float = 1.0,
+        repetition_penalty: float = 1.0,
+        length_penalty: float = 1.0,
+        num_return_sequences: int = 1,
+    ) -> torch.Tensor:
+        """New token ids [B * num_return_sequences, T] continuing ``inputs_embeds`` (prompt excluded)."""
+        self._cpu_safe()
+        kwargs: dict[str, Any] = dict(
+            num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+            do_sample=do_sample, repetition_penalty=repetition_penalty, length_penalty=length_penalty,
+            num_return_sequences=num_return_sequences, eos_token_id=self.eos_token_ids,
+            pad_token_id=self.pad_token_id,
+        )
+        if do_sample:
+            kwargs.update(top_p=top_p, temperature=temperature)
+        else:  # keep sampling-only defaults of some generation configs from warning
+            kwargs.update(top_p=None, temperature=None, top_k=None)
+        ids = self.model.generate(inputs_embeds=self._cast(inputs_embeds), attention_mask=attention_mask, **kwargs)
+        return ids
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        """Token ids -> stripped strings (special tokens removed)."""
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True):
+        """Load a Hugging Face state dict of the wrapped model (keys as in ``self.model.state_dict()``)."""
+        return self.model.load_state_dict(state_dict, strict=strict, assign=self.device.type == "meta")
+
+    def extra_repr(self) -> str:
+        return f"{self.model_name_or_path!r}, dtype={self.dtype}, frozen={self.frozen}"
+
+
+class FrozenSeq2SeqLM(FrozenLLM):
+    """Encoder-decoder adapter: ``inputs_embeds`` feed the encoder, ``labels`` are decoder targets."""
+
+    auto_model_name: ClassVar[str] = "AutoModelForSeq2SeqLM"
+    is_encoder_decoder: ClassVar[bool] = True
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+    ) -> LLMOutput:
+        """``labels`` [B,T_out] are the decoder targets (-100 = padding); the decoder input is them
+        shifted right (decoder start token first). Logits [B,T_out,V]; loss in fp32."""
+        if labels is None:
+            raise ValueError(f"{type(self).__name__}.forward needs decoder target labels")
+        self._cpu_safe()
+        decoder_input_ids = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
+        out = self.model(
+            inputs_embeds=self._cast(inputs_embeds), attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask, use_cache=False,
+        )
+        nll, mask = token_nll(out.logits, labels)
+        return _with_loss(out.logits, nll, mask)
+
+
+def _with_loss(logits: torch.Tensor, nll: torch.Tensor, mask: torch.Tensor) -> LLMOutput:
+    num_tokens = mask.sum(1)
+    loss = nll.sum() / num_tokens.sum().clamp(min=1)
+    return LLMOutput(logits=logits, loss=loss, nll=nll.sum(1), num_tokens=num_tokens)
+
+
+def _load_error(name: str, what: str, err: Exception) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    hint = " (HF_HUB_OFFLINE is set: only the local cache is searched)" if offline else ""
+    return (
+        f"could not load the LLM {what} from {name!r}{hint}: {err}. Expected a Hugging Face hub id, or a local "
+        f"directory with config.json (+ weights, tokenizer files)."
+    )
+
+
+@registry.llms.register("opt")
+class OPTLLM(FrozenLLM):
+    """OPT (``OPTForCausalLM``): fp16 on GPU by default; generation stops at "\\n" as in BLIP-2."""
+
+    auto_model_name = "OPTForCausalLM"
+    gpu_precision = "fp16"
+
+    def __init__(self, model_name_or_path: str = "facebook/opt-2.7b", precision: str | None = "auto",
+                 freeze: bool = True, *, stop_at_newline: bool = True, **kwargs: Any) -> None:
+        super().__init__(model_name_or_path, precision, freeze, stop_at_newline=stop_at_newline, **kwargs)
+
+
+@registry.llms.register("flan_t5")
+class FlanT5LLM(FrozenSeq2SeqLM):
+    """Flan-T5 (``T5ForConditionalGeneration``): bf16 on GPU by default.
+
+    transformers 5 always ties ``lm_head`` to ``shared`` when building a T5 from a config, while
+    Flan-T5 checkpoints are untied: loading one into a tied model would silently overwrite the
+    input embeddings with the output projection. We untie right after construction.
+    """
+
+    auto_model_name = "T5ForConditionalGeneration"
+    gpu_precision = "bf16"
+
+    def __init__(self, model_name_or_path: str = "google/flan-t5-xl", precision: str | None = "auto",
+                 freeze: bool = True, **kwargs: Any) -> None:
+        super().__init__(model_name_or_path, precision, freeze, **kwargs)
+
+    def _after_build(self) -> None:
+        untie_lm_head(self.model)
+
+    def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True):
+        """Tied checkpoints (original T5) lack ``lm_head.weight``: use ``shared.weight`` for it."""
+        return super().load_hf_state_dict(_fill_lm_head(state_dict), strict=strict)
+
+
+def untie_lm_head(model: nn.Module) -> None:
+    """Give ``model.lm_head`` its own weight (a copy of the input embedding if they were shared)
+    and drop it from transformers' tying map, so later ``tie_weights()`` calls keep it separate."""
+    lm_head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if lm_head is None:
+        return
+    if lm_head.weight is embed.weight or (
+        lm_head.weight.device.type != "meta" and lm_head.weight.data_ptr() == embed.weight.data_ptr()
+    ):
+        lm_head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=embed.weight.requires_grad)
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if isinstance(tied, dict):
+        model.all_tied_weights_keys = {k: v for k, v in tied.items() if not k.startswith("lm_head.")}
+    # T5 derives "scale decoder outputs" from tie_word_embeddings at config creation; only an
+    # untied-style (unscaled, e.g. Flan-T5) config may say untied without changing numerics on reload.
+    if not getattr(model.config, "scale_decoder_outputs", False):
+        model.config.tie_word_embeddings = False
+
+
+@registry.llms.register("hf_causal_lm")
+class HFCausalLM(FrozenLLM):
+    """Any ``AutoModelForCausalLM`` checkpoint (Llama, Qwen, GPT-2, ...) as the frozen LLM."""
+
+
+@registry.llms.register("hf_seq2seq_lm")
+class HFSeq2SeqLM(FrozenSeq2SeqLM):
+    """Any ``AutoModelForSeq2SeqLM`` checkpoint (T5, BART, ...) as the frozen LLM."""
+
+    def _after_build(self) -> None:
+        # T5-family configs are force-tied by transformers 5; untie when the checkpoint is untied.
+        if getattr(self.model.config, "model_type", "") in ("t5", "mt5", "umt5") and not getattr(
+            self.model.config, "scale_decoder_outputs", True
+        ):
+            untie_lm_head(self.model)
+
+    def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True):
+        return super().load_hf_state_dict(_fill_lm_head(state_dict), strict=strict)
+
+
+def _fill_lm_head(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if "lm_head.weight" not in state_dict and "shared.weight" in state_dict:
+        return {**state_dict, "lm_head.weight": state_dict["shared.weight"]}
+    return state_dict
