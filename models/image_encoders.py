@@ -1,1 +1,305 @@
-"""(being written; see ARCHITECTURE.md)"""
+"""Frozen image encoders for BLIP-2: EVA-CLIP ViT-g/14, OpenAI CLIP ViT-L/14 and any timm model.
+
+Every encoder returns all tokens of the last block it keeps, ``[B, 1 + (S/p)^2, num_features]`` for ViTs,
+*without* a final LayerNorm: BLIP-2 applies its own ``ln_vision`` (owned by the BLIP-2 model) on top.
+BLIP-2 uses the penultimate block of each original network, hence ``depth=39`` for EVA ViT-g (40 blocks) and
+``depth=23`` for CLIP ViT-L (24 blocks).
+
+ViT-style timm models are *adopted*: their patch embedding, class token, position embedding and blocks become
+direct children of the encoder, so parameter names equal timm's (``blocks.3.attn.qkv.weight``), which for EVA are
+also the names of LAVIS's ``eva_vit_g.pth``. Other timm models (CNNs, Swin, ...) are kept whole as ``trunk`` and
+their ``forward_features`` map is flattened to tokens. Key conversions from other layouts (OpenAI CLIP, Hugging Face
+``vision_model.*``) live in ``models/checkpoints.py``.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import timm
+import torch
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import registry
+
+logger = logging.getLogger(__name__)
+
+LAVIS_URL_ROOT = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2"
+EVA_VIT_G_URL = f"{LAVIS_URL_ROOT}/eva_vit_g.pth"
+CLIP_VIT_L_URL = f"{LAVIS_URL_ROOT}/clip_vit_L.pth"
+
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def precision_to_dtype(precision: str | torch.dtype) -> torch.dtype:
+    """Map ``"fp32" | "fp16" | "bf16"`` (or a dtype) to a torch dtype, with a clear error otherwise."""
+    if isinstance(precision, torch.dtype):
+        return precision
+    if precision not in PRECISIONS:
+        raise ValueError(f"image encoder precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    return PRECISIONS[precision]
+
+
+def _is_plain_vit(net: nn.Module) -> bool:
+    """True for timm ViT/EVA models whose token pipeline is: patches -> [CLS; patches] + pos_embed -> blocks."""
+    return (
+        isinstance(getattr(net, "patch_embed", None), nn.Module)
+        and isinstance(getattr(net, "blocks", None), nn.Sequential | nn.ModuleList)
+        and getattr(net, "cls_token", None) is not None
+        and getattr(net, "pos_embed", None) is not None
+        and getattr(net, "reg_token", None) is None
+        and getattr(net, "rope", None) is None
+        and not getattr(net, "no_embed_class", False)
+        and getattr(net, "num_prefix_tokens", 1) == 1
+    )
+
+
+def _create_timm(model_name: str, image_size: int, **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` that passes ``img_size`` only to models that take it (CNNs do not)."""
+    try:
+        return timm.create_model(model_name, img_size=image_size, **kwargs)
+    except TypeError as err:
+        if "img_size" not in str(err):
+            raise
+        return timm.create_model(model_name, **kwargs)
+
+
+class TimmImageEncoder(nn.Module):
+    """Any timm model as a (by default frozen) BLIP-2 image encoder.
+
+    Args:
+        image_size: input resolution S; the position embedding is built (and loaded weights resampled) for it.
+        precision: ``fp32 | bf16 | fp16`` weight and compute dtype; fp16 is refused on CPU at forward time.
+        freeze: parameters get ``requires_grad=False`` and the module stays in eval mode under ``.train()``.
+        grad_checkpointing: activation checkpointing per block (only matters when not frozen).
+        drop_path_rate: stochastic depth (linearly increasing over blocks, as in EVA/timm).
+        pretrained: ``None`` (random init, e.g. when a full checkpoint is loaded next), ``"timm"`` (timm's own
+            pretrained weights), or a path / URL / hub id of a checkpoint in any supported layout.
+        model_name: the timm model name; subclasses fix it.
+        final_norm: keep the timm model's final norm (BLIP-2 does not: ``ln_vision`` follows).
+        **timm_kwargs: passed to ``timm.create_model`` (e.g. ``embed_dim``, ``depth``, ``num_heads`` for tiny models).
+    """
+
+    default_model_name: str | None = None
+    default_timm_kwargs: dict[str, Any] = {}
+    # LAVIS resamples EVA position embeddings with align_corners=False and CLIP ones with align_corners=True.
+    pos_embed_align_corners: bool = False
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        precision: str = "fp32",
+        freeze: bool = True,
+        grad_checkpointing: bool = False,
+        drop_path_rate: float = 0.0,
+        pretrained: str | Path | None = None,
+        model_name: str | None = None,
+        final_norm: bool = False,
+        **timm_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        model_name = model_name or self.default_model_name
+        if not model_name:
+            raise ValueError("the 'timm' image encoder needs model_name=<a timm model name>, e.g. 'vit_base_patch16_224'")
+        dtype = precision_to_dtype(precision)
+        kwargs = {**self.default_timm_kwargs, **timm_kwargs}
+        net = _create_timm(
+            model_name,
+            image_size,
+            pretrained=pretrained == "timm",
+            num_classes=0,
+            global_pool="",
+            drop_path_rate=drop_path_rate,
+            **kwargs,
+        )
+        self.model_name = model_name
+        self.image_size = image_size
+        self.num_features: int = int(net.num_features)
+        self.is_vit = _is_plain_vit(net)
+        if self.is_vit:
+            # Adopt the token pipeline so parameter names equal timm's (and LAVIS's for EVA).
+            self.patch_embed = net.patch_embed
+            self.patch_embed.strict_img_size = False  # other sizes work via pos-embed resampling
+            self.cls_token = net.cls_token
+            self.pos_embed = net.pos_embed
+            self.pos_drop = net.pos_drop
+            self.norm_pre = net.norm_pre
+            self.blocks = net.blocks
+            self.norm = net.norm if final_norm else nn.Identity()
+            self.patch_size = int(self.patch_embed.patch_size[0])
+            self.register_load_state_dict_pre_hook(self._resample_pos_embed_on_load)
+        else:
+            if not final_norm and isinstance(getattr(net, "norm", None), nn.Module):
+                net.norm = nn.Identity()
+            self.trunk = net
+            self.patch_size = None
+        self.grad_checkpointing = False
+        self.set_grad_checkpointing(grad_checkpointing)
+
+        if pretrained not in (None, "", "timm"):
+            self.load_pretrained(pretrained)
+        self.to(dtype)
+        self.frozen = bool(freeze)
+        if self.frozen:
+            self.requires_grad_(False)
+            self.eval()
+
+    # -- mode, precision, checkpointing ------------------------------------------------------------
+    def train(self, mode: bool = True) -> "TimmImageEncoder":
+        """A frozen encoder ignores ``train(True)`` and stays in eval mode (dropout/drop-path off)."""
+        return super().train(mode and not getattr(self, "frozen", False))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.grad_checkpointing = bool(enable)
+        if not self.is_vit and hasattr(self.trunk, "set_grad_checkpointing"):
+            self.trunk.set_grad_checkpointing(enable)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def num_layers(self) -> int:
+        """Number of transformer blocks (for layer-wise learning-rate decay)."""
+        return len(self.blocks) if self.is_vit else 1
+
+    def layer_id(self, param_name: str) -> int:
+        """Depth index of a parameter for layer-wise LR decay: embeddings 0, block i -> i + 1, the rest last."""
+        if not self.is_vit:
+            return 0
+        if param_name.split(".")[0] in ("cls_token", "pos_embed", "patch_embed", "norm_pre"):
+            return 0
+        if param_name.startswith("blocks."):
+            return int(param_name.split(".")[1]) + 1
+        return self.num_layers + 1
+
+    # -- forward ------------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, S, S] -> tokens [B, 1 + (S/p)^2, num_features] (ViT) or [B, h*w, C] (other models).
+
+        Computes in the encoder's dtype and returns the tokens in the dtype of ``images``.
+        """
+        if images.ndim != 4:
+            raise ValueError(f"image encoder expects images [B, 3, H, W], got shape {tuple(images.shape)}")
+        weight_dtype = self.dtype
+        if weight_dtype == torch.float16 and images.device.type == "cpu":
+            raise RuntimeError(
+                "image encoder has fp16 weights but runs on CPU, where fp16 matmuls are pathologically slow; "
+                "use precision='bf16' or 'fp32' on CPU (load_model(device='cpu') converts fp16 to fp32)"
+            )
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            x = images.to(weight_dtype)
+            tokens = self._forward_vit(x) if self.is_vit else self._forward_trunk(x)
+        return tokens.to(images.dtype)
+
+    def _forward_vit(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"image size {height}x{width} is not a multiple of the patch size {self.patch_size} "
+                f"({self.model_name})"
+            )
+        grid = (height // self.patch_size, width // self.patch_size)
+        x = self.patch_embed(x)  # [B, h*w, W]
+        pos_embed = self.pos_embed  # [1, 1 + h0*w0, W]
+        if pos_embed.shape[1] != 1 + grid[0] * grid[1]:
+            pos_embed = self._resample(pos_embed, grid)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)  # [B, 1, W]
+        x = torch.cat([cls, x], dim=1) + pos_embed  # [B, 1 + h*w, W]
+        x = self.norm_pre(self.pos_drop(x))
+        use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False) if use_ckpt else block(x)
+        return self.norm(x)
+
+    def _forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.trunk.forward_features(x)
+        if features.ndim == 4:  # feature map -> tokens [B, h*w, C]
+            if getattr(self.trunk, "output_fmt", "NCHW") == "NHWC":
+                return features.flatten(1, 2)
+            return features.flatten(2).transpose(1, 2)
+        return features
+
+    # -- position embeddings ------------------------------------------------------------------------
+    def _resample(self, pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Bicubic resampling of [1, 1 + n, W] to [1, 1 + grid[0]*grid[1], W], keeping the CLS entry."""
+        return resample_abs_pos_embed(
+            pos_embed,
+            new_size=list(grid),
+            num_prefix_tokens=1,
+            interpolation="bicubic",
+            antialias=False,
+            align_corners=self.pos_embed_align_corners,
+        )
+
+    def _resample_pos_embed_on_load(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        """Load-time hook: a checkpoint trained at another resolution gets its position embedding resampled."""
+        key = prefix + "pos_embed"
+        loaded = state_dict.get(key)
+        if loaded is None or loaded.shape == self.pos_embed.shape or self.pos_embed.is_meta:
+            return
+        if loaded.ndim == 2:
+            loaded = loaded.unsqueeze(0)
+        grid = self.patch_embed.grid_size
+        old = int(round((loaded.shape[1] - 1) ** 0.5))
+        logger.info("%s: position embedding interpolated from %dx%d to %dx%d", self.model_name, old, old, *grid)
+        state_dict[key] = self._resample(loaded, tuple(grid))
+
+    # -- weights ------------------------------------------------------------------------------------
+    def convert_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Any supported layout (timm/LAVIS, Hugging Face ``vision_model.*``, OpenAI CLIP) -> this module's names."""
+        from models.checkpoints import vision_state_dict_to_timm
+
+        return vision_state_dict_to_timm(state_dict, depth=self.num_layers if self.is_vit else None)
+
+    def load_pretrained(self, source: str | Path | Mapping[str, torch.Tensor]) -> None:
+        """Load weights from a path / URL / hub id or a state dict; every parameter must be covered."""
+        from models.checkpoints import read_state_dict
+
+        name = source if not isinstance(source, Mapping) else "<state dict>"
+        raw = read_state_dict(source) if not isinstance(source, Mapping) else dict(source)
+        state_dict = self.convert_state_dict(raw)
+        result = self.load_state_dict(state_dict, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise KeyError(
+                f"image encoder {self.model_name}: weights from {name} do not match: "
+                f"missing {result.missing_keys[:8]}{'...' if len(result.missing_keys) > 8 else ''}, "
+                f"unexpected {result.unexpected_keys[:8]}{'...' if len(result.unexpected_keys) > 8 else ''}"
+            )
+        logger.info("image encoder %s: loaded %d tensors from %s", self.model_name, len(state_dict), name)
+
+
+@registry.image_encoders.register("timm")
+class GenericTimmEncoder(TimmImageEncoder):
+    """Any timm model by name (``model_name=...`` in the config); no code needed for a new backbone."""
+
+
+@registry.image_encoders.register("eva_vit_g", "eva_clip_g")
+class EvaViTG(TimmImageEncoder):
+    """EVA-CLIP ViT-g/14 as in BLIP-2: width 1408, 16 heads, FFN 6144, 39 of 40 blocks, q/v bias, LN eps 1e-6.
+
+    timm's ``eva_giant_patch14_224`` with ``depth=39`` has exactly LAVIS's ``eva_vit_g.pth`` parameter names.
+    Pass ``pretrained=EVA_VIT_G_URL`` for the original weights (the zoo does this only when no full checkpoint
+    with the ViT follows).
+    """
+
+    default_model_name = "eva_giant_patch14_224"
+    default_timm_kwargs = {"depth": 39}
+    pos_embed_align_corners = False
+
+
+@registry.image_encoders.register("clip_vit_l", "clip_L")
+class ClipViTL(TimmImageEncoder):
+    """OpenAI CLIP ViT-L/14 as in BLIP-2: width 1024, 23 of 24 blocks, QuickGELU, ln_pre, no patch bias.
+
+    OpenAI/LAVIS names (``conv1``, ``transformer.resblocks.i.attn.in_proj_weight``, ...) are converted to timm's
+    on load; pass ``pretrained=CLIP_VIT_L_URL`` for the original weights.
+    """
+
+    default_model_name = "vit_large_patch14_clip_quickgelu_224"
+    default_timm_kwargs = {"depth": 23}
+    pos_embed_align_corners = True
