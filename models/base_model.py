@@ -1,1 +1,187 @@
-"""(being written; see ARCHITECTURE.md)"""
+"""``BaseModel``: what every registered model shares (zoo configs, building, checkpoints, optimizer groups)."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any, Mapping
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_MODELS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class BaseModel(nn.Module):
+    """Base class of every model in the zoo.
+
+    Subclasses set ``PRETRAINED_MODEL_CONFIG_DICT = {model_type: "configs/<file>.yaml"}`` (relative to ``models/``)
+    and implement ``from_config(cfg)``.
+    """
+
+    PRETRAINED_MODEL_CONFIG_DICT: dict[str, str] = {}
+
+    # -- configs and building ---------------------------------------------------------------------------------------
+    @classmethod
+    def default_config_path(cls, model_type: str) -> str:
+        """Absolute path of the zoo YAML for ``model_type``; unknown types raise naming the valid ones."""
+        if model_type not in cls.PRETRAINED_MODEL_CONFIG_DICT:
+            raise KeyError(
+                f"{cls.__name__} has no model_type '{model_type}'. "
+                f"Valid types: {', '.join(sorted(cls.PRETRAINED_MODEL_CONFIG_DICT)) or '(none)'}"
+            )
+        path = cls.PRETRAINED_MODEL_CONFIG_DICT[model_type]
+        return path if os.path.isabs(path) else os.path.join(_MODELS_DIR, path)
+
+    @classmethod
+    def load_zoo_config(cls, model_type: str) -> DictConfig:
+        """The ``model:`` node of the zoo YAML for ``model_type``."""
+        path = cls.default_config_path(model_type)
+        cfg = OmegaConf.load(path)
+        if "model" not in cfg:
+            raise KeyError(f"{path}: expected a top-level 'model:' node")
+        return cfg.model
+
+    @classmethod
+    def from_pretrained(cls, model_type: str, **overrides: Any) -> "BaseModel":
+        """Build the zoo model ``model_type`` (its YAML's ``model:`` node, then ``overrides``) with its weights."""
+        cfg = cls.load_zoo_config(model_type)
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
+        return cls.from_config(cfg)
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig | Mapping[str, Any]) -> "BaseModel":
+        raise NotImplementedError(f"{cls.__name__} must implement from_config(cfg)")
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in self.parameters():
+            return tensor.device
+        for tensor in self.buffers():
+            return tensor.device
+        return torch.device("cpu")
+
+    # -- checkpoints -------------------------------------------------------------------------------------------------
+    def frozen_module_prefixes(self) -> list[str]:
+        """State-dict prefixes of frozen parts that checkpoints never hold (e.g. ``visual_encoder.``)."""
+        prefixes = []
+        for name, module in self.named_children():
+            params = list(module.parameters())
+            if params and not any(p.requires_grad for p in params):
+                prefixes.append(f"{name}.")
+        return prefixes
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Parameters with ``requires_grad`` plus the buffers of non-frozen modules (what checkpoints store)."""
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        frozen = tuple(self.frozen_module_prefixes())
+        buffers = {n for n, _ in self.named_buffers() if not n.startswith(frozen)}
+        return {k: v for k, v in self.state_dict().items() if k in trainable or k in buffers}
+
+    def load_checkpoint(self, path_or_url: str, strict: bool = True) -> dict[str, list[str]]:
+        """Load weights from a LAVIS .pth, a Hugging Face BLIP-2 checkpoint or ours (format detected by
+        ``models.checkpoints.load_state_dict_any``). Keys missing from the file must belong to frozen parts or to
+        parts the file's format never holds; anything else raises (``strict``) or is logged."""
+        state = self._read_state_dict(path_or_url)
+        result = self.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not self._missing_key_is_expected(k)]
+        unexpected = [k for k in result.unexpected_keys if not self._unexpected_key_is_expected(k)]
+        if hasattr(self, "tie_weights"):
+            self.tie_weights()
+        message = (
+            f"checkpoint {path_or_url}: {len(missing)} missing keys {missing[:10]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:10]}"
+        )
+        if (missing or unexpected) and strict:
+            raise KeyError(message + " (pass strict=False to load anyway)")
+        if missing or unexpected:
+            logger.warning(message)
+        logger.info("loaded %d tensors from %s", len(state), path_or_url)
+        return {"missing_keys": missing, "unexpected_keys": unexpected}
+
+    @staticmethod
+    def _read_state_dict(path_or_url: str) -> dict[str, torch.Tensor]:
+        try:
+            from models.checkpoints import load_state_dict_any
+        except ImportError:
+            load_state_dict_any = None
+        if load_state_dict_any is not None:
+            return load_state_dict_any(path_or_url)
+        # Fallback while models/checkpoints.py is not there: our own safetensors/.pth files.
+        if path_or_url.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path_or_url)
+        state = torch.load(path_or_url, map_location="cpu", weights_only=True)
+        return state.get("model", state) if isinstance(state, dict) else state
+
+    def _missing_key_is_expected(self, key: str) -> bool:
+        """Frozen parts are not in checkpoints; subclasses may widen this (e.g. LLM keys)."""
+        return key.startswith(tuple(self.frozen_module_prefixes()))
+
+    def _unexpected_key_is_expected(self, key: str) -> bool:
+        return False
+
+    # -- optimisation ------------------------------------------------------------------------------------------------
+    def vision_layer_id(self, name: str) -> int | None:
+        """Layer index of a trainable image-encoder parameter for layer-wise LR decay, or None if not in the ViT."""
+        return None
+
+    def num_vision_layers(self) -> int:
+        return 0
+
+    def get_optimizer_params(
+        self, weight_decay: float, lr_scale: float = 1.0, lr_layer_decay: float | None = None
+    ) -> list[dict[str, Any]]:
+        """AdamW parameter groups over trainable parameters only.
+
+        No weight decay for biases, norms and any 1-d parameter (and ``temp``/``query_tokens``-like scalars).
+        Trainable ViT parameters get ``lr_scale = decay ** (L + 1 - layer_id)`` (layer-wise LR decay); the runner
+        multiplies each group's LR by its ``lr_scale``. ``lr_layer_decay`` is an alias of ``lr_scale``.
+        """
+        decay_rate = lr_layer_decay if lr_layer_decay is not None else lr_scale
+        num_layers = self.num_vision_layers()
+        groups: dict[tuple[bool, float], dict[str, Any]] = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            no_decay = param.ndim <= 1 or name.endswith(".bias")  # biases, norms, temperature
+            layer_id = self.vision_layer_id(name)
+            scale = 1.0 if layer_id is None else decay_rate ** (num_layers + 1 - layer_id)
+            key = (no_decay, scale)
+            if key not in groups:
+                groups[key] = {
+                    "params": [],
+                    "param_names": [],
+                    "weight_decay": 0.0 if no_decay else weight_decay,
+                    "lr_scale": scale,
+                }
+            groups[key]["params"].append(param)
+            groups[key]["param_names"].append(name)
+        return list(groups.values())
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable and total parameter counts (works on the meta device)."""
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {"trainable": trainable, "total": total}
+
+    def parameter_report(self) -> str:
+        counts = self.parameter_counts()
+        return (
+            f"{type(self).__name__}: {counts['trainable'] / 1e6:.2f}M trainable / "
+            f"{counts['total'] / 1e6:.2f}M total parameters"
+        )
+
+
+_BLOCK_RE = re.compile(r"\.(?:blocks|layers|resblocks|layer)\.(\d+)\.")
+
+
+def block_index(name: str) -> int | None:
+    """Index N of ``...blocks.N.`` / ``layers.N.`` / ``resblocks.N.`` in a parameter name, else None."""
+    match = _BLOCK_RE.search(f".{name}")
+    return int(match.group(1)) if match else None

