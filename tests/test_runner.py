@@ -1,0 +1,442 @@
+"""Runner loop, checkpoints and CLIs.
+
+Fast in-process tests use a small fake model/task/builder registered by a plugin module written
+to a temp dir (``FAKE_PLUGIN``): it has a frozen part, dropout and augmentation noise, so RNG
+handling, freezing and resume are exercised for real. The end-to-end CLI tests (marked slow) run
+``python -m runners.train`` / ``runners.evaluate`` as subprocesses.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+FAKE_PLUGIN = textwrap.dedent('''
+    """Fake model/task/builder for runner tests (a regression problem with a frozen encoder)."""
+    import torch
+    import registry
+    from torch.utils.data import Dataset
+
+
+    class FakeRegressionDataset(Dataset):
+        def __init__(self, n, dim, seed, noise):
+            g = torch.Generator().manual_seed(seed)
+            self.x = torch.randn(n, dim, generator=g)
+            self.y = torch.tanh(self.x @ torch.randn(dim, 2, generator=g))
+            self.noise = noise
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            x = self.x[i]
+            if self.noise:  # augmentation drawn from the global RNG (restored on resume)
+                x = x + self.noise * torch.randn_like(x)
+            return {"image": x, "target": self.y[i], "instance_id": str(i)}
+
+        def collater(self, batch):
+            return {"image": torch.stack([b["image"] for b in batch]),
+                    "target": torch.stack([b["target"] for b in batch]),
+                    "instance_id": [b["instance_id"] for b in batch]}
+
+
+    @registry.builders.register("fake_regression", override=True)
+    class FakeBuilder:
+        DATASET_CONFIG_DICT = {}
+        EXTRA_CONFIG_KEYS = ("num_samples", "dim", "seed", "noise")
+
+        def __init__(self, cfg):
+            self.cfg = cfg
+
+        def build_datasets(self):
+            c = self.cfg
+            n, dim = int(c.get("num_samples", 32)), int(c.get("dim", 8))
+            return {"train": FakeRegressionDataset(n, dim, int(c.get("seed", 0)), float(c.get("noise", 0.1))),
+                    "val": FakeRegressionDataset(16, dim, int(c.get("seed", 0)) + 1, 0.0),
+                    "test": FakeRegressionDataset(16, dim, int(c.get("seed", 0)) + 2, 0.0)}
+
+
+    @registry.models.register("fake_regressor", override=True)
+    class FakeRegressor(torch.nn.Module):
+        PRETRAINED_MODEL_CONFIG_DICT = {}
+        EXTRA_CONFIG_KEYS = ("dim", "hidden", "dropout", "nan_at_step")
+
+        def __init__(self, dim=8, hidden=16, dropout=0.1, nan_at_step=-1):
+            super().__init__()
+            self.encoder = torch.nn.Linear(dim, hidden)  # frozen, like the ViT / LLM
+            self.encoder.requires_grad_(False)
+            self.proj = torch.nn.Linear(hidden, hidden)
+            self.norm = torch.nn.LayerNorm(hidden)
+            self.head = torch.nn.Linear(hidden, 2)
+            self.dropout = torch.nn.Dropout(dropout)
+            self.nan_at_step = nan_at_step
+
+        @classmethod
+        def from_config(cls, cfg):
+            return cls(int(cfg.get("dim", 8)), int(cfg.get("hidden", 16)), float(cfg.get("dropout", 0.1)),
+                       int(cfg.get("nan_at_step", -1)))
+
+        def forward(self, samples):
+            with torch.no_grad():
+                h = self.encoder(samples["image"])
+            out = self.head(self.norm(self.dropout(torch.nn.functional.gelu(self.proj(h)))))
+            loss = torch.nn.functional.mse_loss(out.float(), samples["target"].float())
+            if samples.get("iters") == self.nan_at_step:
+                loss = loss * float("nan")
+            return {"loss": loss, "loss_mse": loss.detach()}
+
+        def trainable_state_dict(self):
+            return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+        def get_optimizer_params(self, weight_decay, lr_layer_decay):
+            # proj is the "lower layer": its LR is scaled by lr_layer_decay
+            return [
+                {"params": [self.proj.weight], "weight_decay": weight_decay, "lr_scale": lr_layer_decay},
+                {"params": [self.head.weight], "weight_decay": weight_decay, "lr_scale": 1.0},
+                {"params": [self.proj.bias, self.head.bias, self.norm.weight, self.norm.bias],
+                 "weight_decay": 0.0, "lr_scale": 1.0},
+            ]
+
+
+    @registry.tasks.register("fake_regression_task", override=True)
+    class FakeTask:
+        def __init__(self, cfg):
+            self.cfg = cfg
+
+        @classmethod
+        def setup_task(cls, cfg):
+            return cls(cfg)
+
+        def build_datasets(self, cfg):
+            return {name: registry.builders.get(name)(node).build_datasets() for name, node in cfg.datasets.items()}
+
+        def build_model(self, cfg):
+            return registry.models.get(cfg.model.arch).from_config(cfg.model)
+
+        def train_step(self, model, samples):
+            out = model(samples)
+            return out["loss"], {"loss_mse": float(out["loss_mse"])}
+
+        @torch.no_grad()
+        def evaluation(self, model, loader):
+            sse, count = torch.zeros((), dtype=torch.float64), 0
+            for samples in loader:
+                device = next(model.parameters()).device
+                pred = model.head(model.norm(torch.nn.functional.gelu(model.proj(model.encoder(
+                    samples["image"].to(device))))))
+                sse += ((pred.float() - samples["target"].to(device)) ** 2).sum().double().cpu()
+                count += samples["target"].numel()
+            stats = torch.tensor([float(sse), float(count)], dtype=torch.float64)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(stats)
+            return stats
+
+        def after_evaluation(self, results, split, epoch):
+            mse = float(results[0] / results[1])
+            return {"mse": mse, "agg_metrics": -mse, "num_values": int(results[1])}
+''')
+
+FAKE_YAML = {
+    "model": {"arch": "fake_regressor", "dim": 8, "hidden": 16, "dropout": 0.1},
+    "datasets": {"fake_regression": {"num_samples": 32, "dim": 8, "seed": 3, "noise": 0.1}},
+    "run": {
+        "task": "fake_regression_task", "lr_sched": "linear_warmup_cosine_lr", "init_lr": 1e-2, "min_lr": 1e-4,
+        "warmup_lr": 1e-3, "warmup_steps": 2, "weight_decay": 0.05, "beta2": 0.98, "max_epoch": 3,
+        "batch_size_train": 4, "batch_size_eval": 8, "num_workers": 0, "seed": 7, "device": "cpu",
+        "amp": "off", "train_splits": ["train"], "valid_splits": ["val"], "test_splits": ["test"],
+        "log_freq": 1,
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def fake_plugin_dir(tmp_path_factory) -> Path:
+    """Directory holding ``runner_fake_plugin.py``, importable in-process and by subprocesses."""
+    root = tmp_path_factory.mktemp("plugin")
+    (root / "runner_fake_plugin.py").write_text(FAKE_PLUGIN)
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return root
+
+
+def write_yaml(path: Path, cfg: dict) -> Path:
+    OmegaConf.save(OmegaConf.create(cfg), path)
+    return path
+
+
+def fake_config(tmp_path: Path, **run_overrides) -> dict:
+    cfg = json.loads(json.dumps(FAKE_YAML))
+    cfg["run"]["output_dir"] = str(tmp_path / "out")
+    cfg["run"].update(run_overrides)
+    return cfg
+
+
+def subprocess_env(*extra_paths: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *map(str, extra_paths), env.get("PYTHONPATH", "")])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        env.pop(key, None)
+    return env
+
+
+def run_cli(module: str, args: list[str], env: dict, timeout: float = 240) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    return proc
+
+
+def last_json_line(stdout: str) -> dict:
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    assert lines, f"no JSON summary on stdout:\n{stdout}"
+    return json.loads(lines[-1])
+
+
+def read_log(job_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (job_dir / "log.jsonl").read_text().splitlines()]
+
+
+def build_runner(tmp_path: Path, fake_plugin_dir: Path, resume_from=None, job_id="job", **run_overrides):
+    """Config -> task -> datasets -> model -> runner, in-process (as runners.cli does)."""
+    import registry
+    from runners.cli import seed_everything
+    from runners.config import Config
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cfg_path = write_yaml(tmp_path / "cfg.yaml", fake_config(tmp_path, **run_overrides))
+    cfg = Config(cfg_path, plugins=["runner_fake_plugin"])
+    seed_everything(int(cfg.run.seed))
+    task = registry.tasks.get(cfg.run.task).setup_task(cfg)
+    datasets = task.build_datasets(cfg)
+    model = task.build_model(cfg)
+    runner_cls = registry.runners.get(cfg.run.get("runner") or "runner_base")
+    return runner_cls(cfg, task, model, datasets, job_id, resume_from=resume_from)
+
+
+# -- in-process tests -----------------------------------------------------------------------------
+def test_optimizer_groups_decay_lr_scale_and_frozen(tmp_path, fake_plugin_dir):
+    from runners.optim import build_optimizer, default_param_groups
+
+    runner = build_runner(tmp_path, fake_plugin_dir, lr_layer_decay=0.5)
+    model = runner.raw_model
+    opt = build_optimizer(model, runner.run_cfg)
+    assert opt.defaults["betas"] == (0.9, 0.98)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert id(model.encoder.weight) not in in_opt and id(model.encoder.bias) not in in_opt
+    assert in_opt == {id(p) for p in model.parameters() if p.requires_grad}
+    scales = {id(p): g.get("lr_scale", 1.0) for g in opt.param_groups for p in g["params"]}
+    assert scales[id(model.proj.weight)] == 0.5 and scales[id(model.head.weight)] == 1.0
+    # default grouping (models without get_optimizer_params): no decay on biases, norms and 1-d params
+    decay, no_decay = default_param_groups(model, 0.05)
+    assert {id(p) for p in decay["params"]} == {id(model.proj.weight), id(model.head.weight)}
+    assert id(model.norm.weight) in {id(p) for p in no_decay["params"]} and no_decay["weight_decay"] == 0.0
+
+
+def test_train_logs_checkpoints_best_and_test(tmp_path, fake_plugin_dir):
+    from safetensors.torch import load_file
+
+    runner = build_runner(tmp_path, fake_plugin_dir, lr_layer_decay=0.5)
+    frozen_before = runner.raw_model.encoder.weight.clone()
+    results = runner.train()
+    job = runner.job_dir
+    assert job == tmp_path / "out" / "job"
+    log = read_log(job)
+    steps = [r for r in log if r["type"] == "train_step"]
+    assert [r["step"] for r in steps] == list(range(1, 25))  # 32 samples / batch 4 = 8 steps x 3 epochs
+    assert steps[0]["lr"] == pytest.approx(1e-3) and steps[2]["lr"] == pytest.approx(1e-2)
+    assert steps[-1]["lr"] < steps[3]["lr"]
+    evals = [r for r in log if r["type"] == "eval"]
+    assert [r["split"] for r in evals] == ["val", "val", "val", "test"]
+    assert all(r["num_values"] == 32 for r in evals)
+    train_epochs = [r["loss"] for r in log if r["type"] == "train_epoch"]
+    assert train_epochs[-1] < train_epochs[0]
+    # best checkpoint = the epoch with the highest agg_metrics on val; test ran with it
+    best_epoch = max(range(3), key=lambda e: evals[e]["agg_metrics"])
+    assert results["best_epoch"] == best_epoch
+    best = load_file(job / "checkpoint_best" / "model.safetensors")
+    assert set(best) == {"proj.weight", "proj.bias", "norm.weight", "norm.bias", "head.weight", "head.bias"}
+    assert torch.equal(runner.raw_model.head.weight, best["head.weight"])  # test used the best weights
+    assert "test" in results and results["test"]["agg_metrics"] == evals[-1]["agg_metrics"]
+    # resumable checkpoints: only the last 2 kept, each complete
+    ckpts = sorted(p.name for p in (job / "checkpoints").iterdir())
+    assert ckpts == ["step_00000016", "step_00000024"]
+    for name in ("model.safetensors", "optimizer.pt", "state.pt"):
+        assert (job / "checkpoints" / "step_00000024" / name).is_file()
+    state = torch.load(job / "checkpoints" / "step_00000024" / "state.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["global_step"] == 24 and state["end_of_epoch"]
+    assert len(state["rng"]) == 1 and state["data"] == {"data_epoch": 2, "batch_in_epoch": 8}
+    assert OmegaConf.load(job / "config.yaml").run.task == "fake_regression_task"
+    assert torch.equal(runner.raw_model.encoder.weight, frozen_before)  # frozen stays frozen
+
+
+def test_lr_scale_reaches_param_groups(tmp_path, fake_plugin_dir):
+    runner = build_runner(tmp_path, fake_plugin_dir, lr_layer_decay=0.25, max_epoch=1)
+    runner.train()
+    groups = runner.optimizer.param_groups
+    assert groups[0]["lr"] == pytest.approx(0.25 * groups[1]["lr"])
+
+
+def test_nonfinite_loss_stops_with_step_number(tmp_path, fake_plugin_dir):
+    from runners.runner_base import NonFiniteLossError
+
+    runner = build_runner(tmp_path, fake_plugin_dir, valid_splits=[], test_splits=[])
+    runner.raw_model.nan_at_step = 5
+    with pytest.raises(NonFiniteLossError, match=r"optimizer step 5 \(epoch 0"):
+        runner.train()
+    assert runner.global_step == 5
+    assert torch.isfinite(runner.raw_model.head.weight).all()
+
+
+def test_gradient_accumulation_matches_large_batch(tmp_path, fake_plugin_dir):
+    """2 micro-batches of 4 accumulate to the gradient of one batch of 8 (dropout off, no noise)."""
+    def trained(**kw):
+        d = tmp_path / str(len(list(tmp_path.iterdir())))
+        d.mkdir()
+        runner = build_runner(d, fake_plugin_dir, max_epoch=1, valid_splits=[], test_splits=[], **kw)
+        runner.raw_model.dropout.p = 0.0
+        for ds in runner.datasets["fake_regression"].values():
+            ds.noise = 0.0
+        runner.train()
+        return runner.raw_model.state_dict()
+
+    accum = trained(batch_size_train=4, accum_grad_iters=2)
+    big = trained(batch_size_train=8, accum_grad_iters=1)
+    for k in big:
+        torch.testing.assert_close(accum[k], big[k], atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_autocast_and_grad_clip_on_cpu(tmp_path, fake_plugin_dir):
+    runner = build_runner(tmp_path, fake_plugin_dir, amp="bf16", grad_clip=0.01, max_epoch=1, test_splits=[])
+    assert runner.amp_dtype == torch.bfloat16
+    runner.train()
+    steps = [r for r in read_log(runner.job_dir) if r["type"] == "train_step"]
+    assert all(r["grad_norm"] > 0 for r in steps) and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+
+
+def test_fp16_on_cpu_is_refused(tmp_path, fake_plugin_dir):
+    with pytest.raises(ValueError, match="bf16"):
+        build_runner(tmp_path, fake_plugin_dir, amp="fp16")
+
+
+def test_runner_iter_counts_iterations(tmp_path, fake_plugin_dir):
+    runner = build_runner(tmp_path, fake_plugin_dir, runner="runner_iter", max_iters=11, iters_per_inner_epoch=5,
+                          save_every_steps=3, keep_last_ckpts=0)
+    runner.train()
+    log = read_log(runner.job_dir)
+    assert [r["step"] for r in log if r["type"] == "train_step"] == list(range(1, 12))
+    assert sum(r["type"] == "eval" and r["split"] == "val" for r in log) == 3  # inner epochs 0, 1, 2
+    names = sorted(p.name for p in (runner.job_dir / "checkpoints").iterdir())
+    assert names == ["step_00000003", "step_00000005", "step_00000006", "step_00000009", "step_00000010",
+                     "step_00000011"]
+    state = torch.load(runner.job_dir / "checkpoints" / "step_00000011" / "state.pt", weights_only=True)
+    assert state["data"] == {"data_epoch": 1, "batch_in_epoch": 3}  # 8 batches per data epoch
+
+
+def test_resume_in_process_is_bitwise(tmp_path, fake_plugin_dir):
+    """Stop after a mid-epoch checkpoint, resume from it: same weights as the uninterrupted run."""
+    full = build_runner(tmp_path / "a", fake_plugin_dir, save_every_steps=3, keep_last_ckpts=0, test_splits=[])
+    full.train()
+    resumed = build_runner(tmp_path / "b", fake_plugin_dir, test_splits=[],
+                           resume_from=full.job_dir / "checkpoints" / "step_00000009")
+    resumed.train()
+    for k, v in full.raw_model.state_dict().items():
+        assert torch.equal(v, resumed.raw_model.state_dict()[k]), k
+    assert resumed.best_epoch == full.best_epoch
+
+
+def test_config_error_stops_before_build(tmp_path, fake_plugin_dir):
+    from runners.cli import run
+
+    cfg = fake_config(tmp_path)
+    cfg["run"]["init_lrr"] = 1.0
+    path = write_yaml(tmp_path / "bad.yaml", cfg)
+    with pytest.raises(SystemExit) as err:
+        run(["--cfg", str(path), "--plugins", "runner_fake_plugin"], training=True)
+    assert err.value.code == 2
+    assert not (tmp_path / "out").exists()  # nothing was built or written
+
+
+def test_job_ids_unique():
+    from runners.run_logging import new_job_id
+
+    assert len({new_job_id() for _ in range(50)}) == 50
+
+
+def test_checkpoint_save_is_atomic_and_latest_ignores_partial(tmp_path):
+    from runners import checkpointing as ckpt
+
+    job = tmp_path / "job"
+    ckpt.save_checkpoint(job / "checkpoints" / "step_00000002", {"w": torch.ones(2)}, {"state": {}}, {"global_step": 2})
+    # a run killed mid-save leaves only a hidden temp dir, and a dir without state.pt is incomplete
+    (job / "checkpoints" / ".step_00000004.tmp123").mkdir()
+    (job / "checkpoints" / "step_00000006").mkdir()
+    assert ckpt.latest_checkpoint(job).name == "step_00000002"
+    opt, state = ckpt.load_checkpoint_state(job / "checkpoints" / "step_00000002")
+    assert state["global_step"] == 2 and opt == {"state": {}}
+
+
+def test_rng_state_round_trip():
+    import random
+
+    import numpy as np
+
+    from runners import checkpointing as ckpt
+
+    state = ckpt.rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    ckpt.set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+def test_global_batch_sampler_layouts_agree():
+    from runners.data import GlobalBatchSampler
+
+    one = GlobalBatchSampler(20, 4, shuffle=True, seed=5)
+    two = [GlobalBatchSampler(20, 2, rank=r, world_size=2, shuffle=True, seed=5) for r in range(2)]
+    for s in (one, *two):
+        s.set_epoch(3)
+    assert [a + b for a, b in zip(*[list(s) for s in two])] == list(one)
+    full = list(one)
+    assert len(full) == 5 and sorted(sum(full, [])) == list(range(20))
+    one.set_start(2)  # resume: skip two global batches of the same epoch
+    assert len(one) == 3 and list(one) == full[2:]
+    one.set_epoch(4)
+    assert list(one) != full  # a new epoch reshuffles
+
+
+def test_non_distributed_never_initialises_process_group(tmp_path, fake_plugin_dir):
+    runner = build_runner(tmp_path, fake_plugin_dir, max_epoch=1)
+    runner.train()
+    assert not torch.distributed.is_initialized()
+    assert type(runner.model) is type(runner.raw_model)
+
+
+# -- end-to-end CLI (subprocess) ------------------------------------------------------------------
+@pytest.mark.slow
+def test_cli_train_then_evaluate_fake(tmp_path, fake_plugin_dir):
+    cfg_path = write_yaml(tmp_path / "cfg.yaml", fake_config(tmp_path, max_epoch=2))
+    env = subprocess_env(fake_plugin_dir)
+    proc = run_cli("runners.train", ["--cfg", str(cfg_path), "--plugins", "runner_fake_plugin",
+                                     "--options", "run.job_name=fake1"], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = last_json_line(proc.stdout)
+    job = Path(summary["job_dir"])
+    assert job == tmp_path / "out" / "fake1"
+    assert (job / "checkpoint_best" / "model.safetensors").is_file()
+    assert json.loads((job / "final_metrics.json").read_text())["test"]["num_values"] == 32
+    proc = run_cli("runners.evaluate", ["--cfg", str(cfg_path), "--plugins", "runner_fake_plugin",
+                                        "--checkpoint", str(job / "checkpoint_best")], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluated = last_json_line(proc.stdout)
+    assert evaluated["results"]["test"]["mse"] == pytest.approx(summary["results"]["test"]["mse"], rel=1e-6)
+    assert Path(evaluated["job_dir"]).parent == job.parent and Path(evaluated["job_dir"]) != job
