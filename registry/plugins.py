@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-from importlib import metadata
 from typing import Iterable
 
 logger = logging.getLogger(__name__)
@@ -49,6 +48,7 @@ def load_entry_point_plugins(force: bool = False) -> list[str]:
     global _loaded_entry_points
     if _loaded_entry_points and not force:
         return []
+    from importlib import metadata  # ~0.1 s to import: only when a registry is first queried
     _loaded_entry_points = True
     names = []
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):

@@ -1,0 +1,549 @@
+"""Run configuration: merge the four config layers with OmegaConf and validate every key.
+
+Merge order (later wins):
+
+    model zoo YAML of (model.arch, model.model_type)      models/configs/*.yaml   (model:, preprocess:)
+  < each dataset builder's default YAML                     datasets/configs/*.yaml (datasets: {name: ...})
+  < the project YAML                                        --cfg projects/...yaml
+  < ``--options key=value ...``                             OmegaConf dotlist
+
+Plugins named in the project YAML (``plugins: [...]``), in ``--options plugins=[...]`` or with
+``--plugins`` are imported before any registry lookup, so plugin models/builders/tasks validate too.
+Unknown keys in ``run:``, ``model:`` or a dataset node raise one ``ConfigError`` that lists every
+problem with the file it came from and the valid keys (closest first). Nothing here builds a model
+or touches data: it is pure config work, so errors surface before anything expensive happens.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import omegaconf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+import registry
+from registry import RegistryError
+
+CACHE_ROOT_ENV = "BLIP2_CACHE_ROOT"
+DEFAULT_CACHE_ROOT = "~/.cache/blip2"
+_omegaconf_version = tuple(int(p) for p in omegaconf.__version__.split(".")[:2])
+TOP_LEVEL_KEYS = ("run", "model", "datasets", "preprocess", "plugins")
+
+
+# --------------------------------------------------------------------------------------------------
+# Storage paths
+# --------------------------------------------------------------------------------------------------
+def cache_root() -> Path:
+    """Root of downloaded data and weights: ``$BLIP2_CACHE_ROOT``, else ``~/.cache/blip2`` (``~`` expanded)."""
+    return Path(os.path.expanduser(os.environ.get(CACHE_ROOT_ENV) or DEFAULT_CACHE_ROOT))
+
+
+def resolve_storage_path(path: str | os.PathLike) -> Path:
+    """``~`` is expanded; a relative storage path is taken relative to ``cache_root()``."""
+    expanded = Path(os.path.expanduser(os.fspath(path)))
+    return expanded if expanded.is_absolute() else cache_root() / expanded
+
+
+def _cache_root_resolver(*parts: Any) -> str:
+    return str(cache_root().joinpath(*map(str, parts)))
+
+
+# ``${cache_root:coco/images}`` in any YAML resolves to <cache root>/coco/images at access time.
+# (OmegaConf >= 2.4 names the new-style API register_resolver; 2.3 calls it register_new_resolver.)
+_register = OmegaConf.register_resolver if _omegaconf_version >= (2, 4) else OmegaConf.register_new_resolver
+_register("cache_root", _cache_root_resolver, replace=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The run schema: every key ``run:`` may hold, in one place
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunKey:
+    """Documentation and (optional) checks for one ``run:`` key."""
+
+    help: str
+    types: tuple[type, ...] | None = None  # allowed Python types of the value (None: anything)
+    choices: tuple[Any, ...] | None = None  # allowed values (strings compared case-insensitively)
+
+
+_NUM, _INT, _BOOL, _STR, _LIST = (int, float), (int,), (bool,), (str,), (list, ListConfig, str)
+
+RUN_SCHEMA: dict[str, RunKey] = {
+    # what runs
+    "task": RunKey("registered task (registry.tasks)", _STR),
+    "runner": RunKey("registered runner (registry.runners), default runner_base", _STR),
+    "job_name": RunKey("name of the job; the output directory is output_dir/<job_name or job id>", _STR),
+    "evaluate": RunKey("only evaluate test_splits, no training", _BOOL),
+    "train_splits": RunKey("splits used for training", _LIST),
+    "valid_splits": RunKey("splits evaluated every val_freq epochs (best checkpoint by agg_metrics)", _LIST),
+    "test_splits": RunKey("splits evaluated at the end with the best checkpoint", _LIST),
+    # optimisation
+    "lr_sched": RunKey("registered LR schedule (registry.lr_schedulers)", _STR),
+    "init_lr": RunKey("peak learning rate", _NUM),
+    "min_lr": RunKey("final learning rate of the cosine decay", _NUM),
+    "warmup_lr": RunKey("learning rate at step 0 of the warmup (-1: init_lr)", _NUM),
+    "warmup_steps": RunKey("linear warmup length in optimizer steps", _INT),
+    "lr_decay_rate": RunKey("decay per epoch of linear_warmup_step_lr", _NUM),
+    "weight_decay": RunKey("AdamW weight decay (not applied to biases, norms, 1-d params)", _NUM),
+    "lr_layer_decay": RunKey("layer-wise LR decay for a trainable ViT (1: off)", _NUM),
+    "beta1": RunKey("AdamW beta1", _NUM),
+    "beta2": RunKey("AdamW beta2", _NUM),
+    "grad_clip": RunKey("max gradient norm (null/0: no clipping)", _NUM + (type(None),)),
+    "accum_grad_iters": RunKey("gradient accumulation micro-steps per optimizer step", _INT),
+    "amp": RunKey("mixed precision", (str, bool), ("bf16", "fp16", "off", "true", "false", True, False)),
+    "max_epoch": RunKey("epochs (runner_base)", _INT),
+    "max_iters": RunKey("total iterations (runner_iter)", _INT),
+    "iters_per_inner_epoch": RunKey("iterations between evaluations/checkpoints (runner_iter)", _INT),
+    "train_dataset_ratios": RunKey("sampling weight per training dataset {name: ratio}"),
+    "itm_negatives": RunKey("ITM hard-negative choice", _STR, ("random", "hardest")),
+    "compile": RunKey("torch.compile the model", _BOOL),
+    "cache_image_features": RunKey("cache frozen image-encoder outputs between epochs", _BOOL),
+    # data loading
+    "batch_size_train": RunKey("per-process training batch size", _INT),
+    "batch_size_eval": RunKey("per-process evaluation batch size", _INT),
+    "num_workers": RunKey("DataLoader workers per process", _INT),
+    "use_dist_eval_sampler": RunKey("split evaluation data across ranks", _BOOL),
+    # reproducibility, resume, output
+    "seed": RunKey("random seed (each rank adds its rank)", _INT),
+    "output_dir": RunKey("root of job directories (relative paths: relative to the working dir)", _STR),
+    "resume_ckpt_path": RunKey("checkpoint to resume from ('auto': latest in the job dir)", _STR + (type(None),)),
+    "save_freq": RunKey("save a checkpoint every N epochs (<=0: off)", _INT),
+    "save_last": RunKey("save the last checkpoint", _BOOL),
+    "val_freq": RunKey("evaluate valid_splits every N epochs", _INT),
+    "log_freq": RunKey("log every N steps", _INT),
+    "tensorboard": RunKey("also write TensorBoard events", _BOOL),
+    # devices and distribution
+    "device": RunKey("cuda | cpu | cuda:N", _STR),
+    "distributed": RunKey("use torch.distributed when launched by torchrun/SLURM", _BOOL),
+    "world_size": RunKey("number of processes (set by the launcher)", _INT),
+    "dist_url": RunKey("torch.distributed init method", _STR),
+    "dist_backend": RunKey("nccl | gloo (default: nccl on GPU, gloo on CPU)", _STR),
+    "rank": RunKey("process rank (set at runtime)", _INT),
+    "gpu": RunKey("local device index (set at runtime)", _INT),
+    "fsdp": RunKey("shard the model with torch FSDP (bool or an options mapping)"),
+    # decoding and task options
+    "num_beams": RunKey("beam width", _INT),
+    "max_len": RunKey("max generated tokens", _INT),
+    "min_len": RunKey("min generated tokens", _INT),
+    "length_penalty": RunKey("beam-search length penalty", _NUM),
+    "repetition_penalty": RunKey("generation repetition penalty", _NUM),
+    "use_nucleus_sampling": RunKey("sample instead of beam search", _BOOL),
+    "top_p": RunKey("nucleus sampling p", _NUM),
+    "temperature": RunKey("sampling temperature", _NUM),
+    "num_captions": RunKey("captions generated per image", _INT),
+    "prompt": RunKey("text prompt; VQA prompts contain '{}' for the question", _STR),
+    "inference_method": RunKey("VQA answer inference", _STR, ("generate", "rank")),
+    "num_ans_candidates": RunKey("candidates kept for answer ranking", _INT),
+    "answer_list": RunKey("file with the candidate answers for ranking", _STR + (type(None),)),
+    "apply_lemmatizer": RunKey("lemmatise predicted answers (OK-VQA)", _BOOL),
+    "k_test": RunKey("retrieval: top-k candidates re-ranked by ITM", _INT),
+    "annotation_file": RunKey("ground-truth file for caption scoring", _STR + (type(None),)),
+    "img_ids": RunKey("restrict evaluation to these image ids", _LIST),
+    "report_metric": RunKey("compute metrics (false: only write results)", _BOOL),
+}
+
+GENERIC_MODEL_KEYS = ("arch", "model_type", "load_pretrained", "load_finetuned", "pretrained", "finetuned")
+STANDARD_DATASET_KEYS = (
+    "data_type", "build_info", "vis_processor", "text_processor", "kw_processor", "type", "sample_ratio",
+    "dataset_card",
+)
+PROCESSOR_SPLITS = ("train", "eval")
+
+
+class ConfigError(ValueError):
+    """A config file or option is wrong; the message names the key, the file and what is valid."""
+
+
+def _unknown_key_message(path: str, key: str, valid: Iterable[str], source: str) -> str:
+    valid = sorted(set(valid))
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return f"unknown key '{path}' (from {source}).{hint} Valid keys: {', '.join(valid)}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class _Layer:
+    source: str  # a file path or "--options"
+    cfg: DictConfig
+
+
+def _load_yaml(path: str | os.PathLike, what: str) -> DictConfig:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} '{path}' does not exist")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as err:  # yaml.YAMLError and OmegaConf grammar errors
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {err}") from err
+    if cfg is None:
+        cfg = OmegaConf.create()
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{what} '{path}' must hold a mapping at the top level, got a list")
+    return cfg
+
+
+def _parse_options(options: Sequence[str] | None) -> DictConfig:
+    options = list(options or [])
+    bad = [o for o in options if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"--options takes key=value pairs (e.g. run.batch_size_train=8); got {bad}")
+    try:
+        return OmegaConf.from_dotlist(options)
+    except Exception as err:
+        raise ConfigError(f"cannot parse --options {options}: {err}") from err
+
+
+def _node(cfg: DictConfig | None, *keys: str) -> Any:
+    """cfg[k1][k2]... or None when any level is missing (no interpolation is resolved)."""
+    for key in keys:
+        if not isinstance(cfg, DictConfig) or key not in cfg:
+            return None
+        cfg = cfg._get_node(key)  # raw node: keeps "${...}" unresolved
+        cfg = cfg if isinstance(cfg, (DictConfig, ListConfig)) else cfg._value()
+    return cfg
+
+
+def _keys(node: Any) -> list[str]:
+    return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+
+
+def _plugin_names(node: Any, source: str) -> list[str]:
+    if node is None:
+        return []
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, ListConfig) and all(isinstance(v, str) for v in node):
+        return list(node)
+    raise ConfigError(f"'plugins' (from {source}) must be a list of module names, got {node!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
+class Config:
+    """The merged, validated run configuration.
+
+    ``Config("projects/blip2/stage2.yaml", options=["run.batch_size_train=8"], plugins=["my.module"])``
+    gives ``.run``, ``.model``, ``.datasets``, ``.preprocess`` (DictConfig nodes), ``.config`` (all of
+    it), ``.to_dict()``, ``.save(path)`` and a readable ``str()``.
+    """
+
+    def __init__(
+        self,
+        cfg_path: str | os.PathLike,
+        options: Sequence[str] | None = None,
+        plugins: Sequence[str] | None = None,
+    ) -> None:
+        self.cfg_path = os.fspath(cfg_path)
+        project = _Layer(self.cfg_path, _load_yaml(self.cfg_path, "project config"))
+        user_options = _Layer("--options", _parse_options(options))
+        self._check_top_level([project, user_options])
+
+        self.plugins = _plugin_names(_node(project.cfg, "plugins"), project.source)
+        self.plugins += _plugin_names(_node(user_options.cfg, "plugins"), "--options")
+        self.plugins += list(plugins or [])
+        registry.load_plugins(self.plugins)
+
+        user = OmegaConf.merge(project.cfg, user_options.cfg)
+        self.model_type: str | None = None  # set by _model_layers (the project's or the class default)
+        user_layers = [project, user_options]
+        errors: list[str] = []
+        model_layers, model_keys = self._model_layers(user, errors)
+        dataset_layers, dataset_keys = self._dataset_layers(user, errors)
+        if errors:  # cannot merge without the zoo/builder files
+            raise ConfigError(self._format_errors(errors))
+
+        self.layers = model_layers + dataset_layers + user_layers
+        merged = OmegaConf.merge(*(layer.cfg for layer in self.layers))
+        if self.model_type is not None:
+            merged.model.model_type = self.model_type  # record the default, if that is what was used
+        if self.plugins:
+            merged.plugins = list(dict.fromkeys(self.plugins))
+        self.config: DictConfig = merged
+
+        self._validate_run(errors)
+        self._validate_section("model", model_keys, errors)
+        for name, valid in dataset_keys.items():
+            self._validate_section(f"datasets.{name}", valid, errors)
+        self._validate_processors(errors)
+        if errors:
+            raise ConfigError(self._format_errors(errors))
+
+    # -- construction helpers ---------------------------------------------------------------
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Config":
+        """Build from the namespace of a parser prepared by ``add_config_arguments``."""
+        return cls(args.cfg, options=args.options, plugins=args.plugins)
+
+    def _format_errors(self, errors: list[str]) -> str:
+        head = f"{len(errors)} problem(s) in the configuration of {self.cfg_path}:"
+        return "\n".join([head] + [f"  - {e}" for e in errors])
+
+    def _check_top_level(self, layers: list[_Layer]) -> None:
+        errors = [
+            _unknown_key_message(key, key, TOP_LEVEL_KEYS, layer.source)
+            for layer in layers
+            for key in _keys(layer.cfg)
+            if key not in TOP_LEVEL_KEYS
+        ]
+        if errors:
+            raise ConfigError(self._format_errors(errors))
+
+    def _model_layers(self, user: DictConfig, errors: list[str]) -> tuple[list[_Layer], set[str] | None]:
+        """The model zoo layer (model:, preprocess:) and the valid model keys."""
+        model = _node(user, "model")
+        if model is None:
+            return [], None
+        arch = model.get("arch")
+        if not arch:
+            errors.append(f"model.arch is missing (set it in {self.cfg_path} or with --options model.arch=NAME)")
+            return [], None
+        try:
+            model_cls = registry.models.get(arch)
+        except RegistryError as err:
+            errors.append(f"model.arch: {err}")
+            return [], None
+        valid = set(GENERIC_MODEL_KEYS) | set(getattr(model_cls, "EXTRA_CONFIG_KEYS", ()))
+        zoo = dict(getattr(model_cls, "PRETRAINED_MODEL_CONFIG_DICT", {}) or {})
+        if not zoo:
+            return [], valid
+        model_type = model.get("model_type") or getattr(model_cls, "DEFAULT_MODEL_TYPE", None)
+        if model_type is None and len(zoo) == 1:
+            model_type = next(iter(zoo))
+        if model_type not in zoo:
+            given = "missing" if model_type is None else f"'{model_type}' is unknown"
+            errors.append(f"model.model_type {given} for arch '{arch}'; model types: {', '.join(zoo)}")
+            return [], None
+        self.model_type = model_type
+        layers = []
+        for zoo_type in zoo:
+            path = os.fspath(model_cls.default_config_path(zoo_type))
+            cfg = _load_yaml(path, f"model zoo config of {arch}/{zoo_type}")
+            valid |= set(_keys(_node(cfg, "model")))
+            if zoo_type == self.model_type:
+                layers.append(_Layer(path, cfg))
+        return layers, valid
+
+    def _dataset_layers(self, user: DictConfig, errors: list[str]) -> tuple[list[_Layer], dict[str, set[str]]]:
+        """One default-YAML layer per dataset builder, and the valid keys per dataset."""
+        datasets = _node(user, "datasets")
+        if datasets is None:
+            return [], {}
+        if not isinstance(datasets, DictConfig):
+            errors.append(f"'datasets' must map builder names to their options, got {datasets!r}")
+            return [], {}
+        layers, valid_keys = [], {}
+        for name in _keys(datasets):
+            try:
+                builder_cls = registry.builders.get(name)
+            except RegistryError as err:
+                errors.append(f"datasets.{name}: {err}")
+                continue
+            node = _node(datasets, name)
+            ds_type = (node.get("type") if isinstance(node, DictConfig) else None) or "default"
+            valid = set(STANDARD_DATASET_KEYS) | set(getattr(builder_cls, "EXTRA_CONFIG_KEYS", ()))
+            types = dict(getattr(builder_cls, "DATASET_CONFIG_DICT", {}) or {})
+            if types and ds_type not in types:
+                errors.append(f"datasets.{name}.type '{ds_type}' is unknown; types: {', '.join(types)}")
+                continue
+            for type_name in types:
+                path = os.fspath(builder_cls.default_config_path(type_name))
+                cfg = _load_yaml(path, f"default config of dataset {name} ({type_name})")
+                entries = _node(cfg, "datasets")
+                if not isinstance(entries, DictConfig) or not entries:
+                    errors.append(f"dataset default config '{path}' must hold 'datasets: {{{name}: ...}}'")
+                    continue
+                key = name if name in entries else (_keys(entries)[0] if len(entries) == 1 else None)
+                if key is None:
+                    errors.append(f"dataset default config '{path}' has no entry '{name}' under 'datasets'")
+                    continue
+                valid |= set(_keys(_node(entries, key)))
+                if type_name == ds_type:
+                    layers.append(_Layer(path, OmegaConf.create({"datasets": {name: entries[key]}})))
+            valid_keys[name] = valid
+        return layers, valid_keys
+
+    # -- validation ----------------------------------------------------------------------------
+    def _source_of(self, *keys: str) -> str:
+        """The last layer that sets cfg[keys...]: the file (or --options) to blame."""
+        for layer in reversed(self.layers):
+            if _has_key(layer.cfg, keys):
+                return layer.source
+        return "defaults"
+
+    def run_schema(self) -> dict[str, RunKey]:
+        """RUN_SCHEMA plus the ``RUN_KEYS`` the selected task and runner classes declare."""
+        schema = dict(RUN_SCHEMA)
+        run = self.config.get("run") or {}
+        lookups = [("tasks", run.get("task"), True), ("runners", run.get("runner"), True)]
+        if run.get("runner") is None:
+            lookups.append(("runners", "runner_base", False))
+        for kind, name, required in lookups:
+            if name is None:
+                continue
+            try:
+                cls = registry.ALL[kind].get(name)
+            except RegistryError:
+                if required:
+                    raise
+                continue  # the default runner is not registered: nothing to add
+            for key, spec in dict(getattr(cls, "RUN_KEYS", {}) or {}).items():
+                schema[key] = spec if isinstance(spec, RunKey) else RunKey(str(spec))
+        return schema
+
+    def _validate_run(self, errors: list[str]) -> None:
+        run = _node(self.config, "run")
+        if run is None:
+            return
+        bad_names = False
+        for key, kind in (("task", "tasks"), ("runner", "runners"), ("lr_sched", "lr_schedulers")):
+            name = run.get(key)
+            if isinstance(name, str):
+                try:
+                    registry.ALL[kind].get(name)
+                except RegistryError as err:
+                    errors.append(f"run.{key} (from {self._source_of('run', key)}): {err}")
+                    bad_names = bad_names or key != "lr_sched"
+        if bad_names:  # the task/runner decides which extra run keys are valid
+            return
+        schema = self.run_schema()
+        for key in _keys(run):
+            source = self._source_of("run", key)
+            if key not in schema:
+                errors.append(_unknown_key_message(f"run.{key}", key, schema, source))
+                continue
+            value = _node(run, key)
+            errors.extend(_check_run_value(key, value, schema[key], source))
+
+    def _validate_section(self, dotted: str, valid: set[str] | None, errors: list[str]) -> None:
+        keys = dotted.split(".")
+        node = _node(self.config, *keys)
+        if valid is None or not isinstance(node, DictConfig):
+            return
+        for key in _keys(node):
+            if key not in valid:
+                errors.append(_unknown_key_message(f"{dotted}.{key}", key, valid, self._source_of(*keys, key)))
+
+    def _validate_processors(self, errors: list[str]) -> None:
+        """Processor nodes (datasets.*.{vis,text}_processor.{train,eval}, preprocess.*) name real processors."""
+        from processors import check_processor_keys  # imported here: torchvision is not needed before
+
+        places = [("preprocess",)] + [("datasets", name) for name in _keys(_node(self.config, "datasets"))]
+        for base in places:
+            for proc_kind in ("vis_processor", "text_processor"):
+                node = _node(self.config, *base, proc_kind)
+                if not isinstance(node, DictConfig):
+                    continue
+                for split in _keys(node):
+                    path = (*base, proc_kind, split)
+                    dotted = ".".join(path)
+                    source = self._source_of(*path)
+                    if split not in PROCESSOR_SPLITS:
+                        errors.append(_unknown_key_message(dotted, split, PROCESSOR_SPLITS, source))
+                        continue
+                    proc = _node(self.config, *path)
+                    if not isinstance(proc, DictConfig) or not proc.get("name"):
+                        errors.append(f"{dotted} (from {source}) needs a 'name' (a registered processor)")
+                        continue
+                    try:
+                        proc_cls = registry.processors.get(proc.name)
+                    except RegistryError as err:
+                        errors.append(f"{dotted}.name (from {source}): {err}")
+                        continue
+                    errors.extend(check_processor_keys(proc_cls, set(_keys(proc)), where=f"{dotted} (from {source})"))
+
+    # -- access ------------------------------------------------------------------------------------
+    @property
+    def run(self) -> DictConfig:
+        return self.config.get("run") or OmegaConf.create()
+
+    @property
+    def model(self) -> DictConfig:
+        return self.config.get("model") or OmegaConf.create()
+
+    @property
+    def datasets(self) -> DictConfig:
+        return self.config.get("datasets") or OmegaConf.create()
+
+    @property
+    def preprocess(self) -> DictConfig:
+        return self.config.get("preprocess") or OmegaConf.create()
+
+    # LAVIS spellings, for users porting code.
+    run_cfg = run
+    model_cfg = model
+    datasets_cfg = datasets
+
+    def to_dict(self, resolve: bool = True) -> dict[str, Any]:
+        """Plain nested dict (interpolations such as ``${oc.env:...}`` resolved by default)."""
+        return OmegaConf.to_container(self.config, resolve=resolve)  # type: ignore[return-value]
+
+    def save(self, path: str | os.PathLike, resolve: bool = True) -> Path:
+        """Write the merged config as YAML (it can be passed back with --cfg)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, path, resolve=resolve)
+        return path
+
+    def __str__(self) -> str:
+        lines = ["Config merged from (later wins):"] + [f"  {layer.source}" for layer in self.layers]
+        for section in TOP_LEVEL_KEYS:
+            if section in self.config:
+                node = OmegaConf.create({section: self.config._get_node(section)})
+                try:
+                    text = OmegaConf.to_yaml(node, resolve=True)
+                except Exception:  # an unresolvable interpolation: show it as written
+                    text = OmegaConf.to_yaml(node)
+                lines += [f"===== {section} =====", text.rstrip()]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"Config({self.cfg_path!r}, arch={self.model.get('arch')!r}, datasets={_keys(self.datasets)})"
+
+
+def _has_key(cfg: DictConfig, keys: Sequence[str]) -> bool:
+    """True when the (possibly null-valued) key path exists in cfg."""
+    node: Any = cfg
+    for key in keys:
+        if not isinstance(node, DictConfig) or key not in node:
+            return False
+        node = node._get_node(key)
+        node = node if isinstance(node, (DictConfig, ListConfig)) else None
+    return True
+
+
+def _check_run_value(key: str, value: Any, spec: RunKey, source: str) -> list[str]:
+    if isinstance(value, str) and OmegaConf.is_interpolation(OmegaConf.create({"v": value}), "v"):
+        return []  # checked when resolved by its user
+    if value is None:
+        return []
+    wrong_type = spec.types is not None and (
+        not isinstance(value, spec.types) or (isinstance(value, bool) and bool not in spec.types)
+    )
+    if wrong_type:
+        expected = " or ".join(t.__name__ for t in spec.types)  # type: ignore[union-attr]
+        return [f"run.{key} (from {source}) must be {expected} ({spec.help}), got {value!r}"]
+    if spec.choices is not None:
+        normalised = value.lower() if isinstance(value, str) else value
+        if normalised not in spec.choices:
+            shown = ", ".join(str(c) for c in spec.choices)
+            return [f"run.{key} (from {source}) must be one of {shown}, got {value!r}"]
+    return []
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--cfg``, ``--options`` and ``--plugins`` (shared by runners.train and runners.evaluate)."""
+    parser.add_argument("--cfg", "--cfg-path", dest="cfg", required=True, metavar="YAML",
+                        help="project YAML, e.g. projects/blip2/stage2.yaml")
+    parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config keys, e.g. run.batch_size_train=8 model.prompt='a photo of'")
+    parser.add_argument("--plugins", nargs="+", default=[], metavar="MODULE",
+                        help="import these modules before building anything (they register components)")
+    return parser
