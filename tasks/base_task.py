@@ -194,6 +194,10 @@ class BaseTask:
         }
         return output["loss"], logs
 
+    def before_evaluation(self, model: torch.nn.Module, dataset: Any) -> None:
+        """Remember the dataset about to be evaluated (its ground truth is scored against)."""
+        self.eval_dataset = dataset
+
     def valid_step(self, model: torch.nn.Module, samples: dict) -> list[dict]:
         raise NotImplementedError(f"{type(self).__name__} does not evaluate (no valid_step)")
 

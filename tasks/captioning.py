@@ -60,6 +60,18 @@ def caption_references(dataset: Any) -> dict[Any, list[str]]:
 class CaptionTask(BaseTask):
     """Caption generation + BLEU / METEOR / ROUGE-L / CIDEr (/ SPICE)."""
 
+    #: run keys this task reads (runners.config validates ``run:`` against them)
+    RUN_KEYS = {
+        "num_beams": "beam width (5)", "max_len": "max caption tokens (30)", "min_len": "min caption tokens (1)",
+        "repetition_penalty": "generation repetition penalty (1.0)", "length_penalty": "beam length penalty (1.0)",
+        "top_p": "nucleus sampling p (0.9)", "temperature": "sampling temperature (1.0)",
+        "use_nucleus_sampling": "sample instead of beam search (false)",
+        "prompt": "caption prompt; empty = the model's own",
+        "annotation_file": "COCO caption ground-truth file (default: built from the eval dataset)",
+        "caption_metrics": "subset of Bleu_1..4, METEOR, ROUGE_L, CIDEr, SPICE (default: all)",
+        "sample_id_key": "batch key holding the image id (image_id)",
+    }
+
     DECODING_DEFAULTS = {
         "num_beams": 5, "max_len": 30, "min_len": 1, "repetition_penalty": 1.0, "length_penalty": 1.0,
         "top_p": 0.9, "temperature": 1.0, "use_nucleus_sampling": False,

@@ -134,6 +134,11 @@ class RetrievalTask(BaseTask):
     """Zero-shot / fine-tuned image-text retrieval (COCO, Flickr30k)."""
 
     split_eval_across_ranks = False
+    #: run keys this task reads (runners.config validates ``run:`` against them)
+    RUN_KEYS = {
+        "k_test": "top-k ITC candidates re-ranked by ITM (128)",
+        "text_batch_size": "captions encoded per batch (default: batch_size_eval or 64)",
+    }
 
     def __init__(self, run_cfg=None) -> None:
         super().__init__(run_cfg)

@@ -3,7 +3,7 @@
 Run options (``run:`` section, LAVIS names): num_beams (3), max_len (10), min_len (1),
 inference_method ("generate" or "rank"), num_ans_candidates (128), prompt ("" = the raw
 question; BLIP-2 zero-shot uses "Question: {} Short answer:"), length_penalty (-1),
-lemmatize (False; OK-VQA), normalize_references (False), sample_id_key ("question_id"),
+apply_lemmatizer (False; OK-VQA), normalize_references (False), sample_id_key ("question_id"),
 annotation_file / anno_files {split: path} (official COCO-format VQA annotations; default: the
 dataset's ``coco_annotation_file``, else its records), answer_list (path; default: the
 dataset's ``answer_list``, needed by "rank").
@@ -82,6 +82,20 @@ def vqa_ground_truth_from_records(dataset: Any) -> dict[Any, dict[str, Any]]:
 class VQATask(BaseTask):
     """Answers with ``model.predict_answers``; VQAv2 accuracy overall and per answer type."""
 
+    #: run keys this task reads (runners.config validates ``run:`` against them)
+    RUN_KEYS = {
+        "num_beams": "beam width (3)", "max_len": "max answer tokens (10)", "min_len": "min answer tokens (1)",
+        "inference_method": "generate | rank", "num_ans_candidates": "answers kept for ranking (128)",
+        "prompt": "prompt with '{}' for the question, e.g. 'Question: {} Short answer:'",
+        "length_penalty": "beam length penalty (-1)",
+        "apply_lemmatizer": "lemmatise predicted answers with spaCy (OK-VQA)",
+        "normalize_references": "always normalise reference answers (user data)",
+        "sample_id_key": "batch key holding the question id (question_id)",
+        "annotation_file": "official COCO-format VQA annotation file",
+        "anno_files": "{split: COCO-format VQA annotation file}",
+        "answer_list": "JSON list of candidate answers (default: the eval dataset's)",
+    }
+
     def __init__(self, run_cfg=None) -> None:
         super().__init__(run_cfg)
         cfg = self.run_cfg
@@ -98,7 +112,7 @@ class VQATask(BaseTask):
             "length_penalty": float(cfg.get("length_penalty", -1.0)),
         }
         self.sample_id_key: str = cfg.get("sample_id_key", "question_id")
-        self.lemmatizer = AnswerLemmatizer() if cfg.get("lemmatize", False) else None
+        self.lemmatizer = AnswerLemmatizer() if cfg.get("apply_lemmatizer", False) else None
         self.normalize_references = bool(cfg.get("normalize_references", False))
         self.answer_list_path: str | None = cfg.get("answer_list")
         self._answer_list: list[str] | None = None
