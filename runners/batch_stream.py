@@ -2,8 +2,8 @@
 
 Tracks the data position (data epoch, batches consumed in it) that checkpoints store, and
 re-creates the loader iterator at each data epoch with ``set_epoch`` so the order is a pure
-function of (seed, epoch). Streaming (iterable) datasets restart their stream on resume: their
-position cannot be restored exactly, and a warning says so.
+function of (seed, epoch). Streaming datasets that offer ``set_resume_step`` (the datasets
+package's mixtures) skip what was consumed on resume; other streams restart, with a warning.
 """
 from __future__ import annotations
 
@@ -37,11 +37,13 @@ class BatchStream:
         """Position the stream at ``start_batch`` of ``data_epoch``."""
         self.data_epoch = data_epoch
         self.batch_in_epoch = start_batch
+        if hasattr(self.loader.dataset, "set_epoch"):  # mixtures re-draw their plan per epoch
+            self.loader.dataset.set_epoch(data_epoch)
         if self.sampler is not None:
             self.sampler.set_epoch(data_epoch)
             self.sampler.set_start(start_batch)
-        elif hasattr(self.loader.dataset, "set_epoch"):
-            self.loader.dataset.set_epoch(data_epoch)
+        elif hasattr(self.loader.dataset, "set_resume_step"):  # streaming mixture: skip what was consumed
+            self.loader.dataset.set_resume_step(start_batch, self.loader.batch_size or 1)
         self._iter = iter(self.loader)
 
     def next(self) -> Any:
@@ -63,7 +65,7 @@ class BatchStream:
         return {"data_epoch": self.data_epoch, "batch_in_epoch": self.batch_in_epoch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if not self.resumable:
+        if not self.resumable and not hasattr(self.loader.dataset, "set_resume_step"):
             logger.warning("streaming training data: resuming restarts the stream (its position is not restorable)")
             self.start_epoch(int(state["data_epoch"]))
             return

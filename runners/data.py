@@ -95,17 +95,14 @@ def collate_fn_of(dataset: Dataset) -> Any:
     return None
 
 
-def merge_train_datasets(datasets: Sequence[Dataset], ratios: Sequence[float] | None = None) -> Dataset:
-    """One training dataset from several: map-style ones are concatenated; with ``ratios`` or
-    streaming datasets the datasets package's mixing helper is used."""
-    if len(datasets) == 1:
-        return datasets[0]
-    streaming = any(isinstance(d, IterableDataset) for d in datasets)
-    if ratios is not None or streaming:
-        from datasets import mixing  # the datasets package owns multi-dataset sampling
+def merge_train_datasets(datasets: dict[str, Dataset], ratios: Any = None, seed: int = 0) -> Dataset:
+    """One training dataset from several ({name: dataset}): concatenation, or sampling by
+    ``ratios`` (a list, or a mapping by dataset name), via the datasets package's mixing helper."""
+    if len(datasets) == 1 and ratios is None:
+        return next(iter(datasets.values()))
+    from datasets.mixing import combine_datasets  # the datasets package owns multi-dataset sampling
 
-        return mixing.mix_datasets(list(datasets), ratios=ratios)
-    return ConcatDataset(list(datasets))
+    return combine_datasets(datasets, ratios, seed=seed)
 
 
 def is_streaming(dataset: Dataset) -> bool:

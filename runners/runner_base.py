@@ -133,13 +133,14 @@ class RunnerBase:
 
     def build_train_stream(self) -> BatchStream:
         splits = list(self.run_cfg.get("train_splits", ["train"]) or [])
-        parts = [ds for split in splits for ds in self.split_datasets(split).values()]
+        parts = {(name if len(splits) == 1 else f"{name}/{split}"): ds
+                 for split in splits for name, ds in self.split_datasets(split).items()}
         if not parts:
             raise ValueError(f"no dataset has the training splits {splits} (run.train_splits)")
         ratios = self.run_cfg.get("train_dataset_ratios", None)
         if ratios is not None:
-            ratios = [float(r) for r in (ratios.values() if hasattr(ratios, "values") else ratios)]
-        dataset = merge_train_datasets(parts, ratios)
+            ratios = OmegaConf.to_container(ratios) if OmegaConf.is_config(ratios) else ratios
+        dataset = merge_train_datasets(parts, ratios, seed=self.seed)
         loader = train_loader(
             dataset, int(self.run_cfg.get("batch_size_train")), int(self.run_cfg.get("num_workers", 0)),
             self.rank, self.world_size, self.seed, pin_memory=self.device.type == "cuda",

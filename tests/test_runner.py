@@ -205,15 +205,17 @@ def read_log(job_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (job_dir / "log.jsonl").read_text().splitlines()]
 
 
-def build_runner(tmp_path: Path, fake_plugin_dir: Path, resume_from=None, job_id="job", **run_overrides):
-    """Config -> task -> datasets -> model -> runner, in-process (as runners.cli does)."""
+def build_runner(tmp_path: Path, fake_plugin_dir: Path, resume_from=None, job_id="job", cfg: dict | None = None,
+                 plugins=("runner_fake_plugin",), **run_overrides):
+    """Config -> task -> datasets -> model -> runner, in-process (as runners.cli does); ``cfg`` replaces
+    the fake config."""
     import registry
     from runners.cli import seed_everything
     from runners.config import Config
 
     tmp_path.mkdir(parents=True, exist_ok=True)
-    cfg_path = write_yaml(tmp_path / "cfg.yaml", fake_config(tmp_path, **run_overrides))
-    cfg = Config(cfg_path, plugins=["runner_fake_plugin"])
+    cfg_path = write_yaml(tmp_path / "cfg.yaml", cfg or fake_config(tmp_path, **run_overrides))
+    cfg = Config(cfg_path, plugins=list(plugins))
     seed_everything(int(cfg.run.seed))
     task = registry.tasks.get(cfg.run.task).setup_task(cfg)
     datasets = task.build_datasets(cfg)
