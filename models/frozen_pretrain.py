@@ -1,1 +1,189 @@
-"""(being written; see ARCHITECTURE.md)"""
+"""Models that pre-train the parts BLIP-2 later freezes: a small image encoder and a small LLM.
+
+As in the paper, the image encoder and the LLM exist before BLIP-2 and are frozen during it.
+For the offline demo we train tiny ones here and export them in the formats real weights come
+in, so BLIP-2 then loads them through the same plugins as real encoders and LLMs:
+
+- ``frozen_image_encoder_pretrain``: any timm ViT plus light heads that predict, for every patch,
+  the shape, colour and size of the object under it (0 = background), and from the class token
+  the object count and the background. Dense labels make each patch token say what is there, so
+  the Q-Former can bind colours to shapes. ``export(dir)`` writes timm's ``config.json`` +
+  ``model.safetensors`` (load with ``timm.create_model("local-dir:<dir>")``).
+- ``frozen_lm_pretrain``: a Hugging Face causal LM (OPT by default) built from a config, with a
+  tokenizer given by path, trained with next-token loss on text. ``export(dir)`` writes
+  ``save_pretrained`` files for model and tokenizer.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import registry
+
+__all__ = ["ImageEncoderPretrainer", "CausalLMPretrainer"]
+
+
+class _PretrainBase(nn.Module):
+    """The small part of the BaseModel contract these models need (all parameters train)."""
+
+    PRETRAINED_MODEL_CONFIG_DICT: dict[str, str] = {}
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items()}
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Load a checkpoint written by the runner (``{"model": state_dict}``) or a bare state dict."""
+        path = str(path)
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("model", state)
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise KeyError(f"checkpoint {path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+
+    def get_optimizer_params(self, weight_decay: float, lr_scale: float = 1.0) -> list[dict[str, Any]]:
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "norm" in name or name.endswith("bias") else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay, "lr_scale": lr_scale},
+                {"params": no_decay, "weight_decay": 0.0, "lr_scale": lr_scale}]
+
+
+@registry.models.register("frozen_image_encoder_pretrain")
+class ImageEncoderPretrainer(_PretrainBase):
+    """timm ViT + per-patch attribute heads. Expects ``samples["image"]`` [B,3,S,S] and
+    ``samples["patch_labels"]`` [B,P,3] (shape, colour, size class per patch; 0 = background),
+    ``samples["count"]`` [B] (objects - 1) and ``samples["background"]`` [B]."""
+
+    def __init__(self, timm_name: str, timm_kwargs: dict[str, Any], num_shapes: int, num_colours: int,
+                 num_sizes: int, max_objects: int, num_backgrounds: int) -> None:
+        super().__init__()
+        import timm
+
+        self.timm_name, self.timm_kwargs = timm_name, dict(timm_kwargs)
+        self.encoder = timm.create_model(timm_name, pretrained=False, num_classes=0, global_pool="",
+                                         **self.timm_kwargs)
+        width = self.encoder.num_features
+        self.num_prefix = getattr(self.encoder, "num_prefix_tokens", 1)
+        self.patch_heads = nn.ModuleList(nn.Linear(width, n + 1) for n in (num_shapes, num_colours, num_sizes))
+        self.count_head = nn.Linear(width, max_objects)
+        self.background_head = nn.Linear(width, num_backgrounds)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "ImageEncoderPretrainer":
+        return cls(cfg.timm_name, dict(cfg.get("timm_kwargs", {})), cfg.num_shapes, cfg.num_colours,
+                   cfg.num_sizes, cfg.max_objects, cfg.num_backgrounds)
+
+    def forward(self, samples: dict[str, Any]) -> dict[str, torch.Tensor]:
+        tokens = self.encoder.forward_features(samples["image"])  # [B, prefix + P, W]
+        cls_tok, patches = tokens[:, 0], tokens[:, self.num_prefix:]
+        labels = samples["patch_labels"]  # [B, P, 3]
+        losses = {}
+        for i, (name, head) in enumerate(zip(("shape", "colour", "size"), self.patch_heads)):
+            logits = head(patches).float()  # [B, P, n + 1]
+            losses[f"loss_{name}"] = F.cross_entropy(logits.flatten(0, 1), labels[..., i].flatten())
+        losses["loss_count"] = F.cross_entropy(self.count_head(cls_tok).float(), samples["count"])
+        losses["loss_background"] = F.cross_entropy(self.background_head(cls_tok).float(), samples["background"])
+        losses["loss"] = sum(losses.values())
+        return losses
+
+    @torch.no_grad()
+    def patch_accuracy(self, samples: dict[str, Any]) -> dict[str, float]:
+        """Per-attribute accuracy over object-covered patches (background patches excluded)."""
+        tokens = self.encoder.forward_features(samples["image"])
+        patches, labels = tokens[:, self.num_prefix:], samples["patch_labels"]
+        fg = labels[..., 0] > 0
+        out = {}
+        for i, (name, head) in enumerate(zip(("shape", "colour", "size"), self.patch_heads)):
+            pred = head(patches).argmax(-1)
+            out[f"{name}_acc"] = (pred == labels[..., i])[fg].float().mean().item()
+        out["count_acc"] = (self.count_head(tokens[:, 0]).argmax(-1) == samples["count"]).float().mean().item()
+        return out
+
+    def export(self, out_dir: str | Path) -> Path:
+        """Write the encoder (without heads) the way timm publishes weights: config.json + model.safetensors."""
+        from timm.models import save_for_hf
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_for_hf(self.encoder, out, model_args=self.timm_kwargs, safe_serialization="both")
+        return out
+
+
+@registry.models.register("frozen_lm_pretrain")
+class CausalLMPretrainer(_PretrainBase):
+    """A Hugging Face causal LM trained from scratch on ``samples["text_input"]`` (list[str]).
+
+    ``tokenizer`` is a directory with a saved tokenizer; ``lm_config`` holds the Hugging Face
+    config fields (``model_type`` selects the architecture, e.g. ``opt``).
+    """
+
+    def __init__(self, tokenizer: str, lm_config: dict[str, Any], max_txt_len: int = 64) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        fields = dict(lm_config)
+        model_type = fields.pop("model_type", "opt")
+        fields.setdefault("vocab_size", len(self.tokenizer))
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            fields.setdefault(key, getattr(self.tokenizer, key))
+        config = AutoConfig.for_model(model_type, **fields)
+        self.lm = AutoModelForCausalLM.from_config(config)
+        self.max_txt_len = max_txt_len
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "CausalLMPretrainer":
+        return cls(cfg.tokenizer, dict(cfg.lm_config), cfg.get("max_txt_len", 64))
+
+    def forward(self, samples: dict[str, Any]) -> dict[str, torch.Tensor]:
+        device = next(self.parameters()).device
+        enc = self.tokenizer(list(samples["text_input"]), return_tensors="pt", padding="longest",
+                             truncation=True, max_length=self.max_txt_len).to(device)
+        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)  # [B, T]
+        out = self.lm(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels)
+        return {"loss": out.loss}
+
+    def export(self, out_dir: str | Path) -> Path:
+        """``save_pretrained`` model and tokenizer (loadable by ``AutoModelForCausalLM`` / the LLM adapters)."""
+        out = Path(out_dir)
+        self.lm.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+        return out
+
+
+def train_shapes_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 512) -> Path:
+    """Train an OPT-style byte-level BPE tokenizer on ``texts`` and save it with ``save_pretrained``.
+
+    Like OPT's: ``</s>`` is both bos (prepended to every text) and eos, ``<pad>`` pads on the right,
+    and "\\n" (which BLIP-2's OPT model uses to stop generating) is one token.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<s>", "<pad>", "</s>", "<unk>"]  # OPT's ids: pad 1, bos = eos 2
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    bos = tok.token_to_id("</s>")
+    tok.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A </s> $B",
+                                                       special_tokens=[("</s>", bos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", padding_side="right")
+    out = Path(out_dir)
+    fast.save_pretrained(out)
+    (out / "corpus_stats.json").write_text(json.dumps({"texts": len(texts), "vocab_size": len(fast)}))
+    return out
