@@ -1,4 +1,5 @@
-"""BLIP-2 models: importing this package registers every built-in model, encoder, LLM adapter and Q-Former."""
+"""BLIP-2 models: importing this package registers every built-in model, encoder, LLM adapter and Q-Former,
+and exposes the model zoo (``load_model``, ``load_preprocess``, ``load_model_and_preprocess``, ``model_zoo``)."""
 from models import (  # noqa: F401  (imported for registration)
     blip2_opt,
     blip2_qformer,
@@ -8,3 +9,24 @@ from models import (  # noqa: F401  (imported for registration)
     llms,
     qformer,
 )
+from models.zoo import (  # noqa: F401
+    ModelZoo,
+    build_model_skeleton,
+    load_hf_blip2,
+    load_model,
+    load_model_and_preprocess,
+    load_preprocess,
+    model_config_from_hf,
+    model_zoo,
+)
+
+__all__ = [
+    "ModelZoo",
+    "build_model_skeleton",
+    "load_hf_blip2",
+    "load_model",
+    "load_model_and_preprocess",
+    "load_preprocess",
+    "model_config_from_hf",
+    "model_zoo",
+]

@@ -1,0 +1,193 @@
+"""Checkpoint sources, file formats and the Hugging Face <-> ours key mapping (no network)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from models import checkpoints as ck
+
+
+def small_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"query_tokens": torch.randn(1, 4, 8, generator=g), "ln_vision.weight": torch.randn(8, generator=g),
+            "Qformer.bert.embeddings.LayerNorm.bias": torch.randn(8, generator=g)}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key)
+
+
+def test_read_lavis_pth_our_safetensors_and_plain_files(tmp_path):
+    sd = small_state()
+    torch.save({"model": sd, "epoch": 3, "config": {"run": {"lr": 1e-4}}}, tmp_path / "lavis.pth")
+    save_file(sd, str(tmp_path / "ours.safetensors"))
+    torch.save(sd, tmp_path / "plain.bin")
+    for name in ("lavis.pth", "ours.safetensors", "plain.bin"):
+        assert_same(ck.read_state_dict(tmp_path / name), sd)
+        assert ck.detect_format(ck.read_state_dict(str(tmp_path / name))) == "ours"
+
+
+def test_read_hf_directories_single_sharded_and_bin(tmp_path):
+    sd = {"qformer.layernorm.weight": torch.ones(4), "query_tokens": torch.zeros(1, 2, 4),
+          "vision_model.post_layernorm.bias": torch.zeros(4)}
+    single = tmp_path / "single"
+    single.mkdir()
+    save_file(sd, str(single / "model.safetensors"))
+    assert_same(ck.read_state_dict(single), sd)
+
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    keys = sorted(sd)
+    save_file({k: sd[k] for k in keys[:1]}, str(sharded / "model-00001-of-00002.safetensors"))
+    save_file({k: sd[k] for k in keys[1:]}, str(sharded / "model-00002-of-00002.safetensors"))
+    weight_map = {k: f"model-0000{1 if i == 0 else 2}-of-00002.safetensors" for i, k in enumerate(keys)}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert_same(ck.read_state_dict(sharded), sd)
+
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    torch.save(sd, legacy / "pytorch_model.bin")
+    assert_same(ck.read_state_dict(legacy), sd)
+    assert ck.detect_format(sd) == "hf"
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no weights in directory"):
+        ck.read_state_dict(empty)
+
+
+def test_unsafe_pickles_and_non_state_dicts_are_refused(tmp_path):
+    import argparse
+
+    # An arbitrary object (old LAVIS-era checkpoints sometimes pickled argparse namespaces): refused.
+    torch.save({"model": {"w": torch.ones(1)}, "args": argparse.Namespace(lr=1)}, tmp_path / "unsafe.pth")
+    with pytest.raises(ValueError, match="weights_only"):
+        ck.read_state_dict(tmp_path / "unsafe.pth")
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="state dict"):
+        ck.read_state_dict(tmp_path / "list.pth")
+
+
+def test_url_cache_and_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    url = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/blip2_test.pth"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE"):
+        ck.read_state_dict(url)
+
+    calls = []
+
+    def fake_download(src, dst, progress=True):  # stands in for the network
+        calls.append(src)
+        torch.save({"model": small_state()}, dst)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    assert_same(ck.read_state_dict(url), small_state())
+    assert_same(ck.read_state_dict(url), small_state())  # second time from the cache
+    assert calls == [url]
+    assert (tmp_path / "torch" / "hub" / "checkpoints" / "blip2_test.pth").exists()
+
+
+def test_hub_id_offline_and_bad_sources(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(FileNotFoundError, match="Salesforce/blip2-opt-2.7b"):
+        ck.resolve_source("Salesforce/blip2-opt-2.7b")
+    with pytest.raises(FileNotFoundError, match="neither an existing file"):
+        ck.resolve_source(str(tmp_path / "missing" / "ckpt.pth"))
+
+
+def test_hub_id_uses_snapshot_download(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    save_file(small_state(), str(snap / "model.safetensors"))
+    seen = {}
+
+    def fake_snapshot(repo_id, revision=None, allow_patterns=None):
+        seen.update(repo_id=repo_id, revision=revision)
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    assert_same(ck.read_state_dict("Salesforce/blip2-itm-vit-g@main"), small_state())
+    assert seen == {"repo_id": "Salesforce/blip2-itm-vit-g", "revision": "main"}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Key mapping against real transformers models (keys and shapes only; numerics are in test_hf_parity.py)
+# ------------------------------------------------------------------------------------------------------------------
+def tiny_hf_config(text: str):
+    from transformers import Blip2Config, OPTConfig, T5Config
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+                  patch_size=14, layer_norm_eps=1e-6)
+    qformer = dict(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                   encoder_hidden_size=32, cross_attention_frequency=2, max_position_embeddings=64,
+                   use_qformer_text_input=text == "itm")
+    if text == "t5":
+        text_cfg = T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
+                            num_heads=2, feed_forward_proj="gated-gelu", tie_word_embeddings=False).to_dict()
+    else:
+        text_cfg = OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+                             max_position_embeddings=64, word_embed_proj_dim=16).to_dict()
+    return Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text_cfg, num_query_tokens=4,
+                       image_text_hidden_size=8)
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5", "itm"])
+def test_hf_keys_round_trip(kind):
+    from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
+
+    cls = Blip2ForImageTextRetrieval if kind == "itm" else Blip2ForConditionalGeneration
+    hf_sd = cls(tiny_hf_config(kind)).state_dict()
+    layout = ck.model_layout(None, "t5" if kind == "t5" else "opt")
+    if kind == "itm":
+        layout["llm"] = layout["proj"] = None
+    ours = ck.hf_to_ours(hf_sd, layout)
+    assert "ln_vision.weight" in ours and "query_tokens" in ours
+    assert "visual_encoder.blocks.1.attn.q_bias" in ours and "visual_encoder.blocks.1.attn.v_bias" in ours
+    assert "Qformer.bert.encoder.layer.0.crossattention.self.key.weight" in ours
+    assert "Qformer.bert.embeddings.LayerNorm.weight" in ours
+    if kind == "itm":
+        assert {"vision_proj.weight", "text_proj.weight", "itm_head.weight",
+                "Qformer.bert.embeddings.word_embeddings.weight", "Qformer.bert.encoder.layer.1.output.dense.weight"} <= set(ours)
+    else:
+        prefix = "t5_model.model." if kind == "t5" else "opt_model.model."
+        assert f"{'t5' if kind == 't5' else 'opt'}_proj.weight" in ours
+        assert any(k.startswith(prefix) for k in ours)
+    back = ck.ours_to_hf(ours, layout)
+    # Everything comes back, except the key bias slice (EVA has none; re-created as zeros).
+    assert sorted(back) == sorted(k for k in hf_sd if not k.endswith("position_ids"))
+    for key, value in back.items():
+        if key.endswith("self_attn.qkv.bias"):
+            torch.testing.assert_close(value[:32], hf_sd[key][:32])
+            assert torch.equal(value[32:64], torch.zeros(32))
+        else:
+            torch.testing.assert_close(value, hf_sd[key], msg=key)
+
+
+def test_unknown_hf_key_and_stage1_keys_for_stage2_model():
+    with pytest.raises(KeyError, match="unknown Hugging Face BLIP-2 key"):
+        ck.hf_to_ours({"qformer.layernorm.weight": torch.ones(2), "qformer.bogus": torch.ones(1)},
+                      ck.model_layout(None))
+
+    class Stage2Like(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query_tokens = torch.nn.Parameter(torch.zeros(1, 4, 8))
+
+    stage1 = {"query_tokens": torch.ones(1, 4, 8), "temp": torch.tensor(0.07), "itm_head.weight": torch.ones(2, 8),
+              "Qformer.cls.predictions.bias": torch.zeros(5),
+              "Qformer.bert.encoder.layer.0.intermediate.dense.weight": torch.ones(3, 8),
+              "Qformer.bert.encoder.layer.0.output_query.dense.weight": torch.ones(8, 3)}
+    loaded = ck.load_state_dict_any(stage1, model=Stage2Like())
+    # Stage-1-only parts are dropped; a real mismatch (output_query) is kept for the model to report.
+    assert sorted(loaded) == ["Qformer.bert.encoder.layer.0.output_query.dense.weight", "query_tokens"]
+    assert sorted(ck.load_state_dict_any(stage1)) == sorted(stage1)  # without a model nothing is dropped
