@@ -98,6 +98,24 @@ def load_config(args: argparse.Namespace) -> Config:
         raise SystemExit(2) from None
 
 
+def build_runner(cfg: Config, job_id: str, resume_from: Path | None = None, checkpoint: str | None = None,
+                 rank: int = 0) -> Any:
+    """task -> datasets -> model (-> trainable weights from ``checkpoint``) -> runner, seeded as every
+    run is: the same seed on all ranks while building (identical initial weights), then seed + rank."""
+    run_cfg = cfg.run
+    seed = int(run_cfg.get("seed", 42))
+    seed_everything(seed)
+    task = registry.tasks.get(run_cfg.task).setup_task(cfg)
+    datasets = task.build_datasets(cfg)
+    model = task.build_model(cfg)
+    if checkpoint:
+        ckpt.load_trainable_weights(model, checkpoint)
+        logger.info("loaded trainable weights from %s", checkpoint)
+    seed_everything(seed + rank)  # per-rank streams for dropout, augmentation, sampling
+    runner_cls = registry.runners.get(run_cfg.get("runner") or "runner_base")
+    return runner_cls(cfg, task, model, datasets, job_id, resume_from=resume_from)
+
+
 def run(argv: Sequence[str] | None, training: bool, description: str = "") -> dict[str, Any]:
     """Parse ``argv``, then train (``training``) or evaluate; returns the final metrics."""
     prog = "runners.train" if training else "runners.evaluate"
@@ -118,18 +136,7 @@ def run(argv: Sequence[str] | None, training: bool, description: str = "") -> di
     try:
         job_id, resume = resolve_job(run_cfg, getattr(args, "resume", None)) if training else \
             resolve_job(run_cfg, None)
-        seed = int(run_cfg.get("seed", 42))
-        seed_everything(seed)  # same seed on every rank while building: identical initial weights
-        task = registry.tasks.get(run_cfg.task).setup_task(cfg)
-        datasets = task.build_datasets(cfg)
-        model = task.build_model(cfg)
-        checkpoint = getattr(args, "checkpoint", None)
-        if checkpoint:
-            ckpt.load_trainable_weights(model, checkpoint)
-            logger.info("loaded trainable weights from %s", checkpoint)
-        seed_everything(seed + info.rank)  # per-rank streams for dropout, augmentation, sampling
-        runner_cls = registry.runners.get(run_cfg.get("runner") or "runner_base")
-        runner = runner_cls(cfg, task, model, datasets, job_id, resume_from=resume)
+        runner = build_runner(cfg, job_id, resume, getattr(args, "checkpoint", None), info.rank)
         results = runner.train() if training and not run_cfg.get("evaluate") else runner.evaluate()
         if info.is_main:
             with open(runner.job_dir / "final_metrics.json", "w", encoding="utf-8") as fh:

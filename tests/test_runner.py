@@ -68,9 +68,9 @@ FAKE_PLUGIN = textwrap.dedent('''
     @registry.models.register("fake_regressor", override=True)
     class FakeRegressor(torch.nn.Module):
         PRETRAINED_MODEL_CONFIG_DICT = {}
-        EXTRA_CONFIG_KEYS = ("dim", "hidden", "dropout", "nan_at_step")
+        EXTRA_CONFIG_KEYS = ("dim", "hidden", "dropout", "nan_at_step", "sleep_s")
 
-        def __init__(self, dim=8, hidden=16, dropout=0.1, nan_at_step=-1):
+        def __init__(self, dim=8, hidden=16, dropout=0.1, nan_at_step=-1, sleep_s=0.0):
             super().__init__()
             self.encoder = torch.nn.Linear(dim, hidden)  # frozen, like the ViT / LLM
             self.encoder.requires_grad_(False)
@@ -79,13 +79,17 @@ FAKE_PLUGIN = textwrap.dedent('''
             self.head = torch.nn.Linear(hidden, 2)
             self.dropout = torch.nn.Dropout(dropout)
             self.nan_at_step = nan_at_step
+            self.sleep_s = sleep_s  # slows training down so a test can kill it mid-epoch
 
         @classmethod
         def from_config(cls, cfg):
             return cls(int(cfg.get("dim", 8)), int(cfg.get("hidden", 16)), float(cfg.get("dropout", 0.1)),
-                       int(cfg.get("nan_at_step", -1)))
+                       int(cfg.get("nan_at_step", -1)), float(cfg.get("sleep_s", 0.0)))
 
         def forward(self, samples):
+            if self.sleep_s and self.training:
+                import time
+                time.sleep(self.sleep_s)
             with torch.no_grad():
                 h = self.encoder(samples["image"])
             out = self.head(self.norm(self.dropout(torch.nn.functional.gelu(self.proj(h)))))
@@ -209,19 +213,12 @@ def build_runner(tmp_path: Path, fake_plugin_dir: Path, resume_from=None, job_id
                  plugins=("runner_fake_plugin",), **run_overrides):
     """Config -> task -> datasets -> model -> runner, in-process (as runners.cli does); ``cfg`` replaces
     the fake config."""
-    import registry
-    from runners.cli import seed_everything
+    from runners.cli import build_runner as cli_build_runner
     from runners.config import Config
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     cfg_path = write_yaml(tmp_path / "cfg.yaml", cfg or fake_config(tmp_path, **run_overrides))
-    cfg = Config(cfg_path, plugins=list(plugins))
-    seed_everything(int(cfg.run.seed))
-    task = registry.tasks.get(cfg.run.task).setup_task(cfg)
-    datasets = task.build_datasets(cfg)
-    model = task.build_model(cfg)
-    runner_cls = registry.runners.get(cfg.run.get("runner") or "runner_base")
-    return runner_cls(cfg, task, model, datasets, job_id, resume_from=resume_from)
+    return cli_build_runner(Config(cfg_path, plugins=list(plugins)), job_id, resume_from=resume_from)
 
 
 # -- in-process tests -----------------------------------------------------------------------------
