@@ -1,0 +1,54 @@
+"""The BENCH configuration of issue 7 (and a `tiny` one for the smoke test), as plain data.
+
+Both frameworks are built from the same Hugging Face BLIP-2 config and the same seeded weights,
+so every timing compares the same work.
+"""
+from __future__ import annotations
+
+import copy
+
+BENCH = {
+    "image_size": 224,
+    "vision": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                   image_size=224, patch_size=14, layer_norm_eps=1e-6, qkv_bias=True),
+    "qformer": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                    cross_attention_frequency=2, encoder_hidden_size=768, vocab_size=30523),
+    "num_query_tokens": 32,
+    "opt": dict(model_type="opt", vocab_size=50272, hidden_size=768, num_hidden_layers=12, ffn_dim=3072,
+                num_attention_heads=12, word_embed_proj_dim=768, max_position_embeddings=2048,
+                do_layer_norm_before=True, pad_token_id=1, bos_token_id=2, eos_token_id=2),
+    "t5": dict(model_type="t5", vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8,
+               num_decoder_layers=8, num_heads=6, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+               pad_token_id=0, eos_token_id=1, decoder_start_token_id=0),
+    "max_txt_len": 32,
+    "batch": 8,
+    "gen_batch": 4,
+    "gen_beams": 5,
+    "gen_new_tokens": 30,
+    "retrieval_images": 64,
+    "retrieval_texts": 320,
+    "k_test": 16,
+}
+
+TINY = copy.deepcopy(BENCH)
+TINY.update(
+    image_size=28,
+    vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                image_size=28, patch_size=14, layer_norm_eps=1e-6, qkv_bias=True),
+    qformer=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                 cross_attention_frequency=2, encoder_hidden_size=32, vocab_size=30523),
+    num_query_tokens=4,
+    opt=dict(BENCH["opt"], hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
+             word_embed_proj_dim=32, vocab_size=1000),
+    t5=dict(BENCH["t5"], d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2,
+            vocab_size=1000),
+    batch=2,
+    gen_batch=2,
+    gen_beams=2,
+    gen_new_tokens=4,
+    retrieval_images=4,
+    retrieval_texts=8,
+    k_test=2,
+)
+
+CONFIGS = {"bench": BENCH, "tiny": TINY}

@@ -1,0 +1,225 @@
+"""Side-by-side speed and memory benchmark: ours vs Hugging Face `transformers` BLIP-2.
+
+    python -m benchmarks.run                      # BENCH config, ours + transformers, fp32 + bf16
+    python -m benchmarks.run --config tiny --repeats 1 --frameworks ours
+
+Every case runs in its own child process (so peak RSS is per case): 1 warm-up, then the median of
+`--repeats` timed calls, then one more call under `FlopCounterMode` for achieved GFLOP/s. The
+machine's matmul peak (fp32 and bf16, 2048x2048) is measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CASES = {
+    "a": ("stage-1 step (ITC+ITM+ITG)", None),
+    "b": ("stage-2 OPT step", "opt"),
+    "c": ("stage-2 T5 step", "t5"),
+    "d": ("OPT generate (5 beams, 30 tokens)", "opt"),
+    "e": ("T5 generate (5 beams, 30 tokens)", "t5"),
+    "f_image": ("features: image", "retrieval"),
+    "f_text": ("features: text", "retrieval"),
+    "f_multimodal": ("features: multimodal", "retrieval"),
+    "f_itm": ("ITM forward (HF reference for f)", "retrieval"),
+    "g": ("retrieval eval (64 img x 320 txt, k 16)", "retrieval"),
+    "h_uncached": ("stage-2 OPT epoch, no feature cache", "opt"),
+    "h_cached": ("stage-2 OPT epoch, warm feature cache", "opt"),
+}
+HF_CASES = {"b", "c", "d", "e", "f_itm", "g"}
+OURS_CASES = set(CASES) - {"f_itm"}
+
+
+def _checkpoint_kind(case: str) -> str | None:
+    return CASES[case][1] if case != "a" else "retrieval"
+
+
+# ----------------------------------------------------------------------------------- child side
+def _setup(spec: dict):
+    from benchmarks.bench_config import CONFIGS
+
+    dims = CONFIGS[spec["config"]]
+    case, precision, ckpt = spec["case"], spec["precision"], spec["ckpt"]
+    if spec["framework"] == "hf":
+        from benchmarks import hf_cases as impl
+
+        if case in ("b", "c"):
+            return impl.setup_train_step(CASES[case][1], ckpt, dims, precision)
+        if case in ("d", "e"):
+            return impl.setup_generate(CASES[case][1], ckpt, dims, precision)
+        if case == "f_itm":
+            return impl.setup_itm_forward(ckpt, dims, precision)
+        return impl.setup_retrieval(ckpt, dims, precision)
+    from benchmarks import ours_cases as impl
+
+    return impl.setup(case, ckpt, dims, precision, spec.get("work_dir"))
+
+
+def _child(spec: dict) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    step = _setup(spec)
+    step()  # warm-up
+    times = []
+    for _ in range(spec["repeats"]):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    flops = None
+    if spec["count_flops"]:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step()
+        flops = counter.get_total_flops()
+    median = statistics.median(times)
+    return {
+        "median_s": median,
+        "times_s": times,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "gflop": None if flops is None else flops / 1e9,
+        "gflops_per_s": None if flops is None else flops / 1e9 / median,
+    }
+
+
+def _matmul_peak(threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        torch.matmul(a, b)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 2.0:
+            torch.matmul(a, b)
+            n += 1
+        out[name] = 2 * 2048**3 * n / (time.perf_counter() - t0) / 1e9
+    return out
+
+
+# ---------------------------------------------------------------------------------- parent side
+def _run_child(spec: dict, timeout: float) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--child", json.dumps(spec)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+    return {"error": "\n".join(tail) or f"exit {proc.returncode}"}
+
+
+def _prepare_checkpoints(config: str, kinds: set[str], root: Path) -> dict:
+    from benchmarks.bench_config import CONFIGS
+    from benchmarks.text import save_word_tokenizer
+    from benchmarks.weights import build_checkpoint
+
+    dims, paths = CONFIGS[config], {}
+    for kind in sorted(kinds):
+        path = build_checkpoint(kind, config, root)
+        tok_kind = {"retrieval": "bert"}.get(kind, kind)
+        vocab = dims["qformer"]["vocab_size"] if kind == "retrieval" else dims[kind]["vocab_size"]
+        if not (path / "tokenizer_config.json").exists():
+            save_word_tokenizer(path, vocab, tok_kind)
+        paths[kind] = str(path)
+    return paths
+
+
+def _fmt(x, spec="{:.2f}"):
+    return "-" if x is None else spec.format(x)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="bench", choices=["bench", "tiny"], help="model dimensions")
+    parser.add_argument("--cases", default="a,b,c,d,e,f_image,f_text,f_multimodal,f_itm,g",
+                        help=f"comma-separated subset of {','.join(CASES)}")
+    parser.add_argument("--frameworks", default="ours,hf", help="ours, hf or both (comma-separated)")
+    parser.add_argument("--precisions", default="fp32,bf16", help="fp32, bf16 or both")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per case (median reported)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per child process")
+    parser.add_argument("--no-flops", action="store_true", help="skip the FlopCounterMode pass")
+    parser.add_argument("--work-dir", default=None, help="where seeded checkpoints are kept (default: temp)")
+    parser.add_argument("--out", default="benchmarks/results.json", help="JSON output path")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per case")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child is not None:
+        spec = json.loads(args.child)
+        result = _matmul_peak(spec["threads"]) if spec["case"] == "peak" else _child(spec)
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; valid: {', '.join(CASES)}")
+    frameworks = [f.strip() for f in args.frameworks.split(",")]
+    precisions = [p.strip() for p in args.precisions.split(",")]
+    work_dir = Path(args.work_dir or Path(tempfile.gettempdir()) / "blip2_bench")
+    work_dir.mkdir(parents=True, exist_ok=True)
+
+    started = time.time()
+    peak = _run_child({"case": "peak", "threads": args.threads}, args.timeout)
+    print(f"matmul peak (2048, {args.threads} threads): fp32 {_fmt(peak.get('fp32'), '{:.0f}')} GFLOP/s, "
+          f"bf16 {_fmt(peak.get('bf16'), '{:.0f}')} GFLOP/s", flush=True)
+    kinds = {_checkpoint_kind(c) for c in cases}
+    ckpts = _prepare_checkpoints(args.config, kinds, work_dir)
+
+    rows = []
+    for case in cases:
+        for precision in precisions:
+            row = {"case": case, "what": CASES[case][0], "precision": precision}
+            for fw in frameworks:
+                if (fw == "hf" and case not in HF_CASES) or (fw == "ours" and case not in OURS_CASES):
+                    continue
+                spec = {"case": case, "framework": fw, "precision": precision, "config": args.config,
+                        "ckpt": ckpts[_checkpoint_kind(case)], "repeats": args.repeats, "threads": args.threads,
+                        "count_flops": not args.no_flops and not case.startswith("h_"),
+                        "work_dir": str(work_dir / f"{args.config}_cache")}
+                row[fw] = _run_child(spec, args.timeout)
+                res = row[fw]
+                peak_p = peak.get(precision)
+                if res.get("gflops_per_s") and peak_p:
+                    res["share_of_peak"] = res["gflops_per_s"] / peak_p
+                msg = res.get("error", "").splitlines()[-1:] if "error" in res else None
+                print(f"  {case:<13} {precision:<5} {fw:<5} "
+                      + (f"ERROR {msg}" if msg else f"{res['median_s']:.3f} s  peak RSS {res['peak_rss_gb']:.2f} GB"
+                         f"  {_fmt(res.get('gflops_per_s'), '{:.0f}')} GFLOP/s"), flush=True)
+            ours, hf = row.get("ours", {}), row.get("hf", {})
+            if "median_s" in ours and "median_s" in hf:
+                row["ratio_ours_over_hf"] = ours["median_s"] / hf["median_s"]
+            rows.append(row)
+
+    header = f"{'case':<14}{'prec':<6}{'ours s':>9}{'ours GB':>9}{'GFLOP/s':>9}{'%peak':>7}{'hf s':>9}{'hf GB':>8}{'ours/hf':>9}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for row in rows:
+        o, h = row.get("ours", {}), row.get("hf", {})
+        print(f"{row['case']:<14}{row['precision']:<6}{_fmt(o.get('median_s'), '{:.3f}'):>9}"
+              f"{_fmt(o.get('peak_rss_gb')):>9}{_fmt(o.get('gflops_per_s'), '{:.0f}'):>9}"
+              f"{_fmt(o.get('share_of_peak') and 100 * o['share_of_peak'], '{:.0f}'):>7}"
+              f"{_fmt(h.get('median_s'), '{:.3f}'):>9}{_fmt(h.get('peak_rss_gb')):>8}"
+              f"{_fmt(row.get('ratio_ours_over_hf'), '{:.2f}x'):>9}")
+    result = {"config": args.config, "threads": args.threads, "repeats": args.repeats, "matmul_peak_gflops": peak,
+              "rows": rows, "wall_s": time.time() - started,
+              "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores"}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.out} ({time.time() - started:.0f} s)")
+    return 0 if all("error" not in r.get(fw, {}) for r in rows for fw in ("ours", "hf")) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Fixed captions and locally written word-level tokenizers for the benchmark (no hub needed)."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+
+def captions(n: int, seed: int = 0, min_words: int = 8, max_words: int = 28) -> list[str]:
+    """`n` deterministic captions of varied length over a synthetic vocabulary."""
+    rng = random.Random(seed)
+    return [" ".join(f"w{rng.randrange(900)}" for _ in range(rng.randint(min_words, max_words))) for _ in range(n)]
+
+
+def save_word_tokenizer(out_dir: str | Path, vocab_size: int, kind: str) -> None:
+    """Write a word-level tokenizer whose vocabulary fits `vocab_size` (kind: opt | t5 | bert)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BertTokenizerFast, PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(900)]
+    if kind == "bert":
+        vocab_file = Path(out_dir) / "vocab.txt"
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        vocab_file.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
+        tok = BertTokenizerFast(vocab_file=str(vocab_file))
+        tok.add_special_tokens({"bos_token": "[DEC]"})
+        tok.save_pretrained(out_dir)
+        return
+    specials = {"opt": ["<unk>", "<pad>", "</s>"], "t5": ["<pad>", "</s>", "<unk>"]}[kind]
+    vocab = {t: i for i, t in enumerate(specials + words + ["\n"])}
+    assert len(vocab) <= vocab_size, (len(vocab), vocab_size)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(" ", behavior="removed")
+    if kind == "opt":
+        tk.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", vocab["</s>"])])
+        tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                                      unk_token="<unk>")
+    else:
+        tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
+        tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    tok.add_tokens(["\n"])
+    tok.save_pretrained(out_dir)
