@@ -418,3 +418,25 @@ def test_run_schema_covers_the_lavis_run_keys():
         max_len min_len length_penalty inference_method prompt num_ans_candidates answer_list apply_lemmatizer""".split()
     assert set(lavis_keys) <= set(RUN_SCHEMA)
     assert all(isinstance(spec, RunKey) and spec.help for spec in RUN_SCHEMA.values())
+
+
+def test_every_registered_model_type_and_dataset_type_validates(tmp_path):
+    """The real zoo and builder YAMLs (and the processors they name) pass validation on their own."""
+    problems, checked = [], 0
+    cases = [
+        {"model": {"arch": arch, "model_type": model_type}}
+        for arch in registry.models.list()
+        for model_type in getattr(registry.models.get(arch), "PRETRAINED_MODEL_CONFIG_DICT", {}) or {}
+    ] + [
+        {"datasets": {name: {"type": ds_type}}}
+        for name in registry.builders.list()
+        for ds_type in getattr(registry.builders.get(name), "DATASET_CONFIG_DICT", {}) or {}
+    ]
+    for case in cases:
+        try:
+            Config(write_project(tmp_path, case))
+            checked += 1
+        except ConfigError as err:
+            problems.append(f"{case}: {err}")
+    assert not problems, "\n".join(problems)
+    assert checked >= 10  # the zoo (issue 3) and the builders (issue 4) are registered
