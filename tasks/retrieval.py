@@ -8,8 +8,9 @@
 4. recall@1/5/10 in both directions (``tasks.metrics.retrieval``).
 
 Distributed: every rank encodes all images and texts (retrieval needs all of them) and
-re-ranks a disjoint block of rows; the score matrices are summed over ranks. Run options:
-k_test (128), text_batch_size (run.batch_size_eval or 64).
+re-ranks a disjoint block of rows; the score matrices are summed over ranks. A pair that is a
+candidate in both directions is scored by ITM once, and pairs go through ITM in batches. Run
+options: k_test (128), text_batch_size (run.batch_size_eval or 64), itm_batch_size (128).
 """
 from __future__ import annotations
 
@@ -90,6 +91,44 @@ def _row_block(num_rows: int, rank: int, world: int) -> range:
 
 
 @torch.no_grad()
+def itc_similarity(image_feats: torch.Tensor, text_feat: torch.Tensor, max_elements: int = 1 << 25) -> torch.Tensor:
+    """Max over queries of query-text cosine: [N_img, Q, E] x [N_txt, E] -> [N_img, N_txt].
+
+    Computed in image chunks so the [chunk, Q, N_txt] intermediate stays under ``max_elements``.
+    """
+    n_img, n_query, _ = image_feats.shape
+    chunk = max(1, max_elements // max(1, n_query * text_feat.shape[0]))
+    rows = [
+        torch.einsum("iqe,te->iqt", image_feats[s:s + chunk], text_feat).amax(dim=1)
+        for s in range(0, n_img, chunk)
+    ]
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def pair_itm_scores(
+    model: torch.nn.Module,
+    image_idx: torch.Tensor,
+    text_idx: torch.Tensor,
+    image_embeds: torch.Tensor,
+    text_ids: torch.Tensor,
+    text_atts: torch.Tensor,
+    batch_size: int,
+) -> torch.Tensor:
+    """ITM logits [P] of (image_idx[p], text_idx[p]) pairs, each distinct pair scored once, in batches."""
+    n_txt = text_ids.shape[0]
+    keys, inverse = torch.unique(image_idx * n_txt + text_idx, return_inverse=True)
+    device = text_ids.device
+    scores = torch.empty(keys.shape[0], device=device)
+    for s in range(0, keys.shape[0], batch_size):
+        k = keys[s:s + batch_size]
+        img, txt = (k // n_txt), (k % n_txt)
+        embeds = image_embeds[img.cpu()].to(device)
+        scores[s:s + batch_size] = model.itm_scores(embeds, text_ids[txt], text_atts[txt]).float()
+    return scores[inverse]
+
+
+@torch.no_grad()
 def rerank_scores(
     model: torch.nn.Module,
     sim_i2t: torch.Tensor,
@@ -97,31 +136,35 @@ def rerank_scores(
     text_ids: torch.Tensor,
     text_atts: torch.Tensor,
     k_test: int,
+    itm_batch_size: int = 128,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """ITM + ITC scores of each row's top-k candidates, this rank's rows only (others 0), then
-    summed over ranks. sim_i2t: [N_img, N_txt]. Returns numpy (score_i2t, score_t2i)."""
+    """ITM + ITC scores of each row's top-k candidates (all other entries -100), for this rank's
+    block of rows (other rows 0), summed over ranks. sim_i2t: [N_img, N_txt] on the model device.
+
+    A pair that is a candidate in both directions is scored by ITM once. Returns numpy
+    (score_i2t [N_img, N_txt], score_t2i [N_txt, N_img]).
+    """
     device = sim_i2t.device
     n_img, n_txt = sim_i2t.shape
     rank, world = get_rank(), get_world_size()
+    img_rows = torch.tensor(list(_row_block(n_img, rank, world)), dtype=torch.long, device=device)
+    txt_rows = torch.tensor(list(_row_block(n_txt, rank, world)), dtype=torch.long, device=device)
+    k_i2t, k_t2i = min(k_test, n_txt), min(k_test, n_img)
+    sim_i2t_top, txt_top = sim_i2t[img_rows].topk(k_i2t, dim=1)  # [R_i, k_i2t]
+    sim_t2i_top, img_top = sim_i2t.t()[txt_rows].topk(k_t2i, dim=1)  # [R_t, k_t2i]
+
+    image_idx = torch.cat([img_rows.repeat_interleave(k_i2t), img_top.flatten()])
+    text_idx = torch.cat([txt_top.flatten(), txt_rows.repeat_interleave(k_t2i)])
+    itm = pair_itm_scores(model, image_idx, text_idx, image_embeds, text_ids, text_atts, itm_batch_size)
+    itm_i2t = itm[: img_rows.numel() * k_i2t].view(-1, k_i2t)
+    itm_t2i = itm[img_rows.numel() * k_i2t:].view(-1, k_t2i)
+
     score_i2t = torch.zeros(n_img, n_txt, device=device)
     score_t2i = torch.zeros(n_txt, n_img, device=device)
-
-    k = min(k_test, n_txt)
-    for i in _row_block(n_img, rank, world):
-        top_sim, top_idx = sim_i2t[i].topk(k)
-        embeds = image_embeds[i].to(device).unsqueeze(0).expand(k, -1, -1)
-        itm = model.itm_scores(embeds, text_ids[top_idx], text_atts[top_idx]).float()
-        score_i2t[i].fill_(OUTSIDE_TOP_K)
-        score_i2t[i, top_idx] = itm + top_sim
-
-    sim_t2i = sim_i2t.t()
-    k = min(k_test, n_img)
-    for t in _row_block(n_txt, rank, world):
-        top_sim, top_idx = sim_t2i[t].topk(k)
-        embeds = image_embeds[top_idx.cpu()].to(device)
-        itm = model.itm_scores(embeds, text_ids[t].expand(k, -1), text_atts[t].expand(k, -1)).float()
-        score_t2i[t].fill_(OUTSIDE_TOP_K)
-        score_t2i[t, top_idx] = itm + top_sim
+    score_i2t[img_rows] = OUTSIDE_TOP_K
+    score_t2i[txt_rows] = OUTSIDE_TOP_K
+    score_i2t[img_rows.unsqueeze(1), txt_top] = itm_i2t + sim_i2t_top
+    score_t2i[txt_rows.unsqueeze(1), img_top] = itm_t2i + sim_t2i_top
 
     if dist_ready():
         torch.distributed.all_reduce(score_i2t, op=torch.distributed.ReduceOp.SUM)
@@ -138,12 +181,14 @@ class RetrievalTask(BaseTask):
     RUN_KEYS = {
         "k_test": "top-k ITC candidates re-ranked by ITM (128)",
         "text_batch_size": "captions encoded per batch (default: batch_size_eval or 64)",
+        "itm_batch_size": "image-text pairs per ITM forward when re-ranking (128)",
     }
 
     def __init__(self, run_cfg=None) -> None:
         super().__init__(run_cfg)
         self.k_test = int(self.run_cfg.get("k_test", 128))
         self.text_batch_size = int(self.run_cfg.get("text_batch_size", self.run_cfg.get("batch_size_eval", 64)))
+        self.itm_batch_size = int(self.run_cfg.get("itm_batch_size", 128))
         if self.k_test < 1:
             raise ValueError(f"run.k_test={self.k_test}; expected a positive number of re-ranked candidates")
 
@@ -164,8 +209,10 @@ class RetrievalTask(BaseTask):
             text_feat, text_ids, text_atts = encode_texts(model, list(dataset.text), self.text_batch_size, device)
             image_feats, image_embeds = encode_images(model, _sequential_loader(data_loader), len(dataset.img2txt), device)
             # [N_img, Q, E] x [N_txt, E] -> [N_img, Q, N_txt] -> max over queries
-            sim_i2t = torch.einsum("iqe,te->iqt", image_feats, text_feat).amax(dim=1)
-            score_i2t, score_t2i = rerank_scores(model, sim_i2t, image_embeds, text_ids, text_atts, self.k_test)
+            sim_i2t = itc_similarity(image_feats, text_feat)  # [N_img, N_txt]
+            score_i2t, score_t2i = rerank_scores(
+                model, sim_i2t, image_embeds, text_ids, text_atts, self.k_test, self.itm_batch_size
+            )
         finally:
             model.train(was_training)
         return {"score_i2t": score_i2t, "score_t2i": score_t2i}

@@ -406,7 +406,7 @@ def test_retrieval_matches_brute_force(tmp_path: Path, k_test: int) -> None:
     ds = _retrieval_dataset()
     model = FakeRetriever(ds.text)
     task = RetrievalTask.setup_task(OmegaConf.create({"run": {"output_dir": str(tmp_path), "k_test": k_test,
-                                                              "text_batch_size": 3}}))
+                                                              "text_batch_size": 3, "itm_batch_size": 4}}))
     # a shuffled loader: the task must still place every image by its index
     loader = DataLoader(ds, batch_size=2, shuffle=True, collate_fn=ds.collater,
                         generator=torch.Generator().manual_seed(0))
@@ -423,6 +423,49 @@ def test_retrieval_matches_brute_force(tmp_path: Path, k_test: int) -> None:
     assert set(metrics) >= {"txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean", "agg_metrics"}
     ranking = json.loads((tmp_path / "result" / "test_epoch0_ranking.json").read_text())
     assert len(ranking["i2t_top"]) == N_IMG and len(ranking["t2i_top"]) == N_IMG * CAPS_PER_IMG
+
+
+def test_itc_similarity_chunks_and_pair_dedup() -> None:
+    from tasks.retrieval import itc_similarity, pair_itm_scores
+
+    g = torch.Generator().manual_seed(3)
+    feats, text = torch.randn(7, 3, 5, generator=g), torch.randn(11, 5, generator=g)
+    full = torch.einsum("iqe,te->iqt", feats, text).amax(1)
+    torch.testing.assert_close(itc_similarity(feats, text, max_elements=40), full)  # chunks of 1 image
+
+    calls = []
+
+    class Counter(torch.nn.Module):
+        def itm_scores(self, embeds, ids, atts):
+            calls.append(len(ids))
+            return embeds[:, 0, 0] * 100 + ids[:, 0].float()
+
+    embeds = torch.arange(4.0).view(4, 1, 1)
+    ids, atts = torch.arange(6).view(6, 1), torch.ones(6, 1, dtype=torch.long)
+    img, txt = torch.tensor([0, 1, 0, 3, 1]), torch.tensor([2, 5, 2, 0, 5])  # two repeated pairs
+    out = pair_itm_scores(Counter(), img, txt, embeds, ids, atts, batch_size=2)
+    torch.testing.assert_close(out, torch.tensor([2.0, 105.0, 2.0, 300.0, 105.0]))
+    assert calls == [2, 1]  # 3 distinct pairs in batches of 2
+
+
+def test_every_run_key_a_task_reads_is_declared() -> None:
+    from runners.config import RUN_SCHEMA
+
+    class Recorder(dict):
+        def __init__(self) -> None:
+            super().__init__()
+            self.read: set[str] = set()
+
+        def get(self, key, default=None):
+            self.read.add(key)
+            return default
+
+    for name in ("image_text_pretrain", "captioning", "vqa", "gqa", "retrieval"):
+        cls = registry.tasks.get(name)
+        run = Recorder()
+        cls(run_cfg=run)
+        undeclared = run.read - set(RUN_SCHEMA) - set(getattr(cls, "RUN_KEYS", {}))
+        assert not undeclared, f"{name} reads undeclared run keys {undeclared}"
 
 
 def test_retrieval_perfect_model_gets_full_recall(tmp_path: Path) -> None:
