@@ -103,14 +103,13 @@ class BaseModel(nn.Module):
         logger.info("loaded %d tensors from %s", len(state), path_or_url)
         return {"missing_keys": missing, "unexpected_keys": unexpected}
 
-    @staticmethod
-    def _read_state_dict(path_or_url: str) -> dict[str, torch.Tensor]:
+    def _read_state_dict(self, path_or_url: str) -> dict[str, torch.Tensor]:
         try:
             from models.checkpoints import load_state_dict_any
         except ImportError:
             load_state_dict_any = None
         if load_state_dict_any is not None:
-            return load_state_dict_any(path_or_url)
+            return load_state_dict_any(path_or_url, model=self)
         # Fallback while models/checkpoints.py is not there: our own safetensors/.pth files.
         if path_or_url.endswith(".safetensors"):
             from safetensors.torch import load_file

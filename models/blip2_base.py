@@ -28,6 +28,14 @@ _PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+# ``model:`` keys every BLIP-2 model reads through Blip2Base (for config validation: EXTRA_CONFIG_KEYS).
+BLIP2_BASE_CONFIG_KEYS = (
+    "vit_model", "image_size", "drop_path_rate", "use_grad_checkpoint", "vit_precision", "freeze_vit",
+    "vit_pretrained", "vit_kwargs", "ln_vision_eps", "num_query_token", "cross_attention_freq", "bert",
+    "qformer_config", "tokenizer", "weights", "hf_hub_id", "max_txt_len",
+)
+
+
 def resolve_vit_precision(precision: str, freeze: bool) -> str:
     """Validate ``vit_precision``; fp16 without CUDA falls back to bf16 (fp16 on CPU is pathologically slow)."""
     if precision not in _PRECISIONS:
@@ -264,26 +272,34 @@ class Blip2Base(BaseModel):
     def weight_plan(cfg: Mapping[str, Any]) -> dict[str, Any]:
         """Decide where weights come from, so nothing is downloaded that a full checkpoint then overwrites.
 
-        ``checkpoint_source``: ``hf`` (default when ``hf_hub_id`` is set: one Hugging Face checkpoint holding the
-        ViT and the Q-Former), ``lavis`` (the original ``pretrained``/``finetuned`` .pth plus the separate ViT file
-        ``vit_pretrained``), or ``none`` (ViT from ``vit_pretrained``, Q-Former from BERT ``qformer_bert``; random
-        where those are null). Returns ``{"checkpoints": [...], "vit_pretrained": ..., "qformer_bert": ...}``.
+        ``weights``: ``hf`` (default when ``hf_hub_id`` is set: one Hugging Face checkpoint holding the ViT and the
+        Q-Former), ``lavis`` (the original ``finetuned``/``pretrained`` .pth, chosen by ``load_finetuned`` /
+        ``load_pretrained``, plus the separate ViT file ``vit_pretrained``), or ``none``. Whenever no full checkpoint
+        is loaded, the ViT comes from ``vit_pretrained`` and the Q-Former from the BERT ``bert`` (random where null).
+        Returns ``{"source", "checkpoints": [...], "vit_pretrained", "bert"}``.
         """
-        source = cfg.get("checkpoint_source") or ("hf" if cfg.get("hf_hub_id") else "lavis")
+        source = cfg.get("weights") or ("hf" if cfg.get("hf_hub_id") else "lavis")
+        load_pretrained = bool(cfg.get("load_pretrained", True))
+        load_finetuned = bool(cfg.get("load_finetuned", False))
+        checkpoints: list[str] = []
         if source == "hf":
-            if not cfg.get("hf_hub_id"):
-                raise ValueError("model.checkpoint_source=hf needs model.hf_hub_id (hub id or local directory)")
-            return {"source": source, "checkpoints": [cfg.get("hf_hub_id")], "vit_pretrained": None, "qformer_bert": None}
-        if source == "lavis":
-            checkpoints = []
-            if cfg.get("load_finetuned", False) and cfg.get("finetuned"):
+            if (load_pretrained or load_finetuned) and not cfg.get("hf_hub_id"):
+                raise ValueError("model.weights=hf needs model.hf_hub_id (a hub id or a local directory), "
+                                 "or load_pretrained: false")
+            if load_pretrained or load_finetuned:
+                return {"source": source, "checkpoints": [cfg.get("hf_hub_id")], "vit_pretrained": None, "bert": None}
+        elif source == "lavis":
+            if load_finetuned and cfg.get("finetuned"):
                 checkpoints = [cfg.get("finetuned")]
-            elif cfg.get("load_pretrained", True) and cfg.get("pretrained"):
+                if not cfg.get("freeze_vit", True):  # a fine-tuned trainable ViT is inside the checkpoint
+                    return {"source": source, "checkpoints": checkpoints, "vit_pretrained": None, "bert": None}
+            elif load_pretrained and cfg.get("pretrained"):
                 checkpoints = [cfg.get("pretrained")]
-            bert = None if checkpoints else cfg.get("qformer_bert")
-            return {"source": source, "checkpoints": checkpoints, "vit_pretrained": cfg.get("vit_pretrained"),
-                    "qformer_bert": bert}
-        if source == "none":
-            return {"source": source, "checkpoints": [], "vit_pretrained": cfg.get("vit_pretrained"),
-                    "qformer_bert": cfg.get("qformer_bert")}
-        raise ValueError(f"model.checkpoint_source must be one of hf, lavis, none; got {source!r}")
+        elif source != "none":
+            raise ValueError(f"model.weights must be one of hf, lavis, none; got {source!r}")
+        return {
+            "source": source,
+            "checkpoints": checkpoints,
+            "vit_pretrained": cfg.get("vit_pretrained"),  # LAVIS checkpoints never hold the frozen ViT
+            "bert": None if checkpoints else cfg.get("bert"),
+        }
