@@ -141,6 +141,8 @@ class BaseTask:
         output_dir = self.run_cfg.get("output_dir")
         self.output_dir: Path | None = Path(output_dir) if output_dir else None
         self.eval_dataset: Any = None  # dataset of the latest evaluation() call
+        # False: only write the results (e.g. a test-dev split without answers, for a leaderboard)
+        self.report_metric = bool(self.run_cfg.get("report_metric", True))
 
     @classmethod
     def setup_task(cls, cfg: Any) -> "BaseTask":
@@ -253,6 +255,13 @@ class BaseTask:
             merged = unique
         write_json(merged, result_dir / f"{name}.json")
         return merged
+
+    def unscored(self, merged: list[dict] | None, split: str, epoch: Any) -> dict[str, Any]:
+        """Metrics of a run with ``report_metric: false``: where the results are, no scores."""
+        info = None
+        if merged is not None:
+            info = {"num_results": len(merged), "result_file": str(self.result_dir / f"{split}_epoch{epoch}.json")}
+        return self.finish_metrics(info, split, epoch)
 
     def finish_metrics(self, metrics: dict[str, Any] | None, split: str, epoch: Any) -> dict[str, Any]:
         """Write rank 0's metrics next to the results and give every rank the same dict."""

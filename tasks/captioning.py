@@ -121,6 +121,8 @@ class CaptionTask(BaseTask):
 
     def after_evaluation(self, results: list[dict], split: str, epoch: Any) -> dict[str, Any]:
         merged = self.merge_results(results, f"{split}_epoch{epoch}", dedup_key="image_id")
+        if not self.report_metric:
+            return self.unscored(merged, split, epoch)
         metrics = None
         if is_main_process():
             refs = self.references()

@@ -67,7 +67,7 @@ def vqa_ground_truth_from_records(dataset: Any) -> dict[Any, dict[str, Any]]:
         if answers is None:
             raise KeyError(
                 f"vqa: annotation record {i} of {type(dataset).__name__} has no answer (keys: {sorted(ann)}); "
-                "evaluation needs the reference answers"
+                "scoring needs the reference answers (set run.report_metric: false to only write the results)"
             )
         answers = [answers] if isinstance(answers, str) else [str(a) for a in answers]
         out[_question_id(dataset, ann)] = {
@@ -168,6 +168,8 @@ class VQATask(BaseTask):
 
     def after_evaluation(self, results: list[dict], split: str, epoch: Any) -> dict[str, Any]:
         merged = self.merge_results(results, f"{split}_epoch{epoch}", dedup_key="question_id")
+        if not self.report_metric:
+            return self.unscored(merged, split, epoch)
         metrics = None
         if is_main_process():
             predictions = {r["question_id"]: r["answer"] for r in merged}
@@ -184,6 +186,8 @@ class GQATask(VQATask):
 
     def after_evaluation(self, results: list[dict], split: str, epoch: Any) -> dict[str, Any]:
         merged = self.merge_results(results, f"{split}_epoch{epoch}", dedup_key="question_id")
+        if not self.report_metric:
+            return self.unscored(merged, split, epoch)
         metrics = None
         if is_main_process():
             if not merged:
@@ -194,7 +198,10 @@ class GQATask(VQATask):
             for rec in merged:
                 gold = rec.get("gt_answers") or gt.get(rec["question_id"], {}).get("answers")
                 if not gold:
-                    raise KeyError(f"gqa: no gold answer for question_id {rec['question_id']}")
+                    raise KeyError(
+                        f"gqa: no gold answer for question_id {rec['question_id']} "
+                        "(set run.report_metric: false to only write the results)"
+                    )
                 hits += gqa_exact_match(rec["answer"], gold[0])
             accuracy = 100.0 * hits / len(merged)
             metrics = {"agg_metrics": accuracy, "accuracy": accuracy, "num_questions": len(merged)}

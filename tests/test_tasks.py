@@ -650,3 +650,15 @@ def test_e2e_pretrain_validation_loss(e2e) -> None:
     assert {"loss", "loss_itc", "loss_itm", "loss_itg", "agg_metrics"} <= set(metrics)
     assert np.isfinite(metrics["loss"]) and metrics["agg_metrics"] == -metrics["loss"]
     assert metrics["loss"] == pytest.approx(metrics["loss_itc"] + metrics["loss_itm"] + metrics["loss_itg"], rel=1e-5)
+
+
+def test_report_metric_false_only_writes_results(tmp_path: Path) -> None:
+    unanswered = ListDataset(_vqa_dataset().samples, annotation=[{"question_id": q} for q in ANSWERS])
+    task = VQATask.setup_task(OmegaConf.create({"run": {"output_dir": str(tmp_path)}}))
+    results = task.evaluation(FakeAnswerer(), _loader(unanswered))
+    with pytest.raises(KeyError, match="report_metric: false"):
+        task.after_evaluation(results, "test", 0)
+    task = VQATask.setup_task(OmegaConf.create({"run": {"output_dir": str(tmp_path), "report_metric": False}}))
+    metrics = task.after_evaluation(task.evaluation(FakeAnswerer(), _loader(unanswered)), "test", 0)
+    assert metrics == {"num_results": 4, "result_file": str(tmp_path / "result" / "test_epoch0.json")}
+    assert len(json.loads(Path(metrics["result_file"]).read_text())) == 4
