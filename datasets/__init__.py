@@ -6,7 +6,6 @@ video is read or a shard is streamed.
 """
 from datasets.base_dataset import BaseDataset, collate_samples
 from datasets.mixing import ConcatDataset, MixtureDataset, MixtureIterableDataset, combine_datasets
-from datasets.samplers import ResumableDistributedSampler
 from datasets.webdataset_stream import WebDatasetStream, expand_braces, expand_shards
 from datasets import builders  # noqa: E402,F401  (registers the builders)
 
@@ -17,7 +16,6 @@ __all__ = [
     "MixtureDataset",
     "MixtureIterableDataset",
     "combine_datasets",
-    "ResumableDistributedSampler",
     "WebDatasetStream",
     "expand_braces",
     "expand_shards",

@@ -12,14 +12,13 @@ equal ids as the same image).
 from __future__ import annotations
 
 import bisect
-import random
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset, IterableDataset
 
 from datasets.base_dataset import collate_samples
-from datasets.webdataset_stream import _dist_rank_world
+from datasets.sharding import stream_position
 
 
 def _id_span(dataset: Any) -> int:
@@ -150,7 +149,12 @@ class MixtureIterableDataset(IterableDataset):
                 d.set_epoch(epoch)
 
     def set_resume_step(self, step: int, batch_size: int) -> None:
+        """Skip what ``step`` batches consumed; streaming members only rotate their worker roles
+        (batch size 0: the mixture itself skips their samples)."""
         self.resume_step, self.resume_batch_size = int(step), int(batch_size)
+        for d in self.datasets:
+            if isinstance(d, IterableDataset) and hasattr(d, "set_resume_step"):
+                d.set_resume_step(step, 0)
 
     def _map_stream(self, k: int, consumer: int, num_consumers: int) -> Iterator[dict[str, Any]]:
         d = self.datasets[k]
@@ -160,21 +164,13 @@ class MixtureIterableDataset(IterableDataset):
                 yield d[int(j)]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        rank, world = _dist_rank_world()
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        # A resumed DataLoader starts again at worker 0, but batch `resume_step` belonged to worker
-        # resume_step % W: rotate the roles so physical worker w continues logical worker (w + step) % W.
-        worker = (worker + self.resume_step) % num_workers
-        consumer, num_consumers = rank * num_workers + worker, world * num_workers
+        pos = stream_position(self.resume_step)
         streams = [
-            iter(d) if isinstance(d, IterableDataset) else self._map_stream(k, consumer, num_consumers)
+            iter(d) if isinstance(d, IterableDataset) else self._map_stream(k, pos.consumer, pos.num_consumers)
             for k, d in enumerate(self.datasets)
         ]
-        rng = random.Random(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + rank) * 1_000_003 + worker)
-        to_skip = 0
-        if self.resume_step > 0:
-            to_skip = max((self.resume_step - worker + num_workers - 1) // num_workers, 0) * self.resume_batch_size
+        rng = pos.rng(self.seed, self.epoch)
+        to_skip = pos.samples_to_skip(self.resume_step, self.resume_batch_size)
         choices = range(len(self.datasets))
         while True:
             k = rng.choices(choices, weights=self.ratios)[0]

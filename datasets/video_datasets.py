@@ -1,7 +1,8 @@
 """Video caption and QA datasets (MSR-VTT layout), frames read with decord (imported lazily).
 
-The sampled frames go through the configured *image* processor one by one and are stacked to
-``image`` [3, T, H, W] (batched: [B, 3, T, H, W]). ``frame_sampling`` is ``uniform`` (eval
+The sampled frames go through the configured *image* processor one by one, with the same random
+augmentation parameters for all frames of a clip, and are stacked to ``image`` [3, T, H, W]
+(batched: [B, 3, T, H, W]). ``frame_sampling`` is ``uniform`` (eval
 default) or ``random`` (train default); random draws are seeded by (seed, epoch, index) so a
 resumed run reads the same frames.
 """
@@ -39,11 +40,24 @@ class VideoMixin:
         """Vary the random frame draws per epoch (deterministically)."""
         self.epoch = int(epoch)
 
+    def _process_frame(self, frame: Any, aug_seed: int) -> Any:
+        """Apply the image processor with the same random draws for every frame of a clip
+        (one crop/flip per clip, not per frame); the caller's RNG states are left untouched."""
+        py_state = random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(aug_seed)
+                random.seed(aug_seed)
+                return self.vis_processor(frame)  # type: ignore[attr-defined]
+        finally:
+            random.setstate(py_state)
+
     def _load(self, index: int) -> Any:
         path = self.media_path(self.annotation[index])  # type: ignore[attr-defined]
         rng = random.Random((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)
         frames = load_video_frames(path, self.n_frms, self.frame_sampling, rng)
-        processed = [self.vis_processor(f) for f in frames]  # type: ignore[attr-defined]
+        aug_seed = rng.randrange(1 << 62)
+        processed = [self._process_frame(f, aug_seed) for f in frames]
         if all(isinstance(p, torch.Tensor) for p in processed):
             return torch.stack(processed, dim=1)  # [3, T, H, W]
         return processed

@@ -18,12 +18,11 @@ import random
 import re
 from typing import Any, Callable, Iterator, Sequence
 
-import torch
-import torch.distributed as dist
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from datasets.base_dataset import collate_samples
 from datasets.media import BadMediaError, decode_image_bytes
+from datasets.sharding import stream_position
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +58,6 @@ def expand_shards(urls: str | Sequence[str]) -> list[str]:
     if not shards:
         raise ValueError("no webdataset shards given")
     return shards
-
-
-def _dist_rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _stable_id(*parts: str) -> int:
@@ -117,12 +110,6 @@ class WebDatasetStream(IterableDataset):
     def set_resume_step(self, step: int, batch_size: int) -> None:
         """Skip what ``step`` batches of ``batch_size`` consumed (DataLoader workers go round-robin)."""
         self.resume_step, self.resume_batch_size = int(step), int(batch_size)
-
-    def _samples_to_skip(self, worker: int, num_workers: int) -> int:
-        if self.resume_step <= 0:
-            return 0
-        batches_by_this_worker = (self.resume_step - worker + num_workers - 1) // num_workers
-        return max(batches_by_this_worker, 0) * self.resume_batch_size
 
     # -- stream -------------------------------------------------------------------------------
     def _shard_stream(self, rng: random.Random, consumer: int, num_consumers: int) -> Iterator[str]:
@@ -190,20 +177,14 @@ class WebDatasetStream(IterableDataset):
         return image, str(caption)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        rank, world = _dist_rank_world()
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        # A resumed DataLoader starts again at worker 0, but batch `resume_step` belonged to worker
-        # resume_step % W: rotate the roles so physical worker w continues logical worker (w + step) % W.
-        worker = (worker + self.resume_step) % num_workers
-        consumer, num_consumers = rank * num_workers + worker, world * num_workers
-        rng = random.Random(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + rank) * 1_000_003 + worker)
-        to_skip = self._samples_to_skip(worker, num_workers)
+        pos = stream_position(self.resume_step)
+        rng = pos.rng(self.seed, self.epoch)
+        to_skip = pos.samples_to_skip(self.resume_step, self.resume_batch_size)
         limit = None
         if self.samples_per_epoch is not None:  # this worker's share of the rank's fixed length
-            limit = self.samples_per_epoch // num_workers + (worker < self.samples_per_epoch % num_workers)
+            limit = self.samples_per_epoch // pos.num_workers + (pos.worker < self.samples_per_epoch % pos.num_workers)
         produced = 0
-        for raw in self._raw_samples(rng, consumer, num_consumers):
+        for raw in self._raw_samples(rng, pos.consumer, pos.num_consumers):
             if limit is not None and produced >= limit:
                 return
             decoded = self._decode(raw, rng)

@@ -15,7 +15,6 @@ from datasets import (
     ConcatDataset,
     MixtureDataset,
     MixtureIterableDataset,
-    ResumableDistributedSampler,
     collate_samples,
     combine_datasets,
     expand_braces,
@@ -266,9 +265,12 @@ def test_annotation_formats(tmp_path):
     (tmp_path / "bad.json").write_text("[{")
     with pytest.raises(AnnotationError, match="bad.json"):
         load_annotation_file(str(tmp_path / "bad.json"))
+    (tmp_path / "x.txt").write_text("image\n")
     with pytest.raises(AnnotationError, match="unsupported suffix"):
-        load_annotation_file(str(tmp_path / "a.csv").replace(".csv", ".json") + ".txt") if False else \
-            (tmp_path / "x.txt").write_text("") or load_annotation_file(str(tmp_path / "x.txt"))
+        load_annotation_file(str(tmp_path / "x.txt"))
+    (tmp_path / "scalar.json").write_text("[1, 2]")
+    with pytest.raises(AnnotationError, match="record 0 is a int"):
+        load_annotation_file(str(tmp_path / "scalar.json"))
 
 
 def test_collater_types():
@@ -332,6 +334,33 @@ def test_video_uniform_frames_are_the_expected_ones(tree):
     steps = means[1:] - means[:-1]
     assert clip.shape[:2] == (3, 4) and torch.allclose(steps, torch.full((3,), 60.0), atol=6)
     assert ds[0]["image_id"] == 3  # from video3.mp4
+
+
+def test_video_frames_share_one_augmentation(tree):
+    if not tree["has_video"]:
+        pytest.skip("imageio[ffmpeg] not installed: no mp4 encoder to write the fixture videos")
+    pytest.importorskip("decord", reason="decord not installed (pip install decord)")
+    import random
+
+    from datasets.video_datasets import VideoCaptionDataset
+
+    def draws(_frame):  # stands in for a random crop/flip: exposes the RNG draws it sees
+        return torch.tensor([torch.rand(()).item(), random.random()])
+
+    root = Path(tree["root"]) / "msrvtt"
+    ds = VideoCaptionDataset(draws, None, str(root / "annotations/cap_train.json"), str(root / "videos"), n_frms=3)
+    torch.manual_seed(0)
+    random.seed(0)
+    clip0, clip1 = ds[0]["image"], ds[1]["image"]  # [2, T]
+    after = (torch.rand(()), random.random())
+    torch.manual_seed(0)
+    random.seed(0)
+    assert after == (torch.rand(()), random.random())  # the caller's RNG streams were not consumed
+    assert torch.equal(clip0, clip0[:, :1].expand(-1, 3))  # every frame saw the same draws
+    assert not torch.equal(clip0[:, 0], clip1[:, 0])  # but clips differ
+    assert torch.equal(ds[0]["image"], clip0)  # deterministic per (seed, epoch, index)
+    ds.set_epoch(1)
+    assert not torch.equal(ds[0]["image"], clip0)
 
 
 def test_optional_libraries_are_not_imported_at_module_level():
@@ -432,29 +461,19 @@ def test_concat_and_mixture(tree):
     assert mix_datasets is combine_datasets
 
 
-def test_mixture_iterable_with_stream(tree):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_mixture_iterable_with_stream(tree, num_workers):
     coco = build("coco_caption", tree["root"])["train"]
     cfg = builder_config("laion", tree["root"], build_info={"storage": "laion/shards/{00000..00002}.tar"}, **PROCS)
     laion = registry.builders.get("laion")(cfg).build_datasets()["train"]
     mix = combine_datasets([coco, laion], [1, 1], seed=0)
     assert isinstance(mix, MixtureIterableDataset)
-    loader = DataLoader(mix, batch_size=6, collate_fn=mix.collater)
-    it = iter(loader)
-    b = next(it)
-    assert b["image"].shape == (6, 3, S, S) and b["image_id"].dtype == torch.long
-    first = [x for x in b["instance_id"]] + next(it)["instance_id"]
+    it = iter(DataLoader(mix, batch_size=3, collate_fn=mix.collater, num_workers=num_workers))
+    batches = [next(it) for _ in range(4)]
+    assert batches[0]["image"].shape == (3, 3, S, S) and batches[0]["image_id"].dtype == torch.long
+    seen = [k for b in batches for k in b["instance_id"]]
+    assert any(k.startswith("s0") for k in seen) and any(k.isdigit() for k in seen)  # both sources drawn
     resumed = MixtureIterableDataset([coco, laion], [1, 1], seed=0)
-    resumed.set_resume_step(1, 6)
-    assert next(iter(DataLoader(resumed, batch_size=6, collate_fn=resumed.collater)))["instance_id"] == first[6:]
-
-
-def test_resumable_sampler():
-    data = list(range(10))
-    ranks = [ResumableDistributedSampler(data, num_replicas=3, rank=r, seed=4) for r in range(3)]
-    parts = [list(s) for s in ranks]
-    assert all(len(p) == 4 for p in parts) and set(sum(parts, [])) == set(data)  # padded to equal lengths
-    s = ResumableDistributedSampler(data, num_replicas=3, rank=1, seed=4)
-    s.set_epoch(2)
-    full = list(s)
-    s.load_state_dict({"epoch": 2, "start_index": 3, "seed": 4})
-    assert len(s) == 1 and list(s) == full[3:] and list(s) == full  # the skip applies once
+    resumed.set_resume_step(1, 3)
+    it = iter(DataLoader(resumed, batch_size=3, collate_fn=resumed.collater, num_workers=num_workers))
+    assert [k for _ in range(3) for k in next(it)["instance_id"]] == seen[3:]

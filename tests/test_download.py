@@ -85,7 +85,6 @@ def _zip_bytes(members: dict[str, bytes]) -> bytes:
 
 
 def test_archives_are_extracted_once(tmp_path, monkeypatch):
-    jpg = io.BytesIO()
     draw_image(tmp_path / "src.jpg", seed=1)
     jpg = (tmp_path / "src.jpg").read_bytes()
     calls = []
