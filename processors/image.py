@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
@@ -117,9 +118,14 @@ class BlipImageBaseProcessor(BaseProcessor):
         if min(self.std) <= 0:
             raise ValueError(f"std must be positive, got {self.std}")
         self.transform = v2.Compose([*self.geometric_transforms(), *self._to_normalized_tensor()])
+        self._video_transform: v2.Compose | None = None  # built on first use of process_frames
 
-    def geometric_transforms(self) -> list[Any]:
-        """PIL -> PIL transforms applied before tensor conversion (resize, crop, flip, augment)."""
+    def geometric_transforms(self, for_video: bool = False) -> list[Any]:
+        """Transforms applied before tensor conversion (resize, crop, flip, augment).
+
+        Images go through them as PIL images; clips as one uint8 ``tv_tensors.Video`` [T, 3, H, W],
+        so that every frame of a clip gets the same random crop/flip/augmentation.
+        """
         raise NotImplementedError
 
     def _to_normalized_tensor(self) -> list[Any]:
@@ -128,6 +134,30 @@ class BlipImageBaseProcessor(BaseProcessor):
     def __call__(self, image: Any) -> torch.Tensor:
         """image (PIL / path / uint8 array) -> float32 tensor [3, image_size, image_size]."""
         return self.transform(as_rgb_image(image)).as_subclass(torch.Tensor)
+
+    def process_frames(self, frames: Any) -> torch.Tensor:
+        """Video frames -> float32 tensor [3, T, image_size, image_size], one random draw for the clip.
+
+        ``frames``: a uint8 array/tensor [T, H, W, 3] (what decord's ``get_batch(...).asnumpy()`` gives)
+        or a sequence of frames (PIL images, paths or uint8 arrays of one size).
+        """
+        if isinstance(frames, torch.Tensor):
+            frames = frames.numpy()
+        if isinstance(frames, np.ndarray) and frames.ndim == 4:
+            if frames.dtype != np.uint8 or frames.shape[-1] != 3:
+                raise TypeError(f"video arrays must be uint8 [T, H, W, 3]; got dtype {frames.dtype}, shape {frames.shape}")
+            clip = frames
+        else:
+            images = [np.asarray(as_rgb_image(frame)) for frame in frames]
+            if not images:
+                raise ValueError("process_frames needs at least one frame")
+            if len({im.shape for im in images}) != 1:
+                raise ValueError(f"all frames of a clip must have one size, got {sorted({im.shape for im in images})}")
+            clip = np.stack(images)
+        if self._video_transform is None:
+            self._video_transform = v2.Compose([*self.geometric_transforms(for_video=True), *self._to_normalized_tensor()])
+        video = tv_tensors.Video(torch.from_numpy(np.ascontiguousarray(clip)).permute(0, 3, 1, 2))  # [T, 3, H, W]
+        return self._video_transform(video).as_subclass(torch.Tensor).permute(1, 0, 2, 3).contiguous()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(image_size={self.image_size}, transform={self.transform})"
@@ -140,7 +170,7 @@ class BlipImageEvalProcessor(BlipImageBaseProcessor):
     def __init__(self, image_size: int = 384, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
         super().__init__(image_size, mean, std)
 
-    def geometric_transforms(self) -> list[Any]:
+    def geometric_transforms(self, for_video: bool = False) -> list[Any]:
         size = (self.image_size, self.image_size)
         return [v2.Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True)]
 
@@ -164,7 +194,7 @@ class Blip2ImageTrainProcessor(BlipImageBaseProcessor):
         self.min_scale, self.max_scale = float(min_scale), float(max_scale)
         super().__init__(image_size, mean, std)
 
-    def geometric_transforms(self) -> list[Any]:
+    def geometric_transforms(self, for_video: bool = False) -> list[Any]:
         return [
             v2.RandomResizedCrop(
                 self.image_size,
@@ -208,15 +238,16 @@ class BlipImageTrainProcessor(Blip2ImageTrainProcessor):
         self.randaug_magnitude = int(randaug_magnitude)
         super().__init__(image_size, mean, std, min_scale, max_scale)
 
-    def geometric_transforms(self) -> list[Any]:
-        transforms = super().geometric_transforms()
+    def geometric_transforms(self, for_video: bool = False) -> list[Any]:
+        transforms = super().geometric_transforms(for_video)
         if self.randaug:
             transforms.append(
                 v2.RandAugment(
                     num_ops=self.randaug_num_ops,
                     magnitude=self.randaug_magnitude,
                     num_magnitude_bins=11,
-                    interpolation=InterpolationMode.BICUBIC,
+                    # torchvision's tensor kernels (used for clips) support only nearest/bilinear here
+                    interpolation=InterpolationMode.BILINEAR if for_video else InterpolationMode.BICUBIC,
                 )
             )
         return transforms

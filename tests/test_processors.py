@@ -353,3 +353,38 @@ def test_text_processors_reject_non_strings():
 
 def test_processors_package_exports_load_image():
     assert processors.load_image is load_image
+
+
+# ---------------------------------------------------------------------------------------------------
+# video clips: every frame gets the same random draw
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["blip_image_train", "blip2_image_train", "blip_image_eval"])
+def test_process_frames_shape_and_one_draw_per_clip(name):
+    proc = registry.processors.get(name).build(image_size=24)
+    frame = np.asarray(random_image(40, 30))
+    clip = np.stack([frame] * 4)  # [T, H, W, 3], four identical frames
+    outs = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        out = proc.process_frames(clip)
+        assert out.shape == (3, 4, 24, 24) and out.dtype == torch.float32
+        for t in range(1, 4):  # identical frames stay identical: crop/flip/RandAugment drawn once per clip
+            assert torch.equal(out[:, t], out[:, 0])
+        outs.append(out)
+    if name != "blip_image_eval":
+        assert any(not torch.allclose(outs[0], o) for o in outs[1:])
+
+
+def test_process_frames_matches_image_path_and_accepts_frame_lists():
+    proc = registry.processors.get("blip_image_eval").build(image_size=20)
+    frames = [random_image(50, 40, seed=s) for s in range(3)]
+    clip = proc.process_frames(frames)
+    for t, frame in enumerate(frames):  # tensor vs PIL bicubic: at most ~1 grey level apart
+        assert (clip[:, t] - proc(frame)).abs().max() <= 2.5 / 255 / min(CLIP_STD)
+    torch.testing.assert_close(proc.process_frames(torch.from_numpy(np.stack([np.asarray(f) for f in frames]))), clip)
+    with pytest.raises(ValueError, match="one size"):
+        proc.process_frames([random_image(50, 40), random_image(30, 30)])
+    with pytest.raises(TypeError, match=r"uint8 \[T, H, W, 3\]"):
+        proc.process_frames(np.zeros((2, 8, 8, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="at least one frame"):
+        proc.process_frames([])
