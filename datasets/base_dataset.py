@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datasets.annotations import load_annotations, require_fields
-from datasets.media import BadMediaError, load_image
+from datasets.media import BadMediaError, load_image, report_bad_media
 
 logger = logging.getLogger(__name__)
 
@@ -165,10 +165,7 @@ class BaseDataset(Dataset):
                     raise
                 self._bad_indices.add(j)
                 self.num_bad_media += 1
-                logger.warning(
-                    "%s: skipped unreadable media (%s); %d skipped so far in this process",
-                    type(self).__name__, e, self.num_bad_media,
-                )
+                report_bad_media(logger, type(self).__name__, e, self.num_bad_media)
                 first_error = first_error or e
         raise RuntimeError(
             f"{type(self).__name__}: no readable media within {self.max_substitute_tries} samples "

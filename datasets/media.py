@@ -5,6 +5,7 @@ decord is imported only inside ``load_video_frames`` so image-only use never nee
 from __future__ import annotations
 
 import io
+import logging
 import os
 import random
 from typing import Sequence
@@ -13,6 +14,8 @@ import numpy as np
 from PIL import Image
 
 FRAME_SAMPLING = ("uniform", "random", "headtail")
+#: bad files are logged one by one up to this count, then every LOG_EVERY-th (web-scale sets have many dead links)
+LOG_FIRST, LOG_EVERY = 20, 1000
 
 
 class BadMediaError(RuntimeError):
@@ -21,6 +24,12 @@ class BadMediaError(RuntimeError):
     def __init__(self, path: str, reason: str) -> None:
         super().__init__(f"cannot read {path}: {reason}")
         self.path = path
+
+
+def report_bad_media(logger: logging.Logger, owner: str, error: Exception, count: int) -> None:
+    """Warn about the ``count``-th unreadable file of ``owner`` (all of the first few, then sparsely)."""
+    if count <= LOG_FIRST or count % LOG_EVERY == 0:
+        logger.warning("%s: skipped unreadable media (%s); %d skipped so far in this process", owner, error, count)
 
 
 def load_image(path: str) -> Image.Image:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 from torch.utils.data import IterableDataset
 
 from datasets.base_dataset import collate_samples
-from datasets.media import BadMediaError, decode_image_bytes
+from datasets.media import BadMediaError, decode_image_bytes, report_bad_media
 from datasets.sharding import stream_position
 
 logger = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class WebDatasetStream(IterableDataset):
             if self.bad_media_policy == "error":
                 raise
             self.num_bad_media += 1
-            logger.warning("skipped unreadable sample (%s); %d skipped so far in this process", e, self.num_bad_media)
+            report_bad_media(logger, type(self).__name__, e, self.num_bad_media)
             return None
         caption: Any = None
         if "json" in raw:

@@ -55,7 +55,7 @@ def first_batch(dataset, batch_size: int = 2, **kw):
 def test_all_builders_registered():
     names = set(registry.builders.list())
     assert set(IMAGE_BUILDERS + VIDEO_BUILDERS + ["laion", "image_text_pairs", "vqa_custom"]) <= names
-    for name in names - {"shapes"}:
+    for name in IMAGE_BUILDERS + VIDEO_BUILDERS + ["laion", "image_text_pairs", "vqa_custom"]:
         cls = registry.builders.get(name)
         for t in cls.DATASET_CONFIG_DICT:
             text = Path(cls.default_config_path(t)).read_text()
@@ -229,6 +229,16 @@ def test_corrupt_image_skipped_counted_batch_kept(tmp_path, caplog, kind):
 
     ev = CaptionEvalDataset(vis, None, ann, root, is_train=False)
     assert ev[1]["image_id"] == 1 and torch.equal(ev[1]["image"], ev[2]["image"])  # eval keeps identity
+
+
+def test_bad_media_warnings_are_rate_limited(caplog):
+    from datasets.media import LOG_EVERY, LOG_FIRST, report_bad_media
+
+    log = logging.getLogger("test_bad_media")
+    with caplog.at_level(logging.WARNING, logger="test_bad_media"):
+        for count in range(1, 2 * LOG_EVERY + 1):
+            report_bad_media(log, "X", BadMediaError("f.jpg", "broken"), count)
+    assert len(caplog.records) == LOG_FIRST + 2 and "2000 skipped so far" in caplog.records[-1].getMessage()
 
 
 def test_corrupt_image_error_policy(tmp_path):
