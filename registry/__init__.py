@@ -13,7 +13,7 @@ only the first time that registry is queried, so ``import registry`` stays insta
 from __future__ import annotations
 
 from registry.core import Registry, RegistryError
-from registry.plugins import load_entry_point_plugins, load_plugins
+from registry.plugins import PluginNotFoundError, load_entry_point_plugins, load_plugins
 
 # Each registry names the package whose import fills it (imported lazily on first lookup).
 models = Registry("models", home="models")
@@ -35,6 +35,7 @@ __all__ = [
     "Registry",
     "RegistryError",
     "load_plugins",
+    "PluginNotFoundError",
     "load_entry_point_plugins",
     "ALL",
     *ALL,

@@ -21,6 +21,10 @@ ENTRY_POINT_GROUP = "blip2.plugins"
 _loaded_entry_points = False
 
 
+class PluginNotFoundError(ImportError):
+    """A plugin module named in a YAML or on the command line is not importable at all."""
+
+
 def load_plugins(modules: Iterable[str] | str | None) -> list[str]:
     """Import each named module so that its decorators register components; returns the names."""
     if isinstance(modules, str):
@@ -35,7 +39,7 @@ def load_plugins(modules: Iterable[str] | str | None) -> list[str]:
         except ModuleNotFoundError as err:
             if err.name is not None and name != err.name and not name.startswith(err.name + "."):
                 raise  # the plugin exists but one of its own imports is missing: show that error as is
-            raise ImportError(
+            raise PluginNotFoundError(
                 f"plugin module '{name}' could not be imported ({err}). Plugins are importable module "
                 f"names (on PYTHONPATH or installed), listed under 'plugins:' or passed with --plugins."
             ) from err

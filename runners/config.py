@@ -249,7 +249,10 @@ class Config:
         self.plugins = _plugin_names(_node(project.cfg, "plugins"), project.source)
         self.plugins += _plugin_names(_node(user_options.cfg, "plugins"), "--options")
         self.plugins += list(plugins or [])
-        registry.load_plugins(self.plugins)
+        try:
+            registry.load_plugins(self.plugins)
+        except registry.PluginNotFoundError as err:
+            raise ConfigError(f"{err} (plugins of {self.cfg_path}: {self.plugins})") from err
 
         user = OmegaConf.merge(project.cfg, user_options.cfg)
         self.model_type: str | None = None  # set by _model_layers (the project's or the class default)

@@ -375,7 +375,7 @@ def test_plugin_from_cli_and_options(fakes, plugin_dir):
     other = plugin_dir("cfg_opt_plugin", "plugin_arch_opt")
     cfg = Config(write_project(fakes.root, {"model": {"arch": "plugin_arch_opt"}}), options=[f"plugins=[{other}]"])
     assert cfg.model.plugin_width == 8
-    assert "could not be imported" in str(pytest.raises(ImportError, Config, path, plugins=["missing_plugin_q"]).value)
+    assert "'missing_plugin_q' could not be imported" in errors_of(path, plugins=["missing_plugin_q"])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -171,7 +171,7 @@ def test_load_plugins_imports_modules_that_register(tmp_path: Path, monkeypatch)
 
 
 def test_load_plugins_errors_are_clear(tmp_path: Path, monkeypatch):
-    with pytest.raises(ImportError, match="plugin module 'no_such_plugin_mod' could not be imported.*--plugins"):
+    with pytest.raises(registry.PluginNotFoundError, match="plugin module 'no_such_plugin_mod' could not be imported.*--plugins"):
         registry.load_plugins(["no_such_plugin_mod"])
     (tmp_path / "plugin_with_missing_dep.py").write_text("import some_missing_dependency_xyz\n")
     monkeypatch.syspath_prepend(str(tmp_path))
