@@ -141,6 +141,7 @@ class BaseTask:
         output_dir = self.run_cfg.get("output_dir")
         self.output_dir: Path | None = Path(output_dir) if output_dir else None
         self.eval_dataset: Any = None  # dataset of the latest evaluation() call
+        self.eval_name: str | None = None  # its name, when the runner gives it (before_evaluation)
         # False: only write the results (e.g. a test-dev split without answers, for a leaderboard)
         self.report_metric = bool(self.run_cfg.get("report_metric", True))
 
@@ -196,9 +197,17 @@ class BaseTask:
         }
         return output["loss"], logs
 
-    def before_evaluation(self, model: torch.nn.Module, dataset: Any) -> None:
-        """Remember the dataset about to be evaluated (its ground truth is scored against)."""
+    def before_evaluation(self, model: torch.nn.Module, dataset: Any, name: str | None = None) -> None:
+        """Remember the dataset about to be evaluated (its ground truth is scored against) and,
+        when given, its name, which then prefixes the result files (several datasets may share a
+        split name in one run)."""
         self.eval_dataset = dataset
+        self.eval_name = name
+
+    def result_name(self, split: str, epoch: Any, suffix: str = "") -> str:
+        """``[<dataset name>_]<split>_epoch<epoch><suffix>``: the stem of a result file."""
+        prefix = f"{self.eval_name}_" if self.eval_name else ""
+        return f"{prefix}{split}_epoch{epoch}{suffix}"
 
     def valid_step(self, model: torch.nn.Module, samples: dict) -> list[dict]:
         raise NotImplementedError(f"{type(self).__name__} does not evaluate (no valid_step)")
@@ -260,13 +269,13 @@ class BaseTask:
         """Metrics of a run with ``report_metric: false``: where the results are, no scores."""
         info = None
         if merged is not None:
-            info = {"num_results": len(merged), "result_file": str(self.result_dir / f"{split}_epoch{epoch}.json")}
+            info = {"num_results": len(merged), "result_file": str(self.result_dir / f"{self.result_name(split, epoch)}.json")}
         return self.finish_metrics(info, split, epoch)
 
     def finish_metrics(self, metrics: dict[str, Any] | None, split: str, epoch: Any) -> dict[str, Any]:
         """Write rank 0's metrics next to the results and give every rank the same dict."""
         if is_main_process() and metrics is not None:
-            write_json(metrics, self.result_dir / f"{split}_epoch{epoch}_metrics.json")
+            write_json(metrics, self.result_dir / f"{self.result_name(split, epoch, '_metrics')}.json")
             logger.info("%s %s epoch %s: %s", type(self).__name__, split, epoch,
                         {k: v for k, v in metrics.items() if not isinstance(v, dict)})
         return broadcast_from_main(metrics)

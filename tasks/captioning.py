@@ -120,14 +120,14 @@ class CaptionTask(BaseTask):
         return self._reference_cache[1]
 
     def after_evaluation(self, results: list[dict], split: str, epoch: Any) -> dict[str, Any]:
-        merged = self.merge_results(results, f"{split}_epoch{epoch}", dedup_key="image_id")
+        merged = self.merge_results(results, self.result_name(split, epoch), dedup_key="image_id")
         if not self.report_metric:
             return self.unscored(merged, split, epoch)
         metrics = None
         if is_main_process():
             refs = self.references()
             if not self.annotation_file:  # keep the COCO-format ground truth next to the results
-                write_coco_caption_gt(refs, self.result_dir / f"{split}_gt_coco.json")
+                write_coco_caption_gt(refs, self.result_dir / f"{self.result_name(split, epoch, '_gt_coco')}.json")
             predictions = {r["image_id"]: r["caption"] for r in merged}
             metrics = caption_scores(predictions, refs, metrics=self.caption_metrics)
             metrics["num_images"] = len(predictions)

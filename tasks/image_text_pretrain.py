@@ -29,7 +29,7 @@ class ImageTextPretrainTask(BaseTask):
         return [record]
 
     def after_evaluation(self, results: list[dict], split: str, epoch: Any) -> dict[str, Any]:
-        merged = self.merge_results(results, f"{split}_epoch{epoch}_loss")
+        merged = self.merge_results(results, self.result_name(split, epoch, "_loss"))
         metrics = None
         if merged is not None:
             if not merged:

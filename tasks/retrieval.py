@@ -229,5 +229,5 @@ class RetrievalTask(BaseTask):
                 "i2t_top": np.argsort(-results["score_i2t"], axis=1, kind="stable")[:, : top[0]].tolist(),
                 "t2i_top": np.argsort(-results["score_t2i"], axis=1, kind="stable")[:, : top[1]].tolist(),
             }
-            write_json(ranking, self.result_dir / f"{split}_epoch{epoch}_ranking.json")
+            write_json(ranking, self.result_dir / f"{self.result_name(split, epoch, '_ranking')}.json")
         return self.finish_metrics(metrics, split, epoch)

@@ -167,7 +167,7 @@ class VQATask(BaseTask):
         return vqa_ground_truth_from_records(self.eval_dataset)
 
     def after_evaluation(self, results: list[dict], split: str, epoch: Any) -> dict[str, Any]:
-        merged = self.merge_results(results, f"{split}_epoch{epoch}", dedup_key="question_id")
+        merged = self.merge_results(results, self.result_name(split, epoch), dedup_key="question_id")
         if not self.report_metric:
             return self.unscored(merged, split, epoch)
         metrics = None
@@ -185,7 +185,7 @@ class GQATask(VQATask):
     """GQA: exact match after the VQA normalisation (one gold answer per question)."""
 
     def after_evaluation(self, results: list[dict], split: str, epoch: Any) -> dict[str, Any]:
-        merged = self.merge_results(results, f"{split}_epoch{epoch}", dedup_key="question_id")
+        merged = self.merge_results(results, self.result_name(split, epoch), dedup_key="question_id")
         if not self.report_metric:
             return self.unscored(merged, split, epoch)
         metrics = None

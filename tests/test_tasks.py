@@ -203,7 +203,7 @@ def test_captioning_task_scores_and_files(tmp_path: Path) -> None:
     assert metrics["num_images"] == 4
     saved = json.loads((tmp_path / "result" / "val_epoch1.json").read_text())
     assert saved == results
-    gt = json.loads((tmp_path / "result" / "val_gt_coco.json").read_text())
+    gt = json.loads((tmp_path / "result" / "val_epoch1_gt_coco.json").read_text())
     assert len(gt["images"]) == 4 and len(gt["annotations"]) == 8
 
 
@@ -560,7 +560,7 @@ def e2e(tmp_path_factory):
 
 def _evaluate(task: BaseTask, model, dataset, split: str) -> dict:
     loader = DataLoader(dataset, batch_size=2, collate_fn=dataset.collater)
-    task.before_evaluation(model, dataset)
+    task.before_evaluation(model, dataset, name="fixture")
     return task.after_evaluation(task.evaluation(model, loader), split, 0)
 
 
@@ -576,7 +576,7 @@ def test_e2e_captioning(e2e, arch: str) -> None:
     assert metrics["num_images"] == len(val) == 2
     assert all(np.isfinite(v) and v >= 0 for v in metrics.values())
     assert metrics["agg_metrics"] == pytest.approx(metrics["CIDEr"] + metrics["Bleu_4"])
-    results = json.loads((task.result_dir / "val_epoch0.json").read_text())
+    results = json.loads((task.result_dir / "fixture_val_epoch0.json").read_text())
     assert sorted(r["image_id"] for r in results) == sorted(val.ground_truth)
     assert all(isinstance(r["caption"], str) for r in results)
 
@@ -591,7 +591,7 @@ def test_e2e_vqa(e2e, arch: str, method: str) -> None:
     metrics = _evaluate(task, e2e["models"][arch], val, "val")
     assert metrics["num_questions"] == len(val) and "other" in metrics  # answer types from the official file
     assert 0.0 <= metrics["agg_metrics"] <= 100.0
-    results = json.loads((task.result_dir / "val_epoch0.json").read_text())
+    results = json.loads((task.result_dir / "fixture_val_epoch0.json").read_text())
     if method == "rank":
         assert all(r["answer"] in val.answer_list for r in results)
     # the metric equals the VQA accuracy of the saved answers against the official annotation file
@@ -608,7 +608,7 @@ def test_e2e_gqa(e2e) -> None:
     task = tasks.setup_task(cfg)
     val = task.build_datasets(cfg)["gqa"]["val"]
     metrics = _evaluate(task, e2e["models"]["blip2_opt"], val, "val")
-    results = json.loads((task.result_dir / "val_epoch0.json").read_text())
+    results = json.loads((task.result_dir / "fixture_val_epoch0.json").read_text())
     from tasks.metrics.vqa import gqa_exact_match
 
     expected = 100 * np.mean([gqa_exact_match(r["answer"], r["gt_answers"][0]) for r in results])
