@@ -19,6 +19,7 @@ from typing import Iterable
 import torch
 
 TINY_PREFIX = "tiny:"
+TINY_FORMAT_VERSION = 2  # bump when the built assets change (part of the cache key)
 
 # Words of the synthetic captions/questions the tiny models see (plus common caption words).
 TINY_WORDS = (
@@ -105,7 +106,8 @@ def tiny_opt_config(vocab_size: int, **overrides):
 
     kw = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, ffn_dim=256, num_attention_heads=4,
               max_position_embeddings=256, word_embed_proj_dim=64, pad_token_id=1, bos_token_id=2,
-              eos_token_id=2, dropout=0.1, attention_dropout=0.1)
+              eos_token_id=2, dropout=0.1, attention_dropout=0.1,
+              init_std=0.1)  # HF's 0.02 makes tied-logits of a 64-wide model nearly flat: unsteerable
     kw.update(overrides)
     return OPTConfig(**kw)
 
@@ -150,7 +152,8 @@ def tiny_llm_path(kind: str, seed: int = 0, **config_overrides) -> Path:
         raise ValueError(f"tiny LLM kind must be 'opt' or 't5', got {kind!r}")
     import transformers
 
-    key = json.dumps([kind, seed, sorted(config_overrides.items()), transformers.__version__], default=str)
+    key = json.dumps([TINY_FORMAT_VERSION, kind, seed, sorted(config_overrides.items()), transformers.__version__],
+                     default=str)
     target = cache_root() / "tiny" / f"{kind}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
     if (target / "config.json").exists():
         return target

@@ -1,0 +1,339 @@
+"""``Blip2LLMBase``: what the stage-2 models (``blip2_opt``, ``blip2_t5``) share.
+
+image -> frozen encoder -> ln_vision -> Q-Former queries (optionally conditioned on the question text, paper
+section 4.3) -> ``<llm>_proj`` -> soft prompt of a frozen LLM adapter (``models/llms.py``).
+
+Subclasses say how a batch of (prompt, target) texts becomes LLM inputs (decoder-only: one sequence; encoder-
+decoder: encoder prefix + decoder target); captioning, answer generation and answer ranking are shared here.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar, Mapping, Sequence
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+import registry
+from models.blip2_base import Blip2Base, to_plain
+from models.llms import FrozenLLM
+
+logger = logging.getLogger(__name__)
+
+
+class Blip2LLMBase(Blip2Base):
+    """Stage-2 BLIP-2: Q-Former queries as a soft prompt for a frozen LLM."""
+
+    LLM_ATTR: ClassVar[str] = "llm_model"  # LAVIS attribute name of the LLM (opt_model / t5_model)
+    PROJ_ATTR: ClassVar[str] = "llm_proj"  # LAVIS name of the projection (opt_proj / t5_proj)
+    LLM_NAME_KEY: ClassVar[str] = "llm_model"  # config key naming the LLM checkpoint
+    DEFAULT_LLM_TYPE: ClassVar[str] = "hf_causal_lm"
+    EXPECT_ENCODER_DECODER: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        llm_model: str,
+        llm_type: str | None = None,
+        llm_precision: str = "auto",
+        load_llm_weights: bool = True,
+        llm_kwargs: Mapping[str, Any] | None = None,
+        vision: Mapping[str, Any] | None = None,
+        num_query_token: int = 32,
+        cross_attention_freq: int = 2,
+        qformer_bert: str | None = None,
+        qformer_config: Mapping[str, Any] | None = None,
+        qformer_text_input: bool = False,
+        qformer_tokenizer: str = "bert-base-uncased",
+        prompt: str = "",
+        max_txt_len: int = 32,
+    ) -> None:
+        super().__init__()
+        vision = dict(vision or {})
+        self.init_vision_encoder(**vision)
+        self.init_qformer(
+            num_query_token, self.visual_encoder.num_features, cross_attention_freq, bert=qformer_bert,
+            qformer_config=qformer_config, use_grad_checkpoint=bool(vision.get("use_grad_checkpoint", False)),
+        )
+        # Stage 2 needs only the query path, unless the question also enters the Q-Former.
+        self.qformer_text_input = bool(qformer_text_input)
+        self.Qformer.remove_text_modules(keep_text_input=self.qformer_text_input)
+        self.tokenizer = self.init_tokenizer(qformer_tokenizer) if self.qformer_text_input else None
+
+        llm_cls = registry.llms.get(llm_type or self.DEFAULT_LLM_TYPE)
+        llm = llm_cls(llm_model, precision=llm_precision, freeze=True, load_weights=load_llm_weights,
+                      **dict(llm_kwargs or {}))
+        if not isinstance(llm, FrozenLLM) or llm.is_encoder_decoder != self.EXPECT_ENCODER_DECODER:
+            kind = "an encoder-decoder" if self.EXPECT_ENCODER_DECODER else "a decoder-only"
+            raise ValueError(f"{type(self).__name__} needs {kind} LLM adapter; llm_type={llm_type!r} is not")
+        setattr(self, self.LLM_ATTR, llm)
+        self._llm_weights_loaded = bool(load_llm_weights) and llm.device.type != "meta"
+        setattr(self, self.PROJ_ATTR, nn.Linear(self.Qformer.config.hidden_size, llm.hidden_size))
+        self.prompt = prompt or ""
+        self.max_txt_len = int(max_txt_len)
+
+    # -- parts ---------------------------------------------------------------------------------------------------
+    @property
+    def llm(self) -> FrozenLLM:
+        return getattr(self, self.LLM_ATTR)
+
+    @property
+    def llm_proj(self) -> nn.Linear:
+        return getattr(self, self.PROJ_ATTR)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return super().frozen_modules() + [self.llm]
+
+    def _missing_key_is_expected(self, key: str) -> bool:
+        """LLM weights may be absent from a checkpoint only if the LLM was loaded from its own source
+        (LAVIS checkpoints); a Hugging Face BLIP-2 checkpoint must bring them (tied aliases excepted)."""
+        if key.startswith(self.LLM_ATTR + "."):
+            return self._llm_weights_loaded or key in self._llm_alias_keys()
+        return super()._missing_key_is_expected(key)
+
+    def _llm_alias_keys(self) -> set[str]:
+        """Names of LLM parameters that are a second name of another parameter (tied embeddings)."""
+        seen: dict[int, str] = {}
+        aliases = set()
+        for name, param in self.llm.named_parameters(prefix=self.LLM_ATTR, remove_duplicate=False):
+            if id(param) in seen:
+                aliases.add(name)
+            else:
+                seen[id(param)] = name
+        return aliases
+
+    def _read_state_dict(self, path_or_url: str) -> dict[str, Tensor]:
+        """Any checkpoint format, with Hugging Face LLM keys placed where this model keeps its LLM."""
+        from models.checkpoints import load_state_dict_any
+
+        return load_state_dict_any(path_or_url, model=self)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """As ``nn.Module.load_state_dict``; a checkpoint that brings LLM weights marks them as loaded, and a tied
+        seq2seq checkpoint without ``lm_head`` gets it from the shared embedding."""
+        prefix = f"{self.LLM_ATTR}.model."
+        if any(k.startswith(prefix) for k in state_dict):
+            shared, head = prefix + "shared.weight", prefix + "lm_head.weight"
+            if self.EXPECT_ENCODER_DECODER and shared in state_dict and head not in state_dict:
+                state_dict = {**state_dict, head: state_dict[shared]}
+            assign = assign or self.llm.device.type == "meta"
+            self._llm_weights_loaded = True
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    # -- queries -> soft prompt --------------------------------------------------------------------------------------
+    def _qformer_text(self, texts: Sequence[str], device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+        if not self.qformer_text_input:
+            return None, None
+        tokens = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=self.max_txt_len,
+                                return_tensors="pt").to(device)
+        return tokens.input_ids, tokens.attention_mask
+
+    def soft_prompt(self, samples: Mapping[str, Any], qformer_texts: Sequence[str] | None = None) -> Tensor:
+        """Projected query outputs [B, Q, H_llm] (fp32). With ``qformer_text_input`` the Q-Former also reads
+        ``qformer_texts`` (the questions) in the same bidirectional pass; only the query outputs are used."""
+        image_embeds = self.image_embeds_from_samples(samples)  # [B, N, W]
+        text_ids, text_atts = (None, None)
+        if self.qformer_text_input:
+            if qformer_texts is None:
+                raise ValueError("qformer_text_input=True needs the question text (samples['text_input'])")
+            text_ids, text_atts = self._qformer_text(qformer_texts, image_embeds.device)
+        out = self.query_features(image_embeds, text_ids, text_atts)
+        num_query = self.query_tokens.shape[1]
+        return self.llm_proj(out.last_hidden_state[:, :num_query])  # [B, Q, H_llm]
+
+    # -- subclass hooks ----------------------------------------------------------------------------------------------
+    def lm_inputs(self, soft: Tensor, prompts: Sequence[str], targets: Sequence[str]) -> dict[str, Tensor]:
+        """Adapter ``forward`` kwargs scoring ``targets`` after ``[soft prompt; prompt]`` (one pair per row)."""
+        raise NotImplementedError
+
+    def generation_inputs(self, soft: Tensor, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """(inputs_embeds, attention_mask) to continue after ``[soft prompt; prompt]``."""
+        raise NotImplementedError
+
+    def first_token_log_probs(self, soft: Tensor, prompts: Sequence[str]) -> Tensor:
+        """log p(first answer token | image, prompt) [B, V]."""
+        raise NotImplementedError
+
+    def target_ids(self, prompt: str, answer: str) -> list[int]:
+        """Token ids the LLM must produce for ``answer`` after ``prompt`` (end token included)."""
+        raise NotImplementedError
+
+    # -- shared helpers --------------------------------------------------------------------------------------------
+    @staticmethod
+    def _texts(value: Any, batch: int, what: str) -> list[str]:
+        """A string (repeated) or one string per image."""
+        if isinstance(value, str):
+            return [value] * batch
+        value = list(value)
+        if len(value) != batch or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{what} must be a string or a list of {batch} strings (one per image), got {value!r}")
+        return value
+
+    @staticmethod
+    def format_prompts(prompt: str, questions: Sequence[str]) -> list[str]:
+        """``prompt.format(question)`` per question (e.g. "Question: {} Short answer:"); no prompt = the question."""
+        if not prompt:
+            return list(questions)
+        if "{}" not in prompt:
+            raise ValueError(f"a question prompt needs a '{{}}' placeholder for the question, got {prompt!r}")
+        return [prompt.format(q) for q in questions]
+
+    def weighted_answer_loss(self, samples: Mapping[str, Any], prompts: list[str], soft: Tensor) -> Tensor:
+        """VQA training with several weighted answers per question (``answers``, ``weights``): the question
+        is repeated per answer; loss = sum_i sum_j w_ij * NLL(answer_ij) / B (as BLIP's VQA fine-tuning)."""
+        answers, weights = samples["answers"], samples.get("weights")
+        rows, flat_prompts, flat_answers, flat_weights = [], [], [], []
+        for i, answer_list in enumerate(answers):
+            answer_list = [answer_list] if isinstance(answer_list, str) else list(answer_list)
+            w = list(weights[i]) if weights is not None else [1.0 / len(answer_list)] * len(answer_list)
+            if len(w) != len(answer_list):
+                raise ValueError(f"samples['weights'][{i}] has {len(w)} entries for {len(answer_list)} answers")
+            for answer, weight in zip(answer_list, w):
+                rows.append(i)
+                flat_prompts.append(prompts[i])
+                flat_answers.append(answer)
+                flat_weights.append(float(weight))
+        index = torch.tensor(rows, device=soft.device)
+        out = self.llm(**self.lm_inputs(soft[index], flat_prompts, flat_answers))
+        w = torch.tensor(flat_weights, device=out.nll.device)
+        return (w * out.nll).sum() / len(answers)
+
+    # -- inference -----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        samples: Mapping[str, Any],
+        use_nucleus_sampling: bool = False,
+        num_beams: int = 5,
+        max_length: int = 30,
+        min_length: int = 1,
+        top_p: float = 0.9,
+        repetition_penalty: float = 1.0,
+        length_penalty: float = 1.0,
+        num_captions: int = 1,
+        temperature: float = 1.0,
+    ) -> list[str]:
+        """Captions (or continuations of ``samples["prompt"]``: one string, or one per image).
+
+        ``max_length``/``min_length`` count new tokens. Returns B * ``num_captions`` strings, image by image.
+        """
+        batch = self._batch_size(samples)
+        prompts = self._texts(samples.get("prompt") or self.prompt, batch, "samples['prompt']")
+        qformer_texts = samples.get("text_input", prompts) if self.qformer_text_input else None
+        if isinstance(qformer_texts, str):
+            qformer_texts = [qformer_texts] * batch
+        soft = self.soft_prompt(samples, qformer_texts)
+        embeds, atts = self.generation_inputs(soft, prompts)
+        ids = self.llm.generate(
+            embeds, atts, num_beams=num_beams, max_new_tokens=max_length, min_new_tokens=min_length,
+            do_sample=use_nucleus_sampling, top_p=top_p, temperature=temperature,
+            repetition_penalty=repetition_penalty, length_penalty=length_penalty, num_return_sequences=num_captions,
+        )
+        return self.llm.decode(ids)
+
+    @torch.no_grad()
+    def predict_answers(
+        self,
+        samples: Mapping[str, Any],
+        num_beams: int = 5,
+        inference_method: str = "generate",
+        max_len: int = 10,
+        min_len: int = 1,
+        num_ans_candidates: int = 128,
+        answer_list: Sequence[str] | None = None,
+        prompt: str = "",
+        length_penalty: float = -1,
+        **kwargs: Any,
+    ) -> list[str]:
+        """Answer ``samples["text_input"]`` (questions) about ``samples["image"]``.
+
+        ``generate``: beam search (``num_beams``, ``max_len``/``min_len`` new tokens, ``length_penalty``).
+        ``rank``: the ``num_ans_candidates`` candidates of ``answer_list`` with the most likely first token are
+        re-scored by their full LM log-likelihood (end token included), normalised as beam search does
+        (``sum_logprob / num_tokens ** length_penalty``); the best one is returned.
+        """
+        questions = samples["text_input"]
+        questions = [questions] if isinstance(questions, str) else list(questions)
+        prompts = self.format_prompts(prompt or self._question_prompt(), questions)
+        soft = self.soft_prompt(samples, questions)
+        if inference_method == "generate":
+            embeds, atts = self.generation_inputs(soft, prompts)
+            ids = self.llm.generate(embeds, atts, num_beams=num_beams, max_new_tokens=max_len,
+                                    min_new_tokens=min_len, length_penalty=length_penalty)
+            return self.llm.decode(ids)
+        if inference_method == "rank":
+            if not answer_list:
+                raise ValueError("predict_answers(inference_method='rank') needs a non-empty answer_list")
+            return self.rank_answers(soft, prompts, list(answer_list), num_ans_candidates, length_penalty)
+        raise ValueError(f"inference_method must be 'generate' or 'rank', got {inference_method!r}")
+
+    def _question_prompt(self) -> str:
+        return self.prompt if "{}" in self.prompt else ""
+
+    @torch.no_grad()
+    def rank_answers(
+        self, soft: Tensor, prompts: list[str], answer_list: list[str], num_ans_candidates: int,
+        length_penalty: float = 0.0,
+    ) -> list[str]:
+        """Best answer of ``answer_list`` per image (see ``predict_answers``)."""
+        k = max(1, min(int(num_ans_candidates), len(answer_list)))
+        first = self.first_token_log_probs(soft, prompts)  # [B, V]
+        best = []
+        for i, prompt in enumerate(prompts):
+            targets = [self.target_ids(prompt, a) for a in answer_list]
+            first_ids = torch.tensor([t[0] for t in targets], device=first.device)
+            top = first[i, first_ids].float().topk(k).indices.tolist()  # candidates by first-token probability
+            if k == 1:
+                best.append(answer_list[top[0]])
+                continue
+            candidates = [answer_list[j] for j in top]
+            out = self.llm(**self.lm_inputs(soft[i : i + 1].expand(k, -1, -1), [prompt] * k, candidates))
+            scores = -out.nll / out.num_tokens.float().clamp(min=1) ** length_penalty
+            best.append(candidates[int(scores.argmax())])
+        return best
+
+    @staticmethod
+    def _batch_size(samples: Mapping[str, Any]) -> int:
+        for key in ("image", "image_embeds"):
+            if samples.get(key) is not None:
+                return samples[key].shape[0]
+        raise KeyError("samples need 'image' [B,3,S,S] (or precomputed 'image_embeds' [B,N,W])")
+
+    # -- building ----------------------------------------------------------------------------------------------------
+    @classmethod
+    def build_kwargs(cls, cfg: DictConfig | Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(constructor arguments, weight plan) from a model config (LAVIS key names plus ours)."""
+        cfg = to_plain(cfg)
+        plan = cls.weight_plan(cfg)
+        vision = cls.vision_config(cfg)
+        vision["vit_pretrained"] = plan["vit_pretrained"]
+        llm_name = cfg.get(cls.LLM_NAME_KEY)
+        if not llm_name:
+            raise KeyError(f"model.{cls.LLM_NAME_KEY} must name the LLM (hub id, local dir or tiny:...)")
+        return dict(
+            llm_model=llm_name,
+            llm_type=cfg.get("llm_type") or cls.DEFAULT_LLM_TYPE,
+            llm_precision=cfg.get("llm_precision", "auto"),
+            # A Hugging Face BLIP-2 checkpoint holds the LLM: build it from its config, load weights once.
+            load_llm_weights=bool(cfg.get("load_llm_weights", not (plan["source"] == "hf" and plan["checkpoints"]))),
+            llm_kwargs=to_plain(cfg.get("llm_kwargs")),
+            vision=vision,
+            num_query_token=int(cfg.get("num_query_token", 32)),
+            cross_attention_freq=int(cfg.get("cross_attention_freq", 2)),
+            qformer_bert=plan["bert"],
+            qformer_config=to_plain(cfg.get("qformer_config")),
+            qformer_text_input=bool(cfg.get("qformer_text_input", False)),
+            qformer_tokenizer=cfg.get("tokenizer", "bert-base-uncased"),
+            prompt=cfg.get("prompt", "") or "",
+            max_txt_len=int(cfg.get("max_txt_len", 32)),
+        ), plan
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig | Mapping[str, Any]) -> "Blip2LLMBase":
+        kwargs, plan = cls.build_kwargs(cfg)
+        model = cls(**kwargs)
+        for checkpoint in plan["checkpoints"]:
+            if torch.get_default_device().type == "meta":
+                break  # shapes only: nothing to load
+            model.load_checkpoint(checkpoint)
+        return model
