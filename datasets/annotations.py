@@ -8,7 +8,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pickle
+from collections.abc import Sequence as SequenceABC
 from typing import Any, Iterable, Sequence
+
+import numpy as np
 
 ANNOTATION_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
 
@@ -90,3 +94,33 @@ def require_fields(
                 f"annotation {source}: record {i} has no field {missing[0]!r} "
                 f"(needed: {fields}; the record has: {sorted(rec)})" + (f". {hint}" if hint else "")
             )
+
+
+class PackedRecords(SequenceABC):
+    """Read-only records pickled into one numpy byte buffer.
+
+    A Python list of millions of dicts is copied page by page into every forked DataLoader
+    worker as reference counts get touched (the "RAM keeps growing" symptom). One flat buffer
+    has no per-record objects, so workers keep sharing its pages. Each access returns a fresh dict.
+    """
+
+    def __init__(self, records: Iterable[dict[str, Any]]) -> None:
+        blobs = [pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL) for r in records]
+        self._ends = np.cumsum([len(b) for b in blobs], dtype=np.int64)
+        self._data = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} out of range for {len(self)} records")
+        start = int(self._ends[index - 1]) if index > 0 else 0
+        return pickle.loads(memoryview(self._data[start : int(self._ends[index])]))
+
+    def __repr__(self) -> str:
+        return f"PackedRecords({len(self)} records, {self._data.nbytes} bytes)"

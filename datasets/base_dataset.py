@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from datasets.annotations import load_annotations, require_fields
+from datasets.annotations import PackedRecords, load_annotations, require_fields
 from datasets.media import BadMediaError, load_image, report_bad_media
 
 logger = logging.getLogger(__name__)
@@ -113,9 +113,10 @@ class BaseDataset(Dataset):
             hint="Rename it in the dataset config with `fields: {<name>: <your key>}` "
             f"(current mapping: {self.fields})",
         )
-        self.annotation = self.prepare_annotation(self.annotation)
-        for idx, ann in enumerate(self.annotation):
+        records = self.prepare_annotation(self.annotation)
+        for idx, ann in enumerate(records):
             ann.setdefault("instance_id", str(idx))
+        self.annotation: Sequence[dict[str, Any]] = PackedRecords(records)  # read-only from here on
         self.num_bad_media = 0  # counted in this process (each DataLoader worker has its own)
         self._bad_indices: set[int] = set()
 

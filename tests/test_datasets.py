@@ -283,6 +283,18 @@ def test_annotation_formats(tmp_path):
         load_annotation_file(str(tmp_path / "scalar.json"))
 
 
+def test_packed_records_round_trip():
+    from datasets.annotations import PackedRecords
+
+    recs = [{"image": f"{i}.jpg", "caption": ["a", "b"][: i % 3], "id": i} for i in range(50)]
+    packed = PackedRecords(recs)
+    assert len(packed) == 50 and list(packed) == recs and packed[-1] == recs[-1] and packed[2:4] == recs[2:4]
+    packed[3]["caption"].append("mutated")
+    assert packed[3] == recs[3]  # read-only storage: each access is a fresh copy
+    with pytest.raises(IndexError):
+        packed[50]
+
+
 def test_collater_types():
     samples = [{"image": torch.ones(3, 2, 2) * i, "image_id": i, "question_id": i, "instance_id": str(i),
                 "ids_str": f"coco_{i}", "answers": ["a"], "n_answers": 1} for i in range(3)]
