@@ -245,6 +245,11 @@ class Config:
         project = _Layer(self.cfg_path, _load_yaml(self.cfg_path, "project config"))
         user_options = _Layer("--options", _parse_options(options))
         self._check_top_level([project, user_options])
+        for layer in (project, user_options):  # "coco_caption:" with nothing under it means "the defaults"
+            datasets = _node(layer.cfg, "datasets")
+            for name in _keys(datasets):
+                if _node(datasets, name) is None:
+                    datasets[name] = {}
 
         self.plugins = _plugin_names(_node(project.cfg, "plugins"), project.source)
         self.plugins += _plugin_names(_node(user_options.cfg, "plugins"), "--options")

@@ -186,6 +186,13 @@ def test_options_override_model_and_run_and_select_model_type(fakes):
     assert Path(large.layers[0].source).name == "zoo_large.yaml"
 
 
+def test_empty_dataset_node_means_builder_defaults(fakes):
+    project = base_project()
+    project["datasets"]["fake_ds"] = None  # "fake_ds:" with nothing under it
+    cfg = Config(write_project(fakes.root, project))
+    assert cfg.datasets.fake_ds.caption_field == "caption" and cfg.datasets.fake_ds.data_type == "images"
+
+
 def test_dataset_type_selects_builder_yaml(fakes):
     project = base_project()
     project["datasets"]["fake_ds"]["type"] = "eval"
