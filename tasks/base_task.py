@@ -102,9 +102,10 @@ def to_jsonable(value: Any) -> Any:
 
 
 def id_value(value: Any) -> Any:
-    """An id as an int when it is int-like (tensor, numpy, digit string), else unchanged."""
+    """An id as an int when it is int-like (tensor, numpy, canonical digit string such as "42"),
+    else unchanged; "021234" stays a string (GQA ids keep their leading zeros)."""
     value = to_jsonable(value)
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and value.isdigit() and str(int(value)) == value:
         return int(value)
     return value
 

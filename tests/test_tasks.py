@@ -662,3 +662,10 @@ def test_report_metric_false_only_writes_results(tmp_path: Path) -> None:
     metrics = task.after_evaluation(task.evaluation(FakeAnswerer(), _loader(unanswered)), "test", 0)
     assert metrics == {"num_results": 4, "result_file": str(tmp_path / "result" / "test_epoch0.json")}
     assert len(json.loads(Path(metrics["result_file"]).read_text())) == 4
+
+
+def test_id_value_keeps_non_canonical_digit_strings() -> None:
+    from tasks.base_task import id_value
+
+    assert id_value(torch.tensor(7)) == 7 and id_value(np.int64(3)) == 3 and id_value("42") == 42
+    assert id_value("021234") == "021234" and id_value("coco_9") == "coco_9"
