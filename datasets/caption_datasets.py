@@ -132,4 +132,5 @@ class NoCapsEvalDataset(CaptionEvalDataset):
     required_fields = ("image", "image_id")
 
     def eval_image_ids(self, records: list[dict[str, Any]]) -> list[int]:
-        return [int(self.get(r, "image_id")) for r in records]
+        ids = [self.get(r, "image_id") for r in records]
+        return [int(i) if isinstance(i, int) or str(i).isdigit() else i for i in ids]  # ints when int-like

@@ -178,6 +178,11 @@ class WebDatasetStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         pos = stream_position(self.resume_step)
+        if pos.world > 1 and not self.resampled and self.samples_per_epoch is None:
+            logger.warning(
+                "WebDatasetStream: resampled=False without samples_per_epoch on %d ranks: ranks may run out "
+                "of samples at different steps (set samples_per_epoch, or resampled: true)", pos.world,
+            )
         rng = pos.rng(self.seed, self.epoch)
         to_skip = pos.samples_to_skip(self.resume_step, self.resume_batch_size)
         limit = None
