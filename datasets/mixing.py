@@ -214,7 +214,3 @@ def combine_datasets(
     if ratios is None:
         return datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
     return MixtureDataset(datasets, ratios, length=length, seed=seed)
-
-
-#: the name the runner calls (runners/data.py)
-mix_datasets = combine_datasets

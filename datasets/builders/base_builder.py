@@ -73,6 +73,9 @@ class BaseDatasetBuilder:
             cfg = load_dataset_config(cfg)
         elif isinstance(cfg, dict):
             cfg = OmegaConf.create(cfg)
+        if "build_info" not in cfg:
+            hint = " (got a whole config file: pass its datasets.<name> node)" if "datasets" in cfg else ""
+            raise ValueError(f"{type(self).__name__}: the dataset config has no `build_info`{hint}; keys: {sorted(cfg)}")
         self.config: DictConfig = cfg
         self.data_type: str = cfg.get("data_type", "images")
         if self.data_type not in ("images", "videos"):
