@@ -116,6 +116,7 @@ class VQATask(BaseTask):
         self.normalize_references = bool(cfg.get("normalize_references", False))
         self.answer_list_path: str | None = cfg.get("answer_list")
         self._answer_list: list[str] | None = None
+        self._gt_cache: tuple[str, dict] | None = None  # (annotation file, parsed) - VQAv2 val is large
 
     # -- inference ------------------------------------------------------------------------------
     def answer_list(self) -> list[str] | None:
@@ -161,7 +162,9 @@ class VQATask(BaseTask):
     def ground_truth(self, split: str) -> dict[Any, dict[str, Any]]:
         path = self.annotation_file(split)
         if path:
-            return load_vqa_annotation_file(path)
+            if self._gt_cache is None or self._gt_cache[0] != str(path):
+                self._gt_cache = (str(path), load_vqa_annotation_file(path))
+            return self._gt_cache[1]
         if self.eval_dataset is None:
             raise ValueError("vqa: no dataset evaluated yet and no run.annotation_file to score against")
         return vqa_ground_truth_from_records(self.eval_dataset)
