@@ -65,6 +65,9 @@ class ImageEncoderPretrainer(_PretrainBase):
     ``samples["patch_labels"]`` [B,P,3] (shape, colour, size class per patch; 0 = background),
     ``samples["count"]`` [B] (objects - 1) and ``samples["background"]`` [B]."""
 
+    EXTRA_CONFIG_KEYS = ("timm_name", "timm_kwargs", "num_shapes", "num_colours", "num_sizes", "max_objects",
+                         "num_backgrounds")
+
     def __init__(self, timm_name: str, timm_kwargs: dict[str, Any], num_shapes: int, num_colours: int,
                  num_sizes: int, max_objects: int, num_backgrounds: int) -> None:
         super().__init__()
@@ -116,7 +119,7 @@ class ImageEncoderPretrainer(_PretrainBase):
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        save_for_hf(self.encoder, out, model_args=self.timm_kwargs, safe_serialization="both")
+        save_for_hf(self.encoder, out, model_args=self.timm_kwargs, safe_serialization=True)
         return out
 
 
@@ -127,6 +130,8 @@ class CausalLMPretrainer(_PretrainBase):
     ``tokenizer`` is a directory with a saved tokenizer; ``lm_config`` holds the Hugging Face
     config fields (``model_type`` selects the architecture, e.g. ``opt``).
     """
+
+    EXTRA_CONFIG_KEYS = ("tokenizer", "lm_config", "max_txt_len")
 
     def __init__(self, tokenizer: str, lm_config: dict[str, Any], max_txt_len: int = 64) -> None:
         super().__init__()

