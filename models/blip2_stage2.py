@@ -310,13 +310,16 @@ class Blip2LLMBase(Blip2Base):
         llm_name = cfg.get(cls.LLM_NAME_KEY)
         if not llm_name:
             raise KeyError(f"model.{cls.LLM_NAME_KEY} must name the LLM (hub id, local dir or tiny:...)")
+        llm_kwargs = to_plain(cfg.get("llm_kwargs"))
+        if plan["source"] == "hf" and plan["checkpoints"] and not cfg.get("load_llm_weights", False):
+            llm_kwargs = {**hf_llm_sources(plan["checkpoints"][0]), **llm_kwargs}
         return dict(
             llm_model=llm_name,
             llm_type=cfg.get("llm_type") or cls.DEFAULT_LLM_TYPE,
             llm_precision=cfg.get("llm_precision", "auto"),
             # A Hugging Face BLIP-2 checkpoint holds the LLM: build it from its config, load weights once.
             load_llm_weights=bool(cfg.get("load_llm_weights", not (plan["source"] == "hf" and plan["checkpoints"]))),
-            llm_kwargs=to_plain(cfg.get("llm_kwargs")),
+            llm_kwargs=llm_kwargs,
             vision=vision,
             num_query_token=int(cfg.get("num_query_token", 32)),
             cross_attention_freq=int(cfg.get("cross_attention_freq", 2)),
@@ -337,3 +340,28 @@ class Blip2LLMBase(Blip2Base):
                 break  # shapes only: nothing to load
             model.load_checkpoint(checkpoint)
         return model
+
+
+def hf_llm_sources(hf_checkpoint: str) -> dict[str, Any]:
+    """LLM ``config`` (the checkpoint's ``text_config``) and tokenizer directory of a Hugging Face BLIP-2 checkpoint,
+    so that only that one checkpoint is downloaded. ``{}`` when it cannot be resolved now (e.g. offline on the meta
+    device): the LLM then comes from its own name, and loading the checkpoint reports the real problem."""
+    import json
+
+    from models.checkpoints import resolve_source
+
+    try:
+        path = resolve_source(hf_checkpoint)
+    except FileNotFoundError as err:
+        logger.info("LLM config from %s unavailable (%s); using the LLM's own config", hf_checkpoint, err)
+        return {}
+    folder = path if path.is_dir() else path.parent
+    sources: dict[str, Any] = {}
+    config_file = folder / "config.json"
+    if config_file.exists():
+        text_config = json.loads(config_file.read_text()).get("text_config") or {}
+        if "model_type" in text_config and ({"hidden_size", "d_model"} & set(text_config)):
+            sources["config"] = text_config
+    if any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "spiece.model")):
+        sources["tokenizer_name_or_path"] = str(folder)
+    return sources

@@ -14,14 +14,11 @@ QUESTION_PROMPT = "question: {} answer:"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def env(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("BLIP2_CACHE_ROOT", str(tmp_path_factory.mktemp("blip2cache")))
+def one_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: thread sync costs more than it saves on a shared 2-core box
     yield
     torch.set_num_threads(threads)
-    mp.undo()
 
 
 def build(cls, seed=0, **overrides):
@@ -284,3 +281,23 @@ def test_full_size_on_meta_device(cls, model_type, llm_cfg, lo, hi, tmp_path):
     assert lo < counts["total"] < hi, counts
     assert 0.09e9 < counts["trainable"] < 0.12e9, counts  # Q-Former query path + projection
     assert model.llm.hidden_size == (2560 if cls is Blip2OPT else 2048)
+
+
+def test_hf_checkpoint_brings_llm_config_and_tokenizer(tmp_path, opt_model):
+    """With weights: hf the LLM is built from the checkpoint's text_config and tokenizer (one download)."""
+    from models.blip2_stage2 import hf_llm_sources
+
+    text_config = {"model_type": "opt", "hidden_size": 64, "num_hidden_layers": 1, "ffn_dim": 32,
+                   "num_attention_heads": 4, "vocab_size": len(opt_model.llm.tokenizer), "word_embed_proj_dim": 64}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "blip-2", "text_config": text_config}))
+    opt_model.llm.tokenizer.save_pretrained(tmp_path)
+    assert hf_llm_sources(str(tmp_path)) == {"config": text_config, "tokenizer_name_or_path": str(tmp_path)}
+    cfg = dict(Blip2OPT.load_zoo_config("tiny"), weights="hf", hf_hub_id=str(tmp_path), load_pretrained=True,
+               opt_model="facebook/opt-that-is-not-here")
+    kwargs, plan = Blip2OPT.build_kwargs(cfg)
+    assert plan["checkpoints"] == [str(tmp_path)] and kwargs["load_llm_weights"] is False
+    assert kwargs["llm_kwargs"]["config"] == text_config
+    model = Blip2OPT(**kwargs)  # the LLM name is never looked up
+    assert model.llm.model.config.num_hidden_layers == 1 and len(model.llm.tokenizer) == text_config["vocab_size"]
+    assert not model._missing_key_is_expected("opt_model.model.model.decoder.layers.0.fc1.weight")  # from the file
+    assert model._missing_key_is_expected("opt_model.model.lm_head.weight")  # tied alias of embed_tokens

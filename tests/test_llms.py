@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,12 +14,17 @@ from models.llms import FlanT5LLM, HFCausalLM, HFSeq2SeqLM, OPTLLM, resolve_prec
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("blip2cache")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("BLIP2_CACHE_ROOT", str(root))
-    yield root
-    mp.undo()
+def cache():
+    """The session's private cache root (tests/conftest.py), where tiny assets are built once."""
+    return Path(os.environ["BLIP2_CACHE_ROOT"])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: thread sync costs more than it saves on a shared 2-core box
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
