@@ -1,7 +1,6 @@
 """The one small ``Registry`` class: a named mapping from string to class or factory."""
 from __future__ import annotations
 
-import difflib
 import importlib
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -85,6 +84,8 @@ class Registry:
             return self._entries[name]
         except KeyError:
             pass
+        import difflib  # only on the error path: keeps `import registry` at a few milliseconds
+
         available = sorted(self._entries)
         close = difflib.get_close_matches(str(name), available, n=3, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""

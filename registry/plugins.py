@@ -12,10 +12,7 @@ A plugin is an ordinary module whose import registers components with the usual 
 from __future__ import annotations
 
 import importlib
-import logging
 from typing import Iterable
-
-logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "blip2.plugins"
 _loaded_entry_points = False
@@ -52,7 +49,10 @@ def load_entry_point_plugins(force: bool = False) -> list[str]:
     global _loaded_entry_points
     if _loaded_entry_points and not force:
         return []
-    from importlib import metadata  # ~0.1 s to import: only when a registry is first queried
+    import logging  # both imported here, not at `import registry` (they cost more than the registry itself)
+    from importlib import metadata
+
+    logger = logging.getLogger(__name__)
     _loaded_entry_points = True
     names = []
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
