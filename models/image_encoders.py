@@ -17,9 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
-import timm
 import torch
-from timm.layers import resample_abs_pos_embed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -59,6 +57,8 @@ def _is_plain_vit(net: nn.Module) -> bool:
 
 def _create_timm(model_name: str, image_size: int, **kwargs: Any) -> nn.Module:
     """``timm.create_model`` that passes ``img_size`` only to models that take it (CNNs do not)."""
+    import timm  # imported on first build: keeps ``import models`` light
+
     try:
         return timm.create_model(model_name, img_size=image_size, **kwargs)
     except TypeError as err:
@@ -227,6 +227,8 @@ class TimmImageEncoder(nn.Module):
     # -- position embeddings ------------------------------------------------------------------------
     def _resample(self, pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Bicubic resampling of [1, 1 + n, W] to [1, 1 + grid[0]*grid[1], W], keeping the CLS entry."""
+        from timm.layers import resample_abs_pos_embed
+
         return resample_abs_pos_embed(
             pos_embed,
             new_size=list(grid),
