@@ -544,3 +544,19 @@ def test_id_value_keeps_non_canonical_digit_strings() -> None:
 
     assert id_value(torch.tensor(7)) == 7 and id_value(np.int64(3)) == 3 and id_value("42") == 42
     assert id_value("021234") == "021234" and id_value("coco_9") == "coco_9"
+
+
+def test_single_process_never_touches_torch_distributed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def forbidden(*args, **kwargs):
+        raise AssertionError("torch.distributed used without a process group")
+
+    for name in ("barrier", "broadcast_object_list", "all_reduce", "get_rank", "get_world_size", "all_gather_object"):
+        monkeypatch.setattr(torch.distributed, name, forbidden)
+    vqa = VQATask.setup_task(OmegaConf.create({"run": {"output_dir": str(tmp_path)}}))
+    assert vqa.after_evaluation(vqa.evaluation(FakeAnswerer(), _loader(_vqa_dataset())), "val", 0)["num_questions"] == 4
+    ds = _retrieval_dataset()
+    ret = RetrievalTask.setup_task(OmegaConf.create({"run": {"output_dir": str(tmp_path), "k_test": 2}}))
+    assert "agg_metrics" in ret.after_evaluation(ret.evaluation(FakeRetriever(ds.text), _loader(ds)), "test", 0)
+    # only the merged results and the metrics were written: no per-rank files
+    assert sorted(p.name for p in (tmp_path / "result").iterdir()) == [
+        "test_epoch0_metrics.json", "test_epoch0_ranking.json", "val_epoch0.json", "val_epoch0_metrics.json"]
