@@ -198,17 +198,23 @@ class Blip2Base(BaseModel):
 
     def query_features(
         self,
-        image_embeds: Tensor,  # [B, N, W] after ln_vision
+        image_embeds: Tensor | None,  # [B, N, W] after ln_vision
         text_ids: Tensor | None = None,  # [B, T] optional text in the same pass (ITM, question-conditioned)
         text_atts: Tensor | None = None,  # [B, T]
         use_cache: bool = False,
+        image_key_values: list | None = None,
     ) -> QFormerOutput:
         """Q-Former pass with the learned queries (and optional text, bidirectional mask).
 
         ``last_hidden_state[:, :Q]`` are the query outputs Z [B, Q, H]; ``past_key_values`` (when ``use_cache``)
-        holds the self-attention K/V for ITG and caption decoding.
+        holds the self-attention K/V for ITG and caption decoding; ``image_key_values`` (output) are the
+        cross-attention K/V of the image, which a later pass may reuse (input ``image_key_values``, rows selected
+        with ``select_image_key_values``) instead of ``image_embeds``.
         """
-        batch = image_embeds.shape[0]
+        if image_embeds is not None:
+            batch = image_embeds.shape[0]
+        else:
+            batch = next(kv for kv in image_key_values if kv is not None)[0].shape[0]
         queries = self.query_tokens.expand(batch, -1, -1)  # [B, Q, H]
         attention_mask = None
         if text_ids is not None and text_atts is not None:
@@ -220,7 +226,13 @@ class Blip2Base(BaseModel):
             attention_mask=attention_mask,
             encoder_hidden_states=image_embeds,
             use_cache=use_cache,
+            image_key_values=image_key_values,
         )
+
+    @staticmethod
+    def select_image_key_values(image_key_values: list, index: Tensor) -> list:
+        """Rows ``index`` of per-layer image K/V (None entries stay None); gradients flow back to the source."""
+        return [None if kv is None else (kv[0][index], kv[1][index]) for kv in image_key_values]
 
     # -- optimisation and checkpoints --------------------------------------------------------------------------------
     def num_vision_layers(self) -> int:

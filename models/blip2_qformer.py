@@ -258,12 +258,18 @@ class Blip2Qformer(Blip2InferenceMixin, Blip2Base):
 
         # ITM: one hard negative text per image and one hard negative image per text.
         neg_image_idx, neg_text_idx = self._itm_negatives(sim_i2t, sim_t2i, positives, samples, rank, batch)
-        image_embeds_all = dist.all_gather_with_grad(image_embeds)  # [G, N, W]
         text_ids_all, text_atts_all = dist.all_gather(text_ids), dist.all_gather(text_atts)
         itm_text_ids = torch.cat([text_ids, text_ids, text_ids_all[neg_text_idx]])  # [3B, T]
         itm_text_atts = torch.cat([text_atts, text_atts, text_atts_all[neg_text_idx]])
-        itm_images = torch.cat([image_embeds, image_embeds_all[neg_image_idx], image_embeds])  # [3B, N, W]
-        itm_out = self.query_features(itm_images, itm_text_ids, itm_text_atts)
+        if dist.get_world_size() == 1:
+            # Every ITM image is in this batch: reuse the query pass's image K/V instead of projecting 3B images.
+            rows = torch.arange(batch, device=neg_image_idx.device)
+            image_kv = self.select_image_key_values(query_out.image_key_values, torch.cat([rows, neg_image_idx, rows]))
+            itm_out = self.query_features(None, itm_text_ids, itm_text_atts, image_key_values=image_kv)
+        else:
+            image_embeds_all = dist.all_gather_with_grad(image_embeds)  # [G, N, W]
+            itm_images = torch.cat([image_embeds, image_embeds_all[neg_image_idx], image_embeds])  # [3B, N, W]
+            itm_out = self.query_features(itm_images, itm_text_ids, itm_text_atts)
         num_query = self.query_tokens.shape[1]
         itm_logits = self.itm_head(itm_out.last_hidden_state[:, :num_query]).mean(1)  # [3B, 2]
         itm_labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(itm_logits.device)
@@ -280,8 +286,9 @@ class Blip2Qformer(Blip2InferenceMixin, Blip2Base):
             past_key_values=query_out.past_key_values,
             labels=labels,
             label_smoothing=self.label_smoothing,
+            reduction="sum",
         )
-        loss_itg = lm_out.loss
+        loss_itg = lm_out.loss / _mean_tokens_per_rank(labels[:, 1:] != -100)
         self._step += 1
         return {"loss": loss_itc + loss_itm + loss_itg, "loss_itc": loss_itc, "loss_itm": loss_itm,
                 "loss_itg": loss_itg}
@@ -321,6 +328,19 @@ def _mix_seed(seed: int, step: int, index: int) -> int:
 def _inverse_cdf(cdf: Tensor, u: float) -> int:
     index = int(torch.searchsorted(cdf, torch.tensor([u * cdf[-1].item()], dtype=cdf.dtype)).item())
     return min(index, cdf.shape[0] - 1)
+
+
+def _mean_tokens_per_rank(target_mask: Tensor) -> Tensor:
+    """Token count that makes the per-rank ITG sums, averaged by DDP, equal the global token mean.
+
+    One process: the local count (a plain mean). Distributed: global count / world size.
+    """
+    count = target_mask.sum().float()
+    if dist.get_world_size() > 1:
+        count = count.detach().clone()
+        torch.distributed.all_reduce(count)
+        count = count / dist.get_world_size()
+    return count.clamp(min=1.0)
 
 
 def _pad_to_global_length(ids: Tensor, atts: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:

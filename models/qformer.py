@@ -124,6 +124,8 @@ class QFormerCache:
 class QFormerOutput:
     last_hidden_state: Tensor  # [B, Q + T, H]
     past_key_values: QFormerCache | None = None
+    # per layer: the cross-attention K/V of the image [B, heads, N, head_dim], None for layers without it
+    image_key_values: list[tuple[Tensor, Tensor] | None] | None = None
 
 
 @dataclass
@@ -178,10 +180,18 @@ class QFormerSelfAttention(nn.Module):
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
     def forward(
-        self, hidden: Tensor, kv_states: Tensor, mask: Tensor | None, past: tuple[Tensor, Tensor] | None = None
+        self,
+        hidden: Tensor,
+        kv_states: Tensor | None,
+        mask: Tensor | None,
+        past: tuple[Tensor, Tensor] | None = None,
+        kv: tuple[Tensor, Tensor] | None = None,  # precomputed K/V of kv_states (e.g. image K/V reused for ITM)
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         q = self._heads(self.query(hidden))  # [B, h, L, d]
-        k, v = self._heads(self.key(kv_states)), self._heads(self.value(kv_states))
+        if kv is not None:
+            k, v = kv
+        else:
+            k, v = self._heads(self.key(kv_states)), self._heads(self.value(kv_states))
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         out = F.scaled_dot_product_attention(
@@ -209,8 +219,8 @@ class QFormerAttention(nn.Module):
         self.self = QFormerSelfAttention(cfg, kv_width)
         self.output = QFormerSelfOutput(cfg, cfg.hidden_size)
 
-    def forward(self, hidden, kv_states, mask, past=None):
-        context, present = self.self(hidden, kv_states, mask, past)
+    def forward(self, hidden, kv_states, mask, past=None, kv=None):
+        context, present = self.self(hidden, kv_states, mask, past, kv)
         return self.output(context, hidden), present
 
 
@@ -246,22 +256,26 @@ class QFormerLayer(nn.Module):
         image: Tensor | None,  # [B, N, W]
         image_mask: Tensor | None,  # bool [B, 1, 1, N] or None
         past: tuple[Tensor, Tensor] | None,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        image_kv: tuple[Tensor, Tensor] | None = None,  # this layer's precomputed image K/V [B, h, N, d]
+    ) -> tuple[Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
+        """Returns (hidden, self-attention K/V incl. past, image K/V of the cross-attention or None)."""
         hidden, present = self.attention(hidden, hidden, self_mask, past)
         outputs = []
+        cross_kv = None
         if num_query > 0:
             queries = hidden[:, :num_query]
             if self.has_cross_attention:
-                if image is None:
+                if image is None and image_kv is None:
                     raise ValueError("queries need image features (encoder_hidden_states) for cross-attention")
-                queries, _ = self.crossattention(queries, image.to(queries.dtype), image_mask)
+                image = image.to(queries.dtype) if image is not None else None
+                queries, cross_kv = self.crossattention(queries, image, image_mask, kv=image_kv)
             outputs.append(self.output_query(self.intermediate_query(queries), queries))
         if hidden.shape[1] > num_query:
             if self.intermediate is None:
                 raise RuntimeError("this Q-Former had its text FFN removed (stage-2 query path); it takes no text")
             text = hidden[:, num_query:]
             outputs.append(self.output(self.intermediate(text), text))
-        return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), present
+        return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), present, cross_kv
 
 
 def self_attention_mask(
@@ -312,20 +326,25 @@ class QFormerEncoder(nn.Module):
         self.layer = nn.ModuleList([QFormerLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
         self.gradient_checkpointing = cfg.gradient_checkpointing
 
-    def forward(self, hidden, num_query, self_mask, image, image_mask, past: QFormerCache | None, use_cache: bool):
-        presents = []
+    def forward(self, hidden, num_query, self_mask, image, image_mask, past: QFormerCache | None, use_cache: bool,
+                image_kv: list | None = None):
+        """Returns (hidden, self-attention K/V per layer if use_cache, image K/V per layer (None where no
+        cross-attention))."""
+        presents, cross_kvs = [], []
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layer):
             layer_past = past.layers[i] if past is not None else None
+            layer_kv = image_kv[i] if image_kv is not None else None
             if use_ckpt:
-                hidden, present = checkpoint(
-                    layer, hidden, num_query, self_mask, image, image_mask, layer_past, use_reentrant=False
+                hidden, present, cross_kv = checkpoint(
+                    layer, hidden, num_query, self_mask, image, image_mask, layer_past, layer_kv, use_reentrant=False
                 )
             else:
-                hidden, present = layer(hidden, num_query, self_mask, image, image_mask, layer_past)
+                hidden, present, cross_kv = layer(hidden, num_query, self_mask, image, image_mask, layer_past, layer_kv)
             if use_cache:
                 presents.append(present)
-        return hidden, presents
+            cross_kvs.append(cross_kv)
+        return hidden, presents, cross_kvs
 
 
 class QFormerModel(nn.Module):
@@ -347,7 +366,10 @@ class QFormerModel(nn.Module):
         past_key_values: QFormerCache | None = None,
         use_cache: bool = False,
         causal: bool = False,
+        image_key_values: list | None = None,
     ) -> QFormerOutput:
+        """``image_key_values``: the ``image_key_values`` of an earlier pass (rows indexed as needed), used instead of
+        projecting ``encoder_hidden_states`` again (the ITM pass reuses the query pass's image K/V this way)."""
         num_query = query_embeds.shape[1] if query_embeds is not None else 0
         num_text = input_ids.shape[1] if input_ids is not None else 0
         past_text = past_key_values.text_length if past_key_values is not None else 0
@@ -356,14 +378,15 @@ class QFormerModel(nn.Module):
         image_mask = None
         if encoder_attention_mask is not None and not bool(encoder_attention_mask.all()):
             image_mask = encoder_attention_mask.to(torch.bool)[:, None, None, :]
-        hidden, presents = self.encoder(
-            hidden, num_query, self_mask, encoder_hidden_states, image_mask, past_key_values, use_cache
+        hidden, presents, cross_kvs = self.encoder(
+            hidden, num_query, self_mask, encoder_hidden_states, image_mask, past_key_values, use_cache,
+            image_key_values,
         )
         cache = None
         if use_cache:
             prior_query = past_key_values.num_query if past_key_values is not None else 0
             cache = QFormerCache(presents, num_query=prior_query + num_query)
-        return QFormerOutput(last_hidden_state=hidden, past_key_values=cache)
+        return QFormerOutput(last_hidden_state=hidden, past_key_values=cache, image_key_values=cross_kvs)
 
 
 class QFormerPredictionHeadTransform(nn.Module):
@@ -482,7 +505,9 @@ class QFormer(nn.Module):
         label_smoothing: float = 0.1,
         reduction: str = "mean",
     ) -> QFormerLMOutput:
-        """Causal LM over the text positions (ITG / captioning): logits [B, T, vocab], shifted CE loss when labels."""
+        """Causal LM over the text positions (ITG / captioning): logits [B, T, vocab], shifted CE loss when labels.
+
+        ``reduction``: ``mean`` over target tokens, ``sum`` over them, or ``none`` (per-sample sums, as LAVIS)."""
         if self.cls is None:
             raise RuntimeError("this Q-Former had its LM head removed (stage-2); it cannot decode text")
         out = self.bert(
@@ -505,10 +530,12 @@ class QFormer(nn.Module):
                 targets.reshape(-1),
                 ignore_index=-100,
                 label_smoothing=label_smoothing,
-                reduction="none" if reduction == "none" else "mean",
+                reduction="mean" if reduction == "mean" else "none",
             )
             if reduction == "none":  # per-sample sum, as LAVIS
                 loss = loss.view(targets.shape).sum(1)
+            elif reduction == "sum":  # over every token (the caller normalises, e.g. across ranks)
+                loss = loss.sum()
         return QFormerLMOutput(logits=logits, loss=loss, past_key_values=out.past_key_values)
 
     # -- initialisation from BERT ----------------------------------------------------------------------------------

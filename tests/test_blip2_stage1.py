@@ -337,3 +337,64 @@ def test_question_conditioned_query_pass(model):
     assert out.shape == (2, 8 + ids.shape[1], 64)
     alone = model.query_features(embeds).last_hidden_state
     assert (out[:, :8] - alone).abs().max() > 1e-4  # the queries saw the question
+
+
+def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = Blip2Qformer.from_config(_tiny_cfg())
+        _no_dropout(model)
+        model.train()
+        samples = _samples(image_id=[1, 2, 1, 3])
+        per_rank = 4 // world
+        local = {"image": samples["image"][rank * per_rank:(rank + 1) * per_rank],
+                 "text_input": samples["text_input"][rank * per_rank:(rank + 1) * per_rank],
+                 "image_id": samples["image_id"][rank * per_rank:(rank + 1) * per_rank], "iters": 7}
+        model(local)["loss"].backward()
+        grads = {}
+        for name, p in model.named_parameters():
+            if p.grad is not None:
+                tdist.all_reduce(p.grad)  # what DDP does: average over ranks
+                grads[name] = p.grad / world
+        if rank == 0:
+            torch.save(grads, f"{out_dir}/grads.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_single_process_gradients(tmp_path):
+    """ITC/ITM/ITG across 2 gloo ranks x 2 samples == 1 process x 4 samples (gathers with gradient, negatives
+    seeded per global sample, ITG normalised by the global token count)."""
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    model = Blip2Qformer.from_config(_tiny_cfg())
+    _no_dropout(model)
+    model.train()
+    samples = dict(_samples(image_id=[1, 2, 1, 3]), iters=7)
+    model(samples)["loss"].backward()
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    grads = torch.load(tmp_path / "grads.pt", weights_only=True)
+    reference = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(grads) == set(reference)
+    for name, grad in reference.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {grads[name]} vs {grad}: {m}")
+
+
+def test_itm_reuses_image_key_values_exactly(model):
+    """The ITM pass on reused image K/V equals the pass that projects the image embeds again."""
+    model.eval()
+    samples = _samples()
+    with torch.no_grad():
+        embeds = model.encode_image(samples["image"])
+        first = model.query_features(embeds)
+        ids, atts = model.tokenize(TEXTS)
+        index = torch.tensor([0, 3, 3, 1])
+        reused = model.query_features(None, ids, atts,
+                                      image_key_values=model.select_image_key_values(first.image_key_values, index))
+        direct = model.query_features(embeds[index], ids, atts)
+    torch.testing.assert_close(reused.last_hidden_state, direct.last_hidden_state, rtol=1e-5, atol=1e-5)
