@@ -216,7 +216,7 @@ class BaseTask:
     @torch.no_grad()
     def evaluation(self, model: torch.nn.Module, data_loader: Iterable) -> list[dict]:
         """Run ``valid_step`` over this rank's share of the loader; returns this rank's records."""
-        self.eval_dataset = getattr(data_loader, "dataset", None)
+        self.eval_dataset = getattr(data_loader, "dataset", self.eval_dataset)
         was_training = model.training
         model.eval()
         device = model_device(model)
@@ -270,7 +270,8 @@ class BaseTask:
         """Metrics of a run with ``report_metric: false``: where the results are, no scores."""
         info = None
         if merged is not None:
-            info = {"num_results": len(merged), "result_file": str(self.result_dir / f"{self.result_name(split, epoch)}.json")}
+            result_file = self.result_dir / f"{self.result_name(split, epoch)}.json"
+            info = {"num_results": len(merged), "result_file": str(result_file)}
         return self.finish_metrics(info, split, epoch)
 
     def finish_metrics(self, metrics: dict[str, Any] | None, split: str, epoch: Any) -> dict[str, Any]:

@@ -207,7 +207,8 @@ class RetrievalTask(BaseTask):
         try:
             device = model_device(model)
             text_feat, text_ids, text_atts = encode_texts(model, list(dataset.text), self.text_batch_size, device)
-            image_feats, image_embeds = encode_images(model, _sequential_loader(data_loader), len(dataset.img2txt), device)
+            loader = _sequential_loader(data_loader)
+            image_feats, image_embeds = encode_images(model, loader, len(dataset.img2txt), device)
             # [N_img, Q, E] x [N_txt, E] -> [N_img, Q, N_txt] -> max over queries
             sim_i2t = itc_similarity(image_feats, text_feat)  # [N_img, N_txt]
             score_i2t, score_t2i = rerank_scores(

@@ -131,7 +131,8 @@ def test_setup_build_model_datasets_and_train_step(fake_registrations, tmp_path:
 
 
 def test_pretrain_validation_loss(tmp_path: Path) -> None:
-    task = registry.tasks.get("image_text_pretrain").setup_task(OmegaConf.create({"run": {"output_dir": str(tmp_path)}}))
+    cfg = OmegaConf.create({"run": {"output_dir": str(tmp_path)}})
+    task = registry.tasks.get("image_text_pretrain").setup_task(cfg)
     model = FakeLossModel(init=1.0)
     model.train()
     ds = ListDataset([{"image": torch.full((3, 2, 2), float(i)), "text_input": "x"} for i in range(5)])

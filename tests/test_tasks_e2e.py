@@ -87,7 +87,8 @@ def test_e2e_vqa(e2e, arch: str, method: str) -> None:
     from tasks.vqa import load_vqa_annotation_file
 
     gt = load_vqa_annotation_file(val.coco_annotation_file)
-    assert metrics["agg_metrics"] == pytest.approx(vqa_scores({r["question_id"]: r["answer"] for r in results}, gt)["overall"])
+    predictions = {r["question_id"]: r["answer"] for r in results}
+    assert metrics["agg_metrics"] == pytest.approx(vqa_scores(predictions, gt)["overall"])
 
 
 @pytest.mark.slow

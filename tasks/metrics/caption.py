@@ -79,7 +79,9 @@ def caption_scores(
         raise ValueError(f"caption_scores: unknown metrics {unknown}; choose from {list(ALL_METRICS)}")
     missing = [i for i in predictions if i not in references]
     if missing:
-        raise KeyError(f"caption_scores: {len(missing)} predicted image ids have no reference captions, e.g. {missing[:5]}")
+        raise KeyError(
+            f"caption_scores: {len(missing)} predicted image ids have no reference captions, e.g. {missing[:5]}"
+        )
     if not predictions:
         raise ValueError("caption_scores: no predictions to score")
     if "SPICE" in wanted and not spice_available():

@@ -108,8 +108,10 @@ def vqa_accuracy(prediction: str, references: Sequence[str], normalize_reference
     The prediction is always fully normalised. References are normalised only when the humans
     disagree, as in the official script (whose annotation files are already normalised; LAVIS's
     copy applies the full normalisation there, and so do we); ``normalize_references=True``
-    normalises them always, for user data whose answers were never normalised. With n >= 2 references the score is the mean over the n leave-one-out
-    subsets of ``min(matches / 3, 1)``; with a single reference it is plain exact match.
+    normalises them always, for user data whose answers were never normalised.
+
+    With n >= 2 references the score is the mean over the n leave-one-out subsets of
+    ``min(matches / 3, 1)``; with a single reference it is plain exact match.
     """
     if len(references) == 0:
         raise ValueError("vqa_accuracy: a question has no reference answers")
@@ -176,7 +178,9 @@ def gqa_accuracy(predictions: Mapping[object, str], references: Mapping[object, 
     """Exact-match accuracy in % over question ids (every prediction needs a reference)."""
     missing = [qid for qid in predictions if qid not in references]
     if missing:
-        raise KeyError(f"gqa_accuracy: {len(missing)} predicted question ids have no reference answer, e.g. {missing[:5]}")
+        raise KeyError(
+            f"gqa_accuracy: {len(missing)} predicted question ids have no reference answer, e.g. {missing[:5]}"
+        )
     if not predictions:
         return 0.0
     hits = sum(gqa_exact_match(p, references[q]) for q, p in predictions.items())
