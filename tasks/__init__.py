@@ -2,7 +2,8 @@
 
 Importing this package registers every built-in task in ``registry.tasks``:
 ``image_text_pretrain``, ``captioning``, ``vqa``, ``gqa``, ``retrieval`` and the demo's
-frozen-part pre-training tasks (``tasks/frozen_pretrain.py``).
+frozen-part pre-training tasks ``image_encoder_pretrain`` and ``text_lm_pretrain``
+(``tasks/frozen_pretrain.py``).
 
     task = registry.tasks.get(cfg.run.task).setup_task(cfg)
 """
