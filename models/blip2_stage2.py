@@ -9,6 +9,7 @@ decoder: encoder prefix + decoder target); captioning, answer generation and ans
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
@@ -20,6 +21,11 @@ from models.blip2_base import Blip2Base, to_plain
 from models.llms import FrozenLLM
 
 logger = logging.getLogger(__name__)
+
+# Q-Former parts only the text path uses (absent from stage-2 checkpoints; kept when qformer_text_input).
+QFORMER_TEXT_PARTS = re.compile(
+    r"^Qformer\.bert\.(embeddings\.(word|position)_embeddings\.|encoder\.layer\.\d+\.(intermediate|output)\.)"
+)
 
 
 class Blip2LLMBase(Blip2Base):
@@ -59,6 +65,7 @@ class Blip2LLMBase(Blip2Base):
         self.qformer_text_input = bool(qformer_text_input)
         self.Qformer.remove_text_modules(keep_text_input=self.qformer_text_input)
         self.tokenizer = self.init_tokenizer(qformer_tokenizer) if self.qformer_text_input else None
+        self._qformer_text_loaded = bool(qformer_bert)  # text parts from BERT, or later from a stage-1 checkpoint
 
         llm_cls = registry.llms.get(llm_type or self.DEFAULT_LLM_TYPE)
         llm = llm_cls(llm_model, precision=llm_precision, freeze=True, load_weights=load_llm_weights,
@@ -89,7 +96,22 @@ class Blip2LLMBase(Blip2Base):
         (LAVIS checkpoints); a Hugging Face BLIP-2 checkpoint must bring them (tied aliases excepted)."""
         if key.startswith(self.LLM_ATTR + "."):
             return self._llm_weights_loaded or key in self._llm_alias_keys()
+        if QFORMER_TEXT_PARTS.match(key):
+            return self._qformer_text_loaded
         return super()._missing_key_is_expected(key)
+
+    def load_qformer_text(self, source: str) -> None:
+        """Q-Former text parts (word/position embeddings, text FFNs) from a stage-1 checkpoint (any format), for
+        ``qformer_text_input`` on top of a stage-2 checkpoint, which never holds them."""
+        from models.checkpoints import load_state_dict_any
+
+        state = {k: v for k, v in load_state_dict_any(source).items() if QFORMER_TEXT_PARTS.match(k)}
+        wanted = {k for k in self.state_dict() if QFORMER_TEXT_PARTS.match(k)}
+        if wanted - set(state):
+            raise KeyError(f"model.qformer_text_checkpoint {source}: no Q-Former text weights "
+                           f"{sorted(wanted - set(state))[:4]}...; expected a stage-1 (blip2) checkpoint")
+        nn.Module.load_state_dict(self, state, strict=False)
+        self._qformer_text_loaded = True
 
     def _llm_alias_keys(self) -> set[str]:
         """Names of LLM parameters that are a second name of another parameter (tied embeddings)."""
@@ -335,9 +357,12 @@ class Blip2LLMBase(Blip2Base):
     def from_config(cls, cfg: DictConfig | Mapping[str, Any]) -> "Blip2LLMBase":
         kwargs, plan = cls.build_kwargs(cfg)
         model = cls(**kwargs)
+        if torch.get_default_device().type == "meta":
+            return model  # shapes only: nothing to load
+        text_checkpoint = to_plain(cfg).get("qformer_text_checkpoint")
+        if model.qformer_text_input and text_checkpoint and not model._qformer_text_loaded:
+            model.load_qformer_text(text_checkpoint)
         for checkpoint in plan["checkpoints"]:
-            if torch.get_default_device().type == "meta":
-                break  # shapes only: nothing to load
             model.load_checkpoint(checkpoint)
         return model
 

@@ -14,6 +14,7 @@ are half precision on GPU by default (fp16 for OPT, bf16 otherwise) but never fp
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -239,6 +240,13 @@ class FrozenLLM(nn.Module):
     def _cast(self, embeds: torch.Tensor) -> torch.Tensor:
         return embeds.to(self.dtype) if embeds.is_floating_point() else embeds
 
+    def _autocast(self):
+        """Half-precision weights compute in their own dtype, whatever autocast the runner opened (a bf16 T5
+        under an fp16 autocast would overflow); fp32 weights follow the ambient autocast (e.g. amp: bf16)."""
+        if self.dtype in (torch.float16, torch.bfloat16):
+            return torch.autocast(self.device.type, dtype=self.dtype)
+        return contextlib.nullcontext()
+
     # -- the interface ------------------------------------------------------------------------------
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings [B, T, hidden_size] in the LLM dtype, as the LLM's input layer computes them."""
@@ -256,9 +264,10 @@ class FrozenLLM(nn.Module):
         """Decoder-only: ``labels`` [B,T] align with ``inputs_embeds`` [B,T,H] (-100 = not scored);
         the next-token shift happens here. The loss is computed in fp32."""
         self._cpu_safe()
-        out = self.model(
-            inputs_embeds=self._cast(inputs_embeds), attention_mask=attention_mask, use_cache=False
-        )
+        with self._autocast():
+            out = self.model(
+                inputs_embeds=self._cast(inputs_embeds), attention_mask=attention_mask, use_cache=False
+            )
         if labels is None:
             return LLMOutput(logits=out.logits)
         nll, mask = token_nll(out.logits[:, :-1], labels[:, 1:])
@@ -292,8 +301,8 @@ class FrozenLLM(nn.Module):
             kwargs.update(top_p=top_p, temperature=temperature)
         else:  # keep sampling-only defaults of some generation configs from warning
             kwargs.update(top_p=None, temperature=None, top_k=None)
-        ids = self.model.generate(inputs_embeds=self._cast(inputs_embeds), attention_mask=attention_mask, **kwargs)
-        return ids
+        with self._autocast():
+            return self.model.generate(inputs_embeds=self._cast(inputs_embeds), attention_mask=attention_mask, **kwargs)
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         """Token ids -> stripped strings (special tokens removed)."""
@@ -326,10 +335,11 @@ class FrozenSeq2SeqLM(FrozenLLM):
             raise ValueError(f"{type(self).__name__}.forward needs decoder target labels")
         self._cpu_safe()
         decoder_input_ids = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
-        out = self.model(
-            inputs_embeds=self._cast(inputs_embeds), attention_mask=attention_mask,
-            decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask, use_cache=False,
-        )
+        with self._autocast():
+            out = self.model(
+                inputs_embeds=self._cast(inputs_embeds), attention_mask=attention_mask,
+                decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask, use_cache=False,
+            )
         nll, mask = token_nll(out.logits, labels)
         return _with_loss(out.logits, nll, mask)
 

@@ -301,3 +301,27 @@ def test_hf_checkpoint_brings_llm_config_and_tokenizer(tmp_path, opt_model):
     assert model.llm.model.config.num_hidden_layers == 1 and len(model.llm.tokenizer) == text_config["vocab_size"]
     assert not model._missing_key_is_expected("opt_model.model.model.decoder.layers.0.fc1.weight")  # from the file
     assert model._missing_key_is_expected("opt_model.model.lm_head.weight")  # tied alias of embed_tokens
+
+
+def test_qformer_text_parts_from_stage1_checkpoint(tmp_path):
+    """qformer_text_input on a stage-2 checkpoint (no text parts): they come from qformer_text_checkpoint."""
+    from safetensors.torch import save_file
+
+    from models.blip2_stage2 import QFORMER_TEXT_PARTS
+
+    source = build(Blip2OPT, seed=3, qformer_text_input=True)
+    text_state = {k: v.contiguous() for k, v in source.state_dict().items() if QFORMER_TEXT_PARTS.match(k)}
+    assert any("word_embeddings" in k for k in text_state) and any(".intermediate.dense" in k for k in text_state)
+    assert not any("_query" in k or "attention" in k for k in text_state)
+    save_file(text_state, tmp_path / "stage1.safetensors")
+    stage2 = {k: v.contiguous() for k, v in build(Blip2OPT, seed=4).trainable_state_dict().items()}
+    save_file(stage2, tmp_path / "stage2.safetensors")
+
+    model = build(Blip2OPT, seed=5, qformer_text_input=True, qformer_text_checkpoint=str(tmp_path / "stage1.safetensors"),
+                  weights="lavis", pretrained=str(tmp_path / "stage2.safetensors"), load_pretrained=True)
+    for key, value in text_state.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert torch.equal(model.opt_proj.weight, stage2["opt_proj.weight"])
+    with pytest.raises(KeyError, match="missing keys"):  # text parts would silently stay random
+        build(Blip2OPT, seed=5, qformer_text_input=True, weights="lavis", load_pretrained=True,
+              pretrained=str(tmp_path / "stage2.safetensors"))

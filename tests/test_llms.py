@@ -223,3 +223,16 @@ def test_missing_model_error_names_path(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="HF_HUB_OFFLINE"):
         OPTLLM(str(tmp_path / "nowhere"))
+
+
+def test_bf16_weights_compute_in_bf16(opt):
+    llm = OPTLLM("tiny:opt", precision="bf16")
+    assert llm.dtype == torch.bfloat16
+    queries, embeds, mask, enc = _soft_prompt_batch(llm, ["a red circle", "two"])
+    labels = torch.cat([torch.full((2, 3), -100), enc.input_ids.masked_fill(enc.attention_mask == 0, -100)], 1)
+    out = llm(embeds.float(), mask, labels=labels)
+    assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert queries.grad.dtype == torch.float32 and queries.grad.abs().sum() > 0
+    ref = opt(embeds.detach().float(), mask, labels=labels)
+    assert abs(float(out.loss.detach()) - float(ref.loss.detach())) < 0.1  # same model, bf16 rounding only
