@@ -191,3 +191,15 @@ def test_unknown_hf_key_and_stage1_keys_for_stage2_model():
     # Stage-1-only parts are dropped; a real mismatch (output_query) is kept for the model to report.
     assert sorted(loaded) == ["Qformer.bert.encoder.layer.0.output_query.dense.weight", "query_tokens"]
     assert sorted(ck.load_state_dict_any(stage1)) == sorted(stage1)  # without a model nothing is dropped
+
+
+def test_lavis_checkpoint_with_trained_clip_vit_gets_timm_names():
+    """A LAVIS checkpoint whose (fine-tuned) CLIP ViT-L is stored under OpenAI names loads with our timm names."""
+    sd = {"visual_encoder.conv1.weight": torch.randn(8, 3, 14, 14), "visual_encoder.class_embedding": torch.randn(8),
+          "visual_encoder.positional_embedding": torch.randn(5, 8),
+          "visual_encoder.transformer.resblocks.0.attn.in_proj_weight": torch.randn(24, 8),
+          "query_tokens": torch.zeros(1, 2, 4)}
+    out = ck.load_state_dict_any(sd)
+    assert sorted(out) == ["query_tokens", "visual_encoder.blocks.0.attn.qkv.weight", "visual_encoder.cls_token",
+                           "visual_encoder.patch_embed.proj.weight", "visual_encoder.pos_embed"]
+    assert out["visual_encoder.cls_token"].shape == (1, 1, 8) and out["visual_encoder.pos_embed"].shape == (1, 5, 8)
