@@ -420,22 +420,97 @@ def test_non_distributed_never_initialises_process_group(tmp_path, fake_plugin_d
     assert type(runner.model) is type(runner.raw_model)
 
 
-# -- end-to-end CLI (subprocess) ------------------------------------------------------------------
+# -- end-to-end CLI on the real tiny BLIP-2 models and the LAVIS-layout fixture tree ---------------------
+@pytest.fixture(scope="module")
+def lavis_tree(tmp_path_factory) -> Path:
+    from tests.fixtures_data import make_lavis_tree
+
+    root = tmp_path_factory.mktemp("lavis_tree")
+    make_lavis_tree(root, with_video=False, with_shards=False)
+    return root
+
+
+def tiny_project(tmp_path: Path, stage: str) -> dict:
+    """A project YAML for a few steps of one stage on fixture data (deterministic eval preprocessing)."""
+    procs = {"vis_processor": {"train": {"name": "blip_image_eval", "image_size": 64},
+                               "eval": {"name": "blip_image_eval", "image_size": 64}}}
+    run = {"lr_sched": "linear_warmup_cosine_lr", "init_lr": 1e-4, "min_lr": 1e-5, "warmup_lr": 1e-6,
+           "warmup_steps": 1, "weight_decay": 0.05, "beta2": 0.98, "max_epoch": 1, "batch_size_train": 4,
+           "batch_size_eval": 4, "num_workers": 0, "seed": 42, "device": "cpu", "amp": "bf16", "log_freq": 1,
+           "output_dir": str(tmp_path / "out"), "job_name": stage, "train_splits": ["train"]}
+    if stage == "stage1":  # ITC + ITM + ITG; validated and tested by retrieval recall
+        return {"model": {"arch": "blip2", "model_type": "tiny"},
+                "datasets": {"coco_retrieval": {**procs, "text_processor": {"train": {"name": "blip_caption"},
+                                                                              "eval": {"name": "blip_caption"}}}},
+                "run": {**run, "task": "retrieval", "valid_splits": ["val"], "test_splits": ["test"], "k_test": 4}}
+    if stage == "stage2_opt":  # LM loss through the frozen OPT; captioning scored with BLEU-4 and CIDEr
+        return {"model": {"arch": "blip2_opt", "model_type": "tiny", "prompt": "a photo of"},
+                "datasets": {"coco_caption": {**procs, "text_processor": {
+                    "train": {"name": "blip_caption", "prompt": "a photo of "}, "eval": {"name": "blip_caption"}}}},
+                "run": {**run, "task": "captioning", "valid_splits": ["val"], "test_splits": ["test"],
+                        "num_beams": 2, "max_len": 8, "min_len": 1, "caption_metrics": ["Bleu_4", "CIDEr"]}}
+    if stage == "stage2_t5":  # prefix-LM loss through the frozen T5 on VQA answers; VQA accuracy
+        return {"model": {"arch": "blip2_t5", "model_type": "tiny", "prompt": "Question: {} Short answer:"},
+                "datasets": {"coco_vqa": {**procs, "text_processor": {"train": {"name": "blip_question"},
+                                                                        "eval": {"name": "blip_question"}}}},
+                "run": {**run, "task": "vqa", "lr_sched": "constant_lr", "test_splits": ["val"], "num_beams": 2,
+                        "max_len": 4, "inference_method": "generate", "prompt": "Question: {} Short answer:"}}
+    raise ValueError(stage)
+
+
 @pytest.mark.slow
-def test_cli_train_then_evaluate_fake(tmp_path, fake_plugin_dir):
-    cfg_path = write_yaml(tmp_path / "cfg.yaml", fake_config(tmp_path, max_epoch=2))
-    env = subprocess_env(fake_plugin_dir)
-    proc = run_cli("runners.train", ["--cfg", str(cfg_path), "--plugins", "runner_fake_plugin",
-                                     "--options", "run.job_name=fake1"], env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+@pytest.mark.parametrize("stage", ["stage1", "stage2_opt", "stage2_t5"])
+def test_cli_train_and_evaluate_tiny_blip2(stage, tmp_path, lavis_tree):
+    from safetensors.torch import load_file
+
+    import registry
+
+    cfg_path = write_yaml(tmp_path / f"{stage}.yaml", tiny_project(tmp_path, stage))
+    env = subprocess_env()
+    env["BLIP2_CACHE_ROOT"] = str(lavis_tree)
+    proc = run_cli("runners.train", ["--cfg", str(cfg_path)], env, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     summary = last_json_line(proc.stdout)
     job = Path(summary["job_dir"])
-    assert job == tmp_path / "out" / "fake1"
-    assert (job / "checkpoint_best" / "model.safetensors").is_file()
-    assert json.loads((job / "final_metrics.json").read_text())["test"]["num_values"] == 32
-    proc = run_cli("runners.evaluate", ["--cfg", str(cfg_path), "--plugins", "runner_fake_plugin",
-                                        "--checkpoint", str(job / "checkpoint_best")], env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    evaluated = last_json_line(proc.stdout)
-    assert evaluated["results"]["test"]["mse"] == pytest.approx(summary["results"]["test"]["mse"], rel=1e-6)
-    assert Path(evaluated["job_dir"]).parent == job.parent and Path(evaluated["job_dir"]) != job
+    assert job == tmp_path / "out" / stage
+
+    log = read_log(job)
+    steps = [r for r in log if r["type"] == "train_step"]
+    assert steps and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    if stage == "stage1":
+        assert {"loss_itc", "loss_itm", "loss_itg"} <= set(steps[0])
+    final = sorted((job / "checkpoints").iterdir())[-1]
+    weights = load_file(final / "model.safetensors")
+    # trainable parameters only: the Q-Former is there, the frozen ViT (and LLM) are not
+    assert any(k.startswith("Qformer.") for k in weights) and "query_tokens" in weights
+    assert not any(k.startswith(("visual_encoder.", "llm.", "opt_model.", "t5_model.")) for k in weights)
+    arch = {"stage1": "blip2", "stage2_opt": "blip2_opt", "stage2_t5": "blip2_t5"}[stage]
+    model = registry.models.get(arch).from_pretrained("tiny")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable <= set(weights), sorted(trainable - set(weights))[:5]
+    assert len(weights) < len(model.state_dict())
+    optimizer = torch.load(final / "optimizer.pt", weights_only=True)
+    assert sum(len(g["params"]) for g in optimizer["param_groups"]) == len(trainable)
+
+    test_split = tiny_project(tmp_path, stage)["run"]["test_splits"][0]
+    metrics = summary["results"][test_split]
+    assert "agg_metrics" in metrics
+    if stage == "stage1":
+        assert {"txt_r1", "img_r1", "r_mean"} <= set(metrics)
+        assert summary["results"]["best_epoch"] == 0 and (job / "checkpoint_best" / "model.safetensors").is_file()
+    if stage == "stage2_opt":
+        assert {"Bleu_4", "CIDEr"} <= set(metrics)
+    if stage == "stage2_t5":
+        assert metrics["num_questions"] > 0 and 0.0 <= metrics["agg_metrics"] <= 100.0
+        return
+    # runners.evaluate with the best checkpoint reproduces the training run's final test metrics
+    proc = run_cli("runners.evaluate", ["--cfg", str(cfg_path), "--checkpoint", str(job / "checkpoint_best"),
+                                        "--options", "run.job_name=null"], env, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    eval_summary = last_json_line(proc.stdout)
+    assert Path(eval_summary["job_dir"]).parent == job.parent and Path(eval_summary["job_dir"]) != job
+    assert any(r["type"] == "eval" for r in read_log(Path(eval_summary["job_dir"])))
+    evaluated = eval_summary["results"][test_split]
+    for key in ("agg_metrics", "txt_r1", "Bleu_4"):
+        if key in metrics:
+            assert evaluated[key] == pytest.approx(metrics[key], abs=1e-6)
