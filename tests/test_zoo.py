@@ -75,6 +75,22 @@ def test_load_model_with_checkpoint_and_overrides(tmp_path):
     assert loaded.prompt == "a photo of" and not loaded.training
 
 
+def test_weights_switch_selects_lavis_checkpoint(tmp_path):
+    """``weights: lavis`` loads the original-format ``{"model": sd}`` .pth named by ``pretrained`` (here a local
+    file standing in for the LAVIS URL); ``weights: none`` loads nothing."""
+    torch.manual_seed(1)
+    source = load_model("blip2", "tiny")
+    lavis = {k: v + 0.25 if v.is_floating_point() else v for k, v in source.trainable_state_dict().items()}
+    torch.save({"model": lavis, "epoch": 9}, tmp_path / "blip2_pretrained.pth")
+    loaded = load_model("blip2", "tiny", weights="lavis", load_pretrained=True,
+                        pretrained=str(tmp_path / "blip2_pretrained.pth"))
+    state = loaded.state_dict()
+    for key, value in lavis.items():
+        torch.testing.assert_close(state[key], value, msg=key)
+    fresh = load_model("blip2", "tiny", weights="none")
+    assert not torch.equal(fresh.query_tokens, lavis["query_tokens"])
+
+
 def test_cpu_safe_upcasts_only_fp16():
     module = torch.nn.Sequential(torch.nn.Linear(2, 2).half(), torch.nn.Linear(2, 2).to(torch.bfloat16),
                                  torch.nn.BatchNorm1d(2).half())
