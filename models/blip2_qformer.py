@@ -86,10 +86,22 @@ class Blip2InferenceMixin:
         return self.text_features(text_ids, text_atts), text_ids, text_atts
 
     @torch.no_grad()
-    def itm_scores(self, image_embeds: Tensor, text_ids: Tensor, text_atts: Tensor) -> Tensor:
-        """ITM "match" logit [B] (mean over queries) for aligned rows of image embeds and texts."""
+    def itm_scores(
+        self, image_embeds: Tensor, text_ids: Tensor, text_atts: Tensor, image_index: Tensor | None = None
+    ) -> Tensor:
+        """ITM "match" logit [B] (mean over queries) for aligned rows of image embeds and texts.
+
+        With ``image_index`` [B], ``image_embeds`` [M, N, W] holds distinct images and row b uses image
+        ``image_index[b]``: each image's cross-attention K/V is projected once, however many texts it meets.
+        """
         keep = int(text_atts.sum(1).max().item())  # drop all-padding columns
-        return self.compute_itm(image_embeds, text_ids[:, :keep], text_atts[:, :keep])
+        text_ids, text_atts = text_ids[:, :keep], text_atts[:, :keep]
+        if image_index is None:
+            return self.compute_itm(image_embeds, text_ids, text_atts)
+        image_kv = self.select_image_key_values(self.Qformer.bert.image_key_values(image_embeds), image_index)
+        num_query = self.query_tokens.shape[1]
+        out = self.query_features(None, text_ids, text_atts, image_key_values=image_kv).last_hidden_state
+        return self.itm_head(out[:, :num_query])[:, :, 1].mean(dim=1)
 
     # -- captioning from the Q-Former decoder --------------------------------------------------------------------------
     @torch.no_grad()
@@ -287,6 +299,7 @@ class Blip2Qformer(Blip2InferenceMixin, Blip2Base):
             labels=labels,
             label_smoothing=self.label_smoothing,
             reduction="sum",
+            return_logits=False,  # vocabulary projection on target tokens only
         )
         loss_itg = lm_out.loss / _mean_tokens_per_rank(labels[:, 1:] != -100)
         self._step += 1

@@ -129,7 +129,7 @@ class QFormerOutput:
 
 @dataclass
 class QFormerLMOutput:
-    logits: Tensor  # [B, T, vocab] (text positions only)
+    logits: Tensor | None  # [B, T, vocab] (text positions only); None when return_logits=False
     loss: Tensor | None = None
     past_key_values: QFormerCache | None = None
 
@@ -387,6 +387,19 @@ class QFormerModel(nn.Module):
             cache = QFormerCache(presents, num_query=prior_query + num_query)
         return QFormerOutput(last_hidden_state=hidden, past_key_values=cache, image_key_values=cross_kvs)
 
+    def image_key_values(self, image: Tensor) -> list[tuple[Tensor, Tensor] | None]:
+        """Cross-attention K/V of image features [B, N, W] for every layer (None where a layer has none), to be
+        reused by passes over the same images (``image_key_values=`` of ``forward``)."""
+        out = []
+        for layer in self.encoder.layer:
+            if not layer.has_cross_attention:
+                out.append(None)
+                continue
+            attn = layer.crossattention.self
+            states = image.to(attn.key.weight.dtype) if not torch.is_autocast_enabled() else image
+            out.append((attn._heads(attn.key(states)), attn._heads(attn.value(states))))
+        return out
+
 
 class QFormerPredictionHeadTransform(nn.Module):
     def __init__(self, cfg: QFormerConfig) -> None:
@@ -503,12 +516,17 @@ class QFormer(nn.Module):
         use_cache: bool = False,
         label_smoothing: float = 0.1,
         reduction: str = "mean",
+        return_logits: bool = True,
     ) -> QFormerLMOutput:
         """Causal LM over the text positions (ITG / captioning): logits [B, T, vocab], shifted CE loss when labels.
 
-        ``reduction``: ``mean`` over target tokens, ``sum`` over them, or ``none`` (per-sample sums, as LAVIS)."""
+        ``reduction``: ``mean`` over target tokens, ``sum`` over them, or ``none`` (per-sample sums, as LAVIS).
+        ``return_logits=False`` (with labels, mean/sum): the vocabulary projection runs on target positions only.
+        """
         if self.cls is None:
             raise RuntimeError("this Q-Former had its LM head removed (stage-2); it cannot decode text")
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         out = self.bert(
             input_ids=input_ids,
             query_embeds=query_embeds,
@@ -520,7 +538,15 @@ class QFormer(nn.Module):
             causal=True,
         )
         num_query = query_embeds.shape[1] if query_embeds is not None else 0
-        logits = self.cls(out.last_hidden_state[:, num_query:])  # [B, T, V]
+        text_hidden = out.last_hidden_state[:, num_query:]  # [B, T, H]
+        if labels is not None and not return_logits and reduction != "none":
+            targets = labels[:, 1:]
+            valid = targets != -100
+            picked = self.cls(text_hidden[:, :-1][valid])  # [n_targets, V]
+            loss = F.cross_entropy(picked.float(), targets[valid], label_smoothing=label_smoothing,
+                                   reduction=reduction)
+            return QFormerLMOutput(logits=None, loss=loss, past_key_values=out.past_key_values)
+        logits = self.cls(text_hidden)  # [B, T, V]
         loss = None
         if labels is not None:
             targets = labels[:, 1:]

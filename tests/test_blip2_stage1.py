@@ -276,6 +276,10 @@ def test_extract_features_and_itm_model(model):
             itm_model.query_features(embeds, ids, atts).last_hidden_state[:, :8]
         )[:, :, 1].mean(1)
     torch.testing.assert_close(model.itm_scores(embeds, ids, atts), direct, rtol=1e-5, atol=1e-5)
+    # distinct images + an index: the same scores with each image's K/V projected once
+    index = torch.tensor([2, 2, 0, 2])
+    torch.testing.assert_close(model.itm_scores(embeds, ids, atts, image_index=index),
+                               model.itm_scores(embeds[index], ids, atts), rtol=1e-5, atol=1e-5)
 
 
 def test_cached_image_embeds_hook(model):

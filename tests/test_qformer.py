@@ -131,6 +131,12 @@ def test_lm_loss_label_smoothing_and_ignore(qformer):
     logits = out.logits[:, :-1].reshape(-1, 50)
     expected = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
     torch.testing.assert_close(out.loss, expected)
+    for reduction in ("mean", "sum"):  # target-only projection gives the same loss
+        full = qformer(ids, att, query_embeds=queries, encoder_hidden_states=image, labels=labels, reduction=reduction)
+        lean = qformer(ids, att, query_embeds=queries, encoder_hidden_states=image, labels=labels, reduction=reduction,
+                       return_logits=False)
+        assert lean.logits is None
+        torch.testing.assert_close(lean.loss, full.loss)
     per_sample = qformer(ids, att, query_embeds=queries, encoder_hidden_states=image, labels=labels,
                          reduction="none").loss
     assert per_sample.shape == (2,) and torch.isfinite(per_sample).all()
