@@ -265,7 +265,6 @@ class Blip2LLMBase(Blip2Base):
         answer_list: Sequence[str] | None = None,
         prompt: str = "",
         length_penalty: float = -1,
-        **kwargs: Any,
     ) -> list[str]:
         """Answer ``samples["text_input"]`` (questions) about ``samples["image"]``.
 
