@@ -1,8 +1,9 @@
 """``blip2_t5``: BLIP-2 with a frozen encoder-decoder LLM (Flan-T5 by default; any ``hf_seq2seq_lm`` by config).
 
 Prefix LM (paper, section 3.3): the encoder reads ``[Z (Q tokens) | text_input]``, the decoder is trained to
-produce ``text_output``. A caption batch without ``text_output`` is split at the prompt: the encoder gets the
-prompt (e.g. "a photo of"), the decoder the rest of the caption (the whole caption when there is no prompt).
+produce ``text_output``. A caption batch without ``text_output`` is split in two: at the prompt (the encoder gets
+e.g. "a photo of", the decoder the rest; the whole caption when there is no prompt), or, with
+``prefix_lm_split: random``, at a random word boundary while training, as the paper pre-trains.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ class Blip2T5(Blip2LLMBase):
         "caption_coco_flant5xl": "configs/blip2_caption_flant5xl.yaml",
         "tiny": "configs/blip2_t5_tiny.yaml",
     }
-    EXTRA_CONFIG_KEYS = STAGE2_EXTRA_KEYS + ("t5_model",)
+    EXTRA_CONFIG_KEYS = STAGE2_EXTRA_KEYS + ("t5_model", "prefix_lm_split")
     LLM_ATTR = "t5_model"
     PROJ_ATTR = "t5_proj"
     LLM_NAME_KEY = "t5_model"
@@ -66,12 +67,30 @@ class Blip2T5(Blip2LLMBase):
         return self.llm(embeds, atts, labels=start).logits[:, 0].float().log_softmax(-1)  # [B, V]
 
     # -- training ------------------------------------------------------------------------------------------------------
+    #: how a caption without ``text_output`` is split (config ``prefix_lm_split``): ``prompt`` (the prompt prefix to
+    #: the encoder) or ``random`` (paper, section 3.3: a random word boundary while training; ``prompt`` in eval)
+    PREFIX_SPLITS = ("prompt", "random")
+    prefix_lm_split: str = "prompt"
+
     def split_caption(self, caption: str) -> tuple[str, str]:
-        """(encoder text, decoder target): the prompt prefix goes to the encoder, the rest is the target."""
+        """(encoder text, decoder target) of a caption (see ``prefix_lm_split``); the target keeps >= 1 word."""
+        if self.prefix_lm_split == "random" and self.training:
+            words = caption.split()
+            cut = int(torch.randint(0, max(len(words), 1), ()).item())  # words[:cut] -> encoder
+            return " ".join(words[:cut]), " ".join(words[cut:])
         prompt = self.prompt.strip()
         if prompt and "{}" not in prompt and caption.startswith(prompt):
             return prompt, caption[len(prompt):].strip()
         return "", caption
+
+    @classmethod
+    def from_config(cls, cfg) -> "Blip2T5":
+        model = super().from_config(cfg)
+        split = (cfg.get("prefix_lm_split") if hasattr(cfg, "get") else None) or "prompt"
+        if split not in cls.PREFIX_SPLITS:
+            raise ValueError(f"model.prefix_lm_split must be one of {cls.PREFIX_SPLITS}, got {split!r}")
+        model.prefix_lm_split = split
+        return model
 
     def forward(self, samples: Mapping[str, Any], return_logits: bool = False) -> dict[str, Tensor]:
         """Prefix-LM loss: ``{"loss"}`` (+ ``"logits"`` [B, T_out, V])."""

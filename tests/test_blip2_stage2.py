@@ -325,3 +325,20 @@ def test_qformer_text_parts_from_stage1_checkpoint(tmp_path):
     with pytest.raises(KeyError, match="missing keys"):  # text parts would silently stay random
         build(Blip2OPT, seed=5, qformer_text_input=True, weights="lavis", load_pretrained=True,
               pretrained=str(tmp_path / "stage2.safetensors"))
+
+
+def test_t5_random_prefix_split():
+    model = build(Blip2T5, prefix_lm_split="random")
+    assert model.prefix_lm_split == "random"
+    caption = "a small red circle left of a blue star"
+    model.train()
+    splits = {model.split_caption(caption) for _ in range(60)}
+    assert len(splits) > 3
+    for encoder_text, target in splits:
+        assert f"{encoder_text} {target}".strip() == caption and target
+    model.eval()
+    assert model.split_caption(caption) == ("", caption)
+    losses = train(model, {"image": images(), "text_input": [caption, "two green squares"]}, steps=3)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    with pytest.raises(ValueError, match="prefix_lm_split"):
+        build(Blip2T5, prefix_lm_split="middle")
