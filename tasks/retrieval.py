@@ -14,6 +14,7 @@ options: k_test (128), text_batch_size (run.batch_size_eval or 64), itm_batch_si
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import numpy as np
@@ -115,16 +116,27 @@ def pair_itm_scores(
     text_atts: torch.Tensor,
     batch_size: int,
 ) -> torch.Tensor:
-    """ITM logits [P] of (image_idx[p], text_idx[p]) pairs, each distinct pair scored once, in batches."""
+    """ITM logits [P] of (image_idx[p], text_idx[p]) pairs, each distinct pair scored once, in batches.
+
+    Pairs are sorted by image; when the model's ``itm_scores`` takes ``image_index``, each batch
+    passes its distinct images once (their cross-attention keys/values are then computed once).
+    """
     n_txt = text_ids.shape[0]
     keys, inverse = torch.unique(image_idx * n_txt + text_idx, return_inverse=True)
     device = text_ids.device
+    shared_images = "image_index" in inspect.signature(model.itm_scores).parameters
     scores = torch.empty(keys.shape[0], device=device)
     for s in range(0, keys.shape[0], batch_size):
         k = keys[s:s + batch_size]
         img, txt = (k // n_txt), (k % n_txt)
-        embeds = image_embeds[img.cpu()].to(device)
-        scores[s:s + batch_size] = model.itm_scores(embeds, text_ids[txt], text_atts[txt]).float()
+        if shared_images:
+            distinct, index = torch.unique(img, return_inverse=True)
+            embeds = image_embeds[distinct.cpu()].to(device)
+            batch_scores = model.itm_scores(embeds, text_ids[txt], text_atts[txt], image_index=index)
+        else:
+            embeds = image_embeds[img.cpu()].to(device)
+            batch_scores = model.itm_scores(embeds, text_ids[txt], text_atts[txt])
+        scores[s:s + batch_size] = batch_scores.float()
     return scores[inverse]
 
 

@@ -448,6 +448,17 @@ def test_itc_similarity_chunks_and_pair_dedup() -> None:
     torch.testing.assert_close(out, torch.tensor([2.0, 105.0, 2.0, 300.0, 105.0]))
     assert calls == [2, 1]  # 3 distinct pairs in batches of 2
 
+    class SharedImages(torch.nn.Module):  # itm_scores with image_index: distinct images passed once
+        def itm_scores(self, embeds, ids, atts, image_index=None):
+            calls.append(len(embeds))
+            return embeds[image_index, 0, 0] * 100 + ids[:, 0].float()
+
+    calls.clear()
+    img, txt = torch.tensor([1, 1, 1, 2, 0]), torch.tensor([0, 3, 4, 0, 1])
+    out = pair_itm_scores(SharedImages(), img, txt, embeds, ids, atts, batch_size=4)
+    torch.testing.assert_close(out, torch.tensor([100.0, 103.0, 104.0, 200.0, 1.0]))
+    assert calls == [2, 1]  # batch 1: pairs (0,1) (1,0) (1,3) (1,4) -> images {0, 1}; batch 2: image 2
+
 
 def test_every_run_key_a_task_reads_is_declared() -> None:
     from runners.config import RUN_SCHEMA
