@@ -33,21 +33,28 @@ def report_bad_media(logger: logging.Logger, owner: str, error: Exception, count
 
 
 def load_image(path: str) -> Image.Image:
-    """Open ``path`` as a fully decoded RGB PIL image (truncation is detected here, not later)."""
+    """Open ``path`` as a fully decoded RGB PIL image (truncation is detected here, not later).
+
+    Decoding and mode conversion (transparency, 16-bit grey, CMYK) are the processors' one loader.
+    """
+    from processors.image import ImageLoadError, load_image as load_rgb
+
+    if not os.path.isfile(path):
+        raise BadMediaError(path, "file does not exist")
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")  # convert() forces the full decode
-    except FileNotFoundError as e:
-        raise BadMediaError(path, "file does not exist") from e
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise BadMediaError(path, f"not a readable image ({type(e).__name__}: {e})") from e
+        return load_rgb(path)
+    except ImageLoadError as e:
+        raise BadMediaError(path, str(e)) from e
 
 
 def decode_image_bytes(data: bytes, name: str) -> Image.Image:
     """Decode encoded image bytes (e.g. a webdataset member) to RGB; ``name`` is used in errors."""
+    from processors.image import to_rgb
+
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return img.convert("RGB")
+            img.load()
+            return to_rgb(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadMediaError(name, f"not a readable image ({type(e).__name__}: {e})") from e
 
