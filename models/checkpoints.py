@@ -20,7 +20,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -82,13 +82,20 @@ def resolve_source(source: str | os.PathLike) -> Path:
     )
 
 
-def _load_file(path: Path) -> StateDict:
+def _load_file(path: Path, select: Callable[[str], bool] | None = None) -> StateDict:
+    """One weight file; ``select(name)`` keeps a subset without reading the rest (safetensors / mmap)."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        return load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys() if select is None or select(k)}
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:  # mmap: tensors that ``select`` drops are never read from disk
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err) and "zipfile" not in str(err):
+                raise
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as err:
         raise ValueError(
             f"cannot read checkpoint {path} with torch.load(weights_only=True) ({err}); arbitrary pickles are "
@@ -100,28 +107,29 @@ def _load_file(path: Path) -> StateDict:
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise ValueError(f"checkpoint {path} does not hold a state dict (name -> tensor), nor one under 'model'")
-    return dict(obj)
+    return {k: v for k, v in obj.items() if select is None or select(k)}
 
 
-def read_state_dict(source: str | os.PathLike) -> StateDict:
-    """Raw tensors of a checkpoint (no renaming); a directory may hold HF shards, one file, or ``*.safetensors``."""
+def read_state_dict(source: str | os.PathLike, select: Callable[[str], bool] | None = None) -> StateDict:
+    """Raw tensors of a checkpoint (no renaming); a directory may hold HF shards, one file, or ``*.safetensors``.
+    ``select(name) -> bool`` reads only part of it (e.g. the vision tower of a full BLIP-2 checkpoint)."""
     path = resolve_source(source)
     if path.is_file():
-        return _load_file(path)
+        return _load_file(path, select)
     for index_name in HF_INDEX_FILES:
         index = path / index_name
         if index.exists():
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             state: StateDict = {}
             for shard in shards:
-                state.update(_load_file(path / shard))
+                state.update(_load_file(path / shard, select))
             return state
     for name in HF_WEIGHT_FILES:
         if (path / name).exists():
-            return _load_file(path / name)
+            return _load_file(path / name, select)
     candidates = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.pth"))
     if len(candidates) == 1:
-        return _load_file(candidates[0])
+        return _load_file(candidates[0], select)
     raise FileNotFoundError(
         f"no weights in directory {path}: expected one of {HF_INDEX_FILES + HF_WEIGHT_FILES} "
         f"or a single *.safetensors / *.pth file (found {[p.name for p in candidates]})"
@@ -176,6 +184,12 @@ def _apply_rules(key: str, rules: list[tuple[str, str]]) -> str | None:
         if count:
             return new
     return None
+
+
+def is_vision_key(name: str) -> bool:
+    """False for tensors of a full BLIP-2 checkpoint that an image encoder never needs (LLM, Q-Former, heads)."""
+    return not name.startswith(("language_model.", "qformer.", "Qformer.", "opt_model.", "t5_model.", "llm_model.",
+                                "language_projection.", "embeddings.", "query_tokens"))
 
 
 def hf_vision_to_timm(state_dict: Mapping[str, Tensor]) -> StateDict:
@@ -379,6 +393,7 @@ def ours_to_hf(state_dict: Mapping[str, Tensor], layout: Mapping[str, str | None
     head, which HF BLIP-2 lacks, are dropped)."""
     out: StateDict = {}
     vision: dict[str, Tensor] = {}
+    dropped: list[str] = []
     for key, value in state_dict.items():
         if key.startswith(layout["vision"]):
             vision[key.removeprefix(layout["vision"])] = value
@@ -387,6 +402,8 @@ def ours_to_hf(state_dict: Mapping[str, Tensor], layout: Mapping[str, str | None
         elif layout.get("proj") and key.startswith(layout["proj"] + "."):
             out["language_projection." + key.removeprefix(layout["proj"] + ".")] = value
         elif _OURS_NOT_IN_HF.match(key):
+            if not key.endswith("position_ids"):
+                dropped.append(key)
             continue
         else:
             new = _apply_rules(key, _OURS_TO_HF_RULES)
@@ -394,6 +411,9 @@ def ours_to_hf(state_dict: Mapping[str, Tensor], layout: Mapping[str, str | None
                 raise KeyError(f"our key {key!r} has no Hugging Face BLIP-2 equivalent")
             out[new] = value
     out.update(timm_vision_to_hf(vision))
+    if dropped:
+        logger.warning("Hugging Face BLIP-2 has no place for %d tensors (not exported): %s%s", len(dropped),
+                       dropped[:4], "..." if len(dropped) > 4 else "")
     return out
 
 

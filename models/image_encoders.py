@@ -260,10 +260,10 @@ class TimmImageEncoder(nn.Module):
 
     def load_pretrained(self, source: str | Path | Mapping[str, torch.Tensor]) -> None:
         """Load weights from a path / URL / hub id or a state dict; every parameter must be covered."""
-        from models.checkpoints import read_state_dict
+        from models.checkpoints import is_vision_key, read_state_dict
 
         name = source if not isinstance(source, Mapping) else "<state dict>"
-        raw = read_state_dict(source) if not isinstance(source, Mapping) else dict(source)
+        raw = read_state_dict(source, select=is_vision_key) if not isinstance(source, Mapping) else dict(source)
         state_dict = self.convert_state_dict(raw)
         result = self.load_state_dict(state_dict, strict=False)
         if result.missing_keys or result.unexpected_keys:

@@ -203,3 +203,13 @@ def test_lavis_checkpoint_with_trained_clip_vit_gets_timm_names():
     assert sorted(out) == ["query_tokens", "visual_encoder.blocks.0.attn.qkv.weight", "visual_encoder.cls_token",
                            "visual_encoder.patch_embed.proj.weight", "visual_encoder.pos_embed"]
     assert out["visual_encoder.cls_token"].shape == (1, 1, 8) and out["visual_encoder.pos_embed"].shape == (1, 5, 8)
+
+
+def test_select_reads_a_subset_and_legacy_pickles_load(tmp_path):
+    sd = {"vision_model.embeddings.class_embedding": torch.ones(1, 1, 4), "language_model.lm_head.weight": torch.ones(3, 4),
+          "qformer.layernorm.weight": torch.ones(4)}
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    torch.save(sd, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)
+    for path in (tmp_path / "model.safetensors", tmp_path / "legacy.bin"):
+        assert sorted(ck.read_state_dict(path, select=ck.is_vision_key)) == ["vision_model.embeddings.class_embedding"]
+        assert sorted(ck.read_state_dict(path)) == sorted(sd)

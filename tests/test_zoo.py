@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-import models
 from models import build_model_skeleton, load_model, load_model_and_preprocess, load_preprocess, model_zoo
 from models.zoo import _cpu_safe_, model_config_from_hf
 
