@@ -284,3 +284,14 @@ def test_lavis_eva_layout_and_bad_keys(tmp_path):
     with pytest.raises(KeyError, match="unexpected"):
         tiny_eva().load_pretrained(sd | {"blocks.0.attn.bogus": torch.zeros(1)})
     assert math.isfinite(float(enc(images()).sum()))
+
+
+def test_nested_load_resamples_pos_embed():
+    """A BLIP-2 state dict saved at 28 px loads into a model built at 56 px: the encoder's load hook resamples
+    ``visual_encoder.pos_embed`` (as for LAVIS/HF 224-px weights in a 364-px caption model)."""
+    small, big = nn.Module(), nn.Module()
+    small.visual_encoder, big.visual_encoder = tiny_eva(), tiny_eva(image_size=56)
+    randomize_(small)
+    big.load_state_dict(small.state_dict())
+    assert big.visual_encoder.pos_embed.shape == (1, 17, 32)
+    torch.testing.assert_close(small.visual_encoder(images(56)), big.visual_encoder(images(56)), rtol=1e-5, atol=1e-5)
