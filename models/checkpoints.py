@@ -4,7 +4,8 @@ Our names are LAVIS's (``query_tokens``, ``ln_vision``, ``Qformer.bert.*``, ``vi
 EVA ViT keys are timm's, which equal LAVIS's ``eva_vit_g.pth``). This module knows three more layouts:
 
 * LAVIS ``.pth`` files: ``{"model": state_dict}`` (trainable parts only; the ViT lives in ``eva_vit_g.pth`` /
-  ``clip_vit_L.pth``, the LLM on the hub). Their names are ours, except the LLM prefix (``opt_model.``/``t5_model.``).
+  ``clip_vit_L.pth``, the LLM on the hub). Their names are ours; a trained CLIP ViT-L inside one is renamed to timm's.
+  Our LLM weights sit at ``<opt_model|t5_model>.model.*`` (the frozen adapter wraps the HF model as ``.model``).
 * Hugging Face BLIP-2 (``Blip2ForConditionalGeneration`` / ``Blip2ForImageTextRetrieval``; safetensors, sharded or
   not, or ``pytorch_model.bin``): ``vision_model.*``, ``qformer.*``, ``language_projection``, ``language_model.*``.
 * OpenAI CLIP visual towers (``conv1``, ``transformer.resblocks.i.*``) for the CLIP ViT-L encoder.
@@ -348,7 +349,8 @@ def _find_submodule(model: nn.Module, kind: str) -> str | None:
 
 def model_layout(model: nn.Module | None = None, text_model_type: str | None = None) -> dict[str, str | None]:
     """Where the HF parts live in our model: ``vision`` prefix, ``llm`` prefix (HF LM state dict inside ours) and
-    ``proj`` (our name of ``language_projection``). Without a model, LAVIS names chosen by the text model type."""
+    ``proj`` (our name of ``language_projection``). Without a model, the names of ``blip2_opt``/``blip2_t5`` chosen
+    by the text model type."""
     if model is None:
         kind = "t5" if text_model_type and "t5" in text_model_type else "opt"
         return {"vision": "visual_encoder.", "llm": DEFAULT_LLM_PREFIXES[kind], "proj": f"{kind}_proj"}
