@@ -22,6 +22,8 @@ from models.llms import FrozenLLM
 
 logger = logging.getLogger(__name__)
 
+# What a stage-1 checkpoint holds that a stage-2 model has no place for (the paper's stage 2 starts from stage 1).
+STAGE1_ONLY_PARTS = re.compile(r"^(Qformer\.cls\.|vision_proj\.|text_proj\.|itm_head\.|temp$)")
 # Q-Former parts only the text path uses (absent from stage-2 checkpoints; kept when qformer_text_input).
 QFORMER_TEXT_PARTS = re.compile(
     r"^Qformer\.bert\.(embeddings\.(word|position)_embeddings\.|encoder\.layer\.\d+\.(intermediate|output)\.)"
@@ -66,6 +68,7 @@ class Blip2LLMBase(Blip2Base):
         self.Qformer.remove_text_modules(keep_text_input=self.qformer_text_input)
         self.tokenizer = self.init_tokenizer(qformer_tokenizer) if self.qformer_text_input else None
         self._qformer_text_loaded = bool(qformer_bert)  # text parts from BERT, or later from a stage-1 checkpoint
+        self._checkpoint_has_proj = True  # set per checkpoint read (see _read_state_dict)
 
         llm_cls = registry.llms.get(llm_type or self.DEFAULT_LLM_TYPE)
         llm = llm_cls(llm_model, precision=llm_precision, freeze=True, load_weights=load_llm_weights,
@@ -98,7 +101,17 @@ class Blip2LLMBase(Blip2Base):
             return self._llm_weights_loaded or key in self._llm_alias_keys()
         if QFORMER_TEXT_PARTS.match(key):
             return self._qformer_text_loaded
+        if key.startswith(self.PROJ_ATTR + ".") and not self._checkpoint_has_proj:
+            return True  # a stage-1 checkpoint: the projection starts from its initialisation
         return super()._missing_key_is_expected(key)
+
+    def _unexpected_key_is_expected(self, key: str) -> bool:
+        """Stage-1 heads (ITC/ITM/ITG) and, without question conditioning, the Q-Former text path."""
+        if STAGE1_ONLY_PARTS.match(key):
+            return True
+        if QFORMER_TEXT_PARTS.match(key):
+            return not self.qformer_text_input
+        return super()._unexpected_key_is_expected(key)
 
     def load_qformer_text(self, source: str) -> None:
         """Q-Former text parts (word/position embeddings, text FFNs) from a stage-1 checkpoint (any format), for
@@ -128,7 +141,12 @@ class Blip2LLMBase(Blip2Base):
         """Any checkpoint format, with Hugging Face LLM keys placed where this model keeps its LLM."""
         from models.checkpoints import load_state_dict_any
 
-        return load_state_dict_any(path_or_url, model=self)
+        state = load_state_dict_any(path_or_url, model=self)
+        self._checkpoint_has_proj = any(k.startswith(self.PROJ_ATTR + ".") for k in state)
+        if not self._checkpoint_has_proj:
+            logger.info("%s holds no %s (a stage-1 checkpoint): the projection keeps its initialisation",
+                        path_or_url, self.PROJ_ATTR)
+        return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """As ``nn.Module.load_state_dict``; a checkpoint that brings LLM weights marks them as loaded, and a tied

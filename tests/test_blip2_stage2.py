@@ -342,3 +342,26 @@ def test_t5_random_prefix_split():
     assert all(torch.isfinite(torch.tensor(losses)))
     with pytest.raises(ValueError, match="prefix_lm_split"):
         build(Blip2T5, prefix_lm_split="middle")
+
+
+@pytest.mark.parametrize("cls", [Blip2OPT, Blip2T5])
+def test_stage2_starts_from_stage1_checkpoint(cls, tmp_path):
+    """The paper's recipe: stage 2 loads the stage-1 model (tiny types share the ViT and Q-Former sizes)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(11)
+    stage1 = registry.models.get("blip2").from_pretrained("tiny")
+    state = {k: v.contiguous() for k, v in stage1.trainable_state_dict().items()}
+    assert any(k.startswith("Qformer.cls.") for k in state) and "itm_head.weight" in state
+    save_file(state, tmp_path / "stage1.safetensors")
+    for text_input in (False, True):
+        model = build(cls, weights="lavis", load_pretrained=True, pretrained=str(tmp_path / "stage1.safetensors"),
+                      qformer_text_input=text_input)
+        own = model.state_dict()
+        shared = [k for k in own if k.startswith(("Qformer.", "query_tokens", "ln_vision"))]
+        assert shared and all(torch.equal(own[k], state[k]) for k in shared)
+        assert any("word_embeddings" in k for k in shared) == text_input
+    broken = {k: v for k, v in state.items() if not k.startswith("query_tokens")}
+    save_file(broken, tmp_path / "broken.safetensors")
+    with pytest.raises(KeyError, match="query_tokens"):
+        build(cls, weights="lavis", load_pretrained=True, pretrained=str(tmp_path / "broken.safetensors"))
