@@ -176,9 +176,27 @@ class Blip2Base(BaseModel):
         if weight.dtype == torch.float16 and images.device.type == "cpu":
             logger.warning("image encoder has fp16 weights on CPU: converting it to bf16 (fp16 is slow on CPU)")
             encoder.to(torch.bfloat16)
+        cache = getattr(self, "feature_cache", None)
+        if cache is not None and self.vit_frozen:
+            # Frozen-feature cache (run.cache_image_features): the encoder runs only on unseen images.
+            with torch.no_grad():
+                return cache.features(images, encoder).float()
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vit_frozen):
             features = encoder(images)  # [B, N, W]
         return features.float()
+
+    def enable_feature_cache(self, root: str, image_size: int, rank: int = 0) -> None:
+        """Reuse the frozen encoder's output across epochs from a disk cache under ``root``.
+
+        Valid only with deterministic image preprocessing (see ``models/feature_cache.py``).
+        """
+        from models.feature_cache import FrozenFeatureCache, encoder_fingerprint
+
+        if not self.vit_frozen:
+            raise ValueError("cache_image_features needs a frozen image encoder (freeze_vit: true)")
+        dtype = str(next(self.visual_encoder.parameters()).dtype)
+        fingerprint = encoder_fingerprint(self.visual_encoder, image_size, extra=dtype)
+        self.feature_cache = FrozenFeatureCache(root, fingerprint, rank=rank)
 
     def encode_image(self, images: Tensor) -> Tensor:
         """images [B,3,S,S] -> image_embeds [B, N, W] = ln_vision(encoder(images)) in fp32."""

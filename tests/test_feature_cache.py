@@ -54,3 +54,20 @@ def test_fingerprint_changes_with_weights_and_image_size():
     with torch.no_grad():
         encoder.proj.weight.view(-1)[0] += 1.0
     assert encoder_fingerprint(encoder, 224) != base
+
+
+def test_tiny_blip2_with_cache_gives_the_uncached_loss(tmp_path):
+    from models import load_model
+
+    torch.manual_seed(0)
+    model = load_model("blip2_opt", "tiny")
+    model.eval()
+    size = model.visual_encoder.patch_embed.img_size[0] if hasattr(model.visual_encoder, "patch_embed") else 224
+    samples = {"image": torch.randn(2, 3, size, size), "text_input": ["a red circle", "two blue squares"]}
+    with torch.no_grad():
+        uncached = model(samples)["loss"]
+        model.enable_feature_cache(str(tmp_path), size)
+        first = model(samples)["loss"]
+        second = model(samples)["loss"]
+    assert model.feature_cache.hits == 2 and model.feature_cache.misses == 2
+    assert torch.equal(uncached, first) and torch.equal(first, second)
