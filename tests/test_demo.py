@@ -1,0 +1,212 @@
+"""The offline demo: synthetic shapes data, frozen-part pre-training/export, and a shortened pipeline."""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from datasets.builders import shapes
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cache") / "shapes"
+    return shapes.generate(root, seed=3, splits={"train": 120, "val": 10, "test": 40})
+
+
+def _load(root: Path, name: str):
+    return json.loads((root / "annotations" / name).read_text())
+
+
+# -- data set ----------------------------------------------------------------------------------------------------------
+def test_generation_is_deterministic_and_seeded(tmp_path, data_root):
+    again = shapes.generate(tmp_path / "a", seed=3, splits={"train": 120, "val": 10, "test": 40})
+    other = shapes.generate(tmp_path / "b", seed=4, splits={"train": 120, "val": 10, "test": 40})
+    for name in ("caption_train.json", "caption_test.json", "vqa_test.json", "scenes_val.json"):
+        assert _load(again, name) == _load(data_root, name)
+    assert _load(other, "caption_train.json") != _load(data_root, "caption_train.json")
+    img = "train/shapes_000007.png"
+    assert (again / "images" / img).read_bytes() == (data_root / "images" / img).read_bytes()
+
+
+def test_splits_are_disjoint_and_eval_scenes_unique(data_root):
+    images = {split: {s["image"] for s in _load(data_root, f"scenes_{split}.json")} for split in ("train", "val", "test")}
+    assert [len(images[s]) for s in ("train", "val", "test")] == [120, 10, 40]
+    assert not (images["train"] & images["test"]) and not (images["train"] & images["val"])
+    test = _load(data_root, "scenes_test.json")
+    assert len({shapes.scene_key(s) for s in test}) == len(test)
+    counts = [len(s["objects"]) for s in _load(data_root, "scenes_train.json")]
+    assert sum(c >= 2 for c in counts) / len(counts) > 0.7  # binding needed in most images
+    assert set(counts) == {1, 2, 3}
+
+
+def test_annotation_formats_match_lavis(data_root):
+    train = _load(data_root, "caption_train.json")
+    assert set(train[0]) == {"image", "caption", "image_id"} and isinstance(train[0]["caption"], str)
+    test = _load(data_root, "caption_test.json")
+    assert set(test[0]) == {"image", "caption"} and len(test[0]["caption"]) == 5
+    vqa = _load(data_root, "vqa_test.json")[0]
+    assert {"question_id", "question", "answer", "image"} <= set(vqa) and len(vqa["answer"]) == 10
+    answers = set(_load(data_root, "answer_list.json"))
+    assert {q["answer"][0] for q in _load(data_root, "vqa_test.json")} <= answers
+    gt = _load(data_root, "vqa_test_annotations.json")["annotations"]
+    assert {a["answer_type"] for a in gt} == {"color", "shape", "number", "yes/no"}
+
+
+def test_captions_and_answers_describe_the_scene(data_root):
+    scenes = _load(data_root, "scenes_test.json")
+    captions = {c["image"]: c["caption"] for c in _load(data_root, "caption_test.json")}
+    for scene in scenes:
+        for caption in captions[scene["image"]]:
+            assert shapes.caption_attributes_correct(caption, scene), (caption, scene)
+    by_image = {s["image"]: s for s in scenes}
+    for q in _load(data_root, "vqa_test.json"):
+        scene, answer = by_image[q["image"]], q["answer"][0]
+        if q["question"].startswith("how many"):
+            assert answer == str(len(scene["objects"]))
+        elif q["question"].startswith("what color is the") and "on the" not in q["question"]:
+            shape = q["question"].split()[-1].rstrip("?")
+            assert answer == next(o["colour"] for o in scene["objects"] if o["shape"] == shape)
+
+
+def test_caption_attribute_check_needs_binding():
+    scene = {"background": "white", "objects": [
+        {"shape": "circle", "colour": "red", "size": "small", "x": 0.2, "y": 0.5},
+        {"shape": "square", "colour": "blue", "size": "large", "x": 0.8, "y": 0.5}]}
+    ok = shapes.caption_attributes_correct
+    assert ok("a small red circle to the left of a large blue square", scene)
+    assert ok("a blue square to the right of a red circle", scene)
+    assert not ok("a blue circle to the left of a red square", scene)  # colours swapped
+    assert not ok("a red circle", scene)  # object missing
+    assert not ok("a red circle and a blue square and a green triangle", scene)  # extra object
+    assert not ok("a red circle and a blue square and a yellow one", scene)  # stray colour
+
+
+def test_patch_labels_follow_the_objects():
+    scene = {"background": "gray", "objects": [
+        {"shape": "square", "colour": "green", "size": "large", "x": 0.25, "y": 0.5}]}
+    labels = shapes.patch_labels(scene, image_size=64, patch_size=8)  # [64, 3]
+    assert labels.shape == (64, 3)
+    centre = labels.view(8, 8, 3)[4, 2]  # row 4 (y = 0.5), column 2 (x = 0.25)
+    assert centre.tolist() == [shapes.SHAPES.index("square") + 1, list(shapes.COLOURS).index("green") + 1, 2]
+    assert labels.view(8, 8, 3)[4, 7].tolist() == [0, 0, 0]  # right edge: background
+
+
+def test_chance_levels(data_root):
+    chance = shapes.chance_levels(data_root, "test")
+    assert chance["txt_r1"] == pytest.approx(100 / 40) and chance["img_r10"] == pytest.approx(25.0)
+    assert 20 < chance["vqa_acc"] < 40 and chance["caption_attr_acc"] < 5
+
+
+def test_builders_use_the_real_dataset_classes(tmp_path, monkeypatch):
+    import registry
+
+    monkeypatch.setenv("BLIP2_CACHE_ROOT", str(tmp_path))
+    splits = {"train": 30, "val": 5, "test": 12}
+    built = {}
+    for name in ("shapes_caption", "shapes_retrieval", "shapes_vqa", "shapes_scenes", "shapes_text"):
+        builder_cls = registry.builders.get(name)
+        cfg = builder_cls.default_config()
+        cfg.generator.splits = splits
+        built[name] = builder_cls(cfg).build_datasets()
+    cap = built["shapes_caption"]
+    assert len(cap["train"]) == 90 and len(cap["test"]) == 12
+    batch = cap["train"].collater([cap["train"][i] for i in range(4)])
+    assert batch["image"].shape == (4, 3, 64, 64) and batch["image_id"].dtype == torch.long
+    assert len(cap["test"].ground_truth) == 12
+    ret = built["shapes_retrieval"]["test"]
+    assert len(ret.text) == 60 and len(ret.img2txt) == 12
+    vqa = built["shapes_vqa"]["test"]
+    assert "yes" in vqa.answer_list and os.path.isfile(vqa.coco_question_file)
+    scenes = built["shapes_scenes"]["train"]
+    item = scenes[0]
+    assert item["patch_labels"].shape == (64, 3) and 0 <= int(item["count"]) <= 2
+    text = built["shapes_text"]["train"]
+    assert "</s>" in text[0]["text_input"] and text[0]["text_input"].endswith("\n")
+
+
+# -- frozen parts: pre-training models and their export ---------------------------------------------------------------
+def test_image_encoder_export_loads_through_the_timm_plugin(tmp_path):
+    import registry
+    from omegaconf import OmegaConf
+
+    torch.manual_seed(0)
+    vit = {"img_size": 64, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    cfg = OmegaConf.create({"timm_name": "vit_tiny_patch16_224", "timm_kwargs": vit, "num_shapes": 4,
+                            "num_colours": 6, "num_sizes": 2, "max_objects": 3, "num_backgrounds": 3})
+    model = registry.models.get("frozen_image_encoder_pretrain").from_config(cfg)
+    batch = {"image": torch.randn(2, 3, 64, 64), "patch_labels": torch.randint(0, 3, (2, 64, 3)),
+             "count": torch.tensor([0, 2]), "background": torch.tensor([1, 2])}
+    losses = model(batch)
+    assert torch.isfinite(losses["loss"]) and losses["loss"] > 0
+    out = model.export(tmp_path / "enc")
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    encoder = registry.image_encoders.get("timm")(image_size=64, pretrained=str(out),
+                                                   model_name="vit_tiny_patch16_224", patch_size=8,
+                                                   embed_dim=32, depth=2, num_heads=2)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        reference = model.encoder.blocks(model.encoder._pos_embed(model.encoder.patch_embed(x)))
+        torch.testing.assert_close(encoder(x), reference)
+
+
+def test_tokenizer_and_llm_export_load_through_the_opt_plugin(tmp_path):
+    import registry
+    from omegaconf import OmegaConf
+
+    from models.frozen_pretrain import train_shapes_tokenizer
+
+    rng = random.Random(0)
+    scenes = [shapes.sample_scene(rng) for _ in range(60)]
+    lines = [f"{c}</s>Question: what color is it? Short answer: red\n" for s in scenes
+             for c in shapes.captions_for(s, rng, 2)]
+    tok_dir = train_shapes_tokenizer(lines, tmp_path / "tok", vocab_size=300)
+    cfg = OmegaConf.create({"tokenizer": str(tok_dir), "lm_config": {
+        "model_type": "opt", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "ffn_dim": 64,
+        "word_embed_proj_dim": 32, "max_position_embeddings": 64}})
+    torch.manual_seed(0)
+    model = registry.models.get("frozen_lm_pretrain").from_config(cfg)
+    tok = model.tokenizer
+    ids = tok("a red circle\n").input_ids
+    assert ids[0] == tok.bos_token_id and len(tok("\n", add_special_tokens=False).input_ids) == 1
+    loss = model({"text_input": lines[:4]})["loss"].detach()
+    assert abs(float(loss) - torch.log(torch.tensor(float(len(tok))))) < 1.0  # untrained: ~uniform
+    out = model.export(tmp_path / "llm")
+    model.eval()  # no dropout in the reference
+    llm = registry.llms.get("opt")(str(out), precision="fp32")
+    enc = tok(["a red circle"], return_tensors="pt")
+    with torch.no_grad():
+        ours = llm(llm.embed_tokens(enc.input_ids), enc.attention_mask).logits
+        ref = model.lm(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
+    torch.testing.assert_close(ours.float(), ref.float())
+    assert not any(p.requires_grad for p in llm.parameters())
+
+
+# -- the shortened pipeline ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_quick_demo_beats_chance_at_every_stage(tmp_path, monkeypatch):
+    """Shortened ``runners.demo`` (quick budget). Margins: retrieval R@5 >= 3x chance in both directions,
+    >= 25 % captions with all colours and shapes right (chance ~1 %), VQA >= chance + 15 points, and the
+    frozen-part pre-training far above chance (encoder patch accuracy >= 0.6, LLM loss < 1/3 of ln(vocab))."""
+    from runners import demo
+
+    monkeypatch.setenv("BLIP2_CACHE_ROOT", str(tmp_path / "cache"))
+    report = demo.main(["--quick", "--out", str(tmp_path / "out"), "--threads", "2"])
+    metrics, chance = report["metrics"]["blip2"], report["chance"]
+    out = tmp_path / "out"
+    enc = json.loads(next((out / "runs" / "encoder_pretrain" / "result").glob("val_*_metrics.json")).read_text())
+    assert enc["agg_metrics"] >= 0.6
+    lm_rows = [json.loads(l) for l in (out / "runs" / "lm_pretrain" / "log.jsonl").read_text().splitlines()]
+    lm_losses = [r["loss"] for r in lm_rows if r.get("type") == "train_step"]
+    vocab = len(json.loads((out / "frozen" / "llm" / "tokenizer.json").read_text())["model"]["vocab"])
+    assert lm_losses[-1] < torch.log(torch.tensor(float(vocab))).item() / 3
+    for key in ("txt_r5", "img_r5"):
+        assert metrics[key] >= 3 * chance[key], (key, metrics[key], chance[key])
+    assert metrics["caption_attr_acc"] >= 25.0
+    assert metrics["vqa_acc"] >= chance["vqa_acc"] + 15.0
+    for name in ("metrics.json", "test_captions.png", "loss_stage1.png", "loss_stage2.png"):
+        assert (out / name).is_file(), name
