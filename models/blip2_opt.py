@@ -50,12 +50,12 @@ class Blip2OPT(Blip2LLMBase):
     def _prompt_ids(self, prompt: str) -> list[int]:
         return self.llm.tokenizer(prompt, truncation=True, max_length=self.max_txt_len).input_ids
 
-    def target_ids(self, prompt: str, answer: str) -> list[int]:
+    def target_ids(self, prompt: str, answers: Sequence[str]) -> list[list[int]]:
         # Byte-level BPE: a word that follows text carries its leading space ("Answer: two" -> "Ġtwo").
         sep = " " if prompt and not prompt[-1].isspace() else ""
-        ids = self.llm.tokenizer(sep + answer, add_special_tokens=False, truncation=True,
+        ids = self.llm.tokenizer([sep + a for a in answers], add_special_tokens=False, truncation=True,
                                  max_length=self.max_txt_len).input_ids
-        return ids + [self.end_token_id]
+        return [row + [self.end_token_id] for row in ids]
 
     def _pad(self, rows: list[list[int]], left: bool, fill: int) -> Tensor:
         width = max((len(r) for r in rows), default=0)
@@ -78,7 +78,7 @@ class Blip2OPT(Blip2LLMBase):
     def lm_inputs(self, soft: Tensor, prompts: Sequence[str], targets: Sequence[str]) -> dict[str, Tensor]:
         rows, labels = [], []
         for prompt, target in zip(prompts, targets):
-            p, t = self._prompt_ids(prompt), self.target_ids(prompt, target)
+            p, t = self._prompt_ids(prompt), self.target_ids(prompt, [target])[0]
             rows.append(p + t)
             labels.append([-100] * len(p) + t)
         embeds, atts, targets_t = self._sequence(soft, rows, labels, left=False)

@@ -194,8 +194,9 @@ class Blip2LLMBase(Blip2Base):
         """log p(first answer token | image, prompt) [B, V]."""
         raise NotImplementedError
 
-    def target_ids(self, prompt: str, answer: str) -> list[int]:
-        """Token ids the LLM must produce for ``answer`` after ``prompt`` (end token included)."""
+    def target_ids(self, prompt: str, answers: Sequence[str]) -> list[list[int]]:
+        """Token ids the LLM must produce for each answer after ``prompt`` (end token included); one batched
+        tokenizer call, since ranking tokenizes the whole answer list for every question."""
         raise NotImplementedError
 
     # -- shared helpers --------------------------------------------------------------------------------------------
@@ -319,7 +320,7 @@ class Blip2LLMBase(Blip2Base):
         first = self.first_token_log_probs(soft, prompts)  # [B, V]
         best = []
         for i, prompt in enumerate(prompts):
-            targets = [self.target_ids(prompt, a) for a in answer_list]
+            targets = self.target_ids(prompt, answer_list)
             first_ids = torch.tensor([t[0] for t in targets], device=first.device)
             top = first[i, first_ids].float().topk(k).indices.tolist()  # candidates by first-token probability
             if k == 1:

@@ -47,8 +47,8 @@ class Blip2T5(Blip2LLMBase):
         soft_atts = torch.ones(soft.shape[:2], dtype=tokens.attention_mask.dtype, device=soft.device)
         return embeds, torch.cat([soft_atts, tokens.attention_mask], dim=1)
 
-    def target_ids(self, prompt: str, answer: str) -> list[int]:
-        return self.llm.tokenizer(answer, truncation=True, max_length=self.max_txt_len).input_ids  # eos included
+    def target_ids(self, prompt: str, answers: Sequence[str]) -> list[list[int]]:
+        return self.llm.tokenizer(list(answers), truncation=True, max_length=self.max_txt_len).input_ids  # + eos
 
     # -- hooks used by generate / predict_answers / rank -----------------------------------------------------------
     def lm_inputs(self, soft: Tensor, prompts: Sequence[str], targets: Sequence[str]) -> dict[str, Tensor]:

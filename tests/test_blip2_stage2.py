@@ -186,7 +186,7 @@ def test_predict_answers_generate_and_rank_consistency(cls, opt_model, t5_model)
     with torch.no_grad():
         logp = model.first_token_log_probs(soft, [QUESTION_PROMPT.format(q) for q in samples["text_input"]])
     for i, q in enumerate(samples["text_input"]):
-        firsts = [model.target_ids(QUESTION_PROMPT.format(q), c)[0] for c in candidates]
+        firsts = [ids[0] for ids in model.target_ids(QUESTION_PROMPT.format(q), candidates)]
         assert first[i] == candidates[max(range(len(candidates)), key=lambda j: float(logp[i, firsts[j]]))]
     with pytest.raises(ValueError, match="answer_list"):
         model.predict_answers(samples, inference_method="rank")
