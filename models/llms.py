@@ -149,27 +149,27 @@ class FrozenLLM(nn.Module):
             raise OSError(_load_error(self.model_name_or_path, "config.json", err)) from err
 
     def _build_model(self, hf_config, dtype: torch.dtype, load_weights: bool, attn_implementation: str | None):
-        auto_cls = self._auto_class()
         kwargs: dict[str, Any] = {"dtype": dtype}
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
-        for attempt in range(2):
-            try:
-                if load_weights:
-                    return auto_cls.from_pretrained(
-                        self.model_name_or_path, config=hf_config, **kwargs, **self._hub_kwargs
-                    )
-                from_config = getattr(auto_cls, "from_config", None) or auto_cls._from_config  # Auto* vs concrete
-                return from_config(hf_config, **kwargs)
-            except ValueError as err:  # model without SDPA support: use its default attention
-                if attempt == 0 and "attn_implementation" in kwargs and "sdpa" in str(err).lower():
-                    logger.warning("%s does not support SDPA attention; using its default", self.model_name_or_path)
-                    kwargs.pop("attn_implementation")
-                    continue
+        try:
+            return self._instantiate(hf_config, load_weights, kwargs)
+        except ValueError as err:  # a model without SDPA support: use its default attention
+            if "attn_implementation" not in kwargs or "sdpa" not in str(err).lower():
                 raise
-            except OSError as err:
-                raise OSError(_load_error(self.model_name_or_path, "weights", err)) from err
-        raise AssertionError("unreachable")
+            logger.warning("%s does not support SDPA attention; using its default", self.model_name_or_path)
+            kwargs.pop("attn_implementation")
+            return self._instantiate(hf_config, load_weights, kwargs)
+
+    def _instantiate(self, hf_config, load_weights: bool, kwargs: dict[str, Any]):
+        auto_cls = self._auto_class()
+        if not load_weights:
+            from_config = getattr(auto_cls, "from_config", None) or auto_cls._from_config  # Auto* vs concrete
+            return from_config(hf_config, **kwargs)
+        try:
+            return auto_cls.from_pretrained(self.model_name_or_path, config=hf_config, **kwargs, **self._hub_kwargs)
+        except OSError as err:
+            raise OSError(_load_error(self.model_name_or_path, "weights", err)) from err
 
     def _after_build(self) -> None:
         """Hook for model-specific fix-ups after construction (e.g. untying T5's lm_head)."""

@@ -79,7 +79,8 @@ def test_tiny_tokenizers(opt, t5):
     assert t5.tokenizer.decode(t5_ids, skip_special_tokens=True) == "a red circle"
 
 
-def test_frozen_for_real(opt):
+def test_frozen_for_real(opt, t5):
+    assert opt.model.config._attn_implementation == "sdpa" == t5.model.config._attn_implementation
     assert not any(p.requires_grad for p in opt.parameters())
     parent = torch.nn.Sequential(opt)
     parent.train()
