@@ -53,11 +53,11 @@ def build_param_groups(model: torch.nn.Module, weight_decay: float, lr_layer_dec
 
 
 def build_optimizer(model: torch.nn.Module, run_cfg: Any) -> torch.optim.AdamW:
-    """AdamW with ``run.init_lr``, betas ``(run.beta1, run.beta2)`` and ``run.weight_decay``."""
+    """AdamW with ``run.init_lr``, betas ``(run.beta1, run.beta2)``, ``run.weight_decay`` and ``run.adam_eps``."""
     get = run_cfg.get
     groups = build_param_groups(model, float(get("weight_decay", 0.05)), float(get("lr_layer_decay", 1.0)))
     betas = (float(get("beta1", 0.9)), float(get("beta2", 0.999)))
-    return torch.optim.AdamW(groups, lr=float(get("init_lr")), betas=betas,
+    return torch.optim.AdamW(groups, lr=float(get("init_lr")), betas=betas, eps=float(get("adam_eps", 1e-8)),
                              weight_decay=float(get("weight_decay", 0.05)))
 
 

@@ -64,6 +64,7 @@ class RunnerBase:
         "keep_last_ckpts": "resumable step checkpoints kept in <job>/checkpoints (older ones are deleted; 0: keep all)",
         "find_unused_parameters": "DDP find_unused_parameters (only for models with unused trainable parameters)",
         "dist_timeout_minutes": "timeout of torch.distributed collectives",
+        "adam_eps": "AdamW epsilon (1e-8)",
     }
 
     def __init__(self, cfg: Any, task: Any, model: torch.nn.Module, datasets: dict[str, dict[str, Any]],

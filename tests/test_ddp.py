@@ -1,7 +1,7 @@
 """DDP on CPU (gloo): one optimizer step on 2 ranks x batch b equals one process with batch 2b.
 
 One ``torchrun --nproc_per_node=2`` launch runs a small driver that trains several configs in
-turn through ``runners.cli.run`` (each run initialises and destroys its own process group); the
+turn through ``runners.cli.run`` (sharing one process group); the
 single-process references run in-process. Dropout and augmentation noise are off so both layouts
 see exactly the same computation; the global-batch sampler gives rank r the r-th contiguous slice
 of each global batch, so the union of the ranks' batches is the single-process batch.
@@ -25,11 +25,16 @@ from tests.test_runner import (  # noqa: F401  (fixture re-exported)
     write_yaml,
 )
 
+# Runs every config in one process group (re-initialising gloo on torchrun's store is not supported,
+# so the group is kept between runs and destroyed once at the end).
 DRIVER = """
 import sys
+from runners import distributed
 from runners.cli import run
+destroy, distributed.cleanup = distributed.cleanup, lambda: None
 for cfg in sys.argv[1:]:
     run(["--cfg", cfg, "--plugins", "runner_fake_plugin"], training=True)
+destroy()
 """
 
 
@@ -44,7 +49,7 @@ def torchrun(tmp_path: Path, configs: list[Path], env: dict, nproc: int = 2, tim
 
 def fake_ddp_config(tmp_path: Path, batch: int, name: str) -> dict:
     cfg = fake_config(tmp_path, max_epoch=1, batch_size_train=batch, valid_splits=[], test_splits=[],
-                      job_name=name, init_lr=0.05, warmup_steps=0, warmup_lr=-1)
+                      job_name=name, init_lr=0.05, warmup_steps=0, warmup_lr=-1, log_freq=1)
     cfg["model"]["dropout"] = 0.0
     cfg["datasets"]["fake_regression"].update(num_samples=8, noise=0.0)
     return cfg
@@ -54,20 +59,77 @@ def step_weights(job_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(job_dir / "checkpoints" / "step_00000001" / "model.safetensors")
 
 
-@pytest.mark.slow
-def test_ddp_two_ranks_equal_one_process_double_batch(tmp_path, fake_plugin_dir):
-    ddp_cfg = write_yaml(tmp_path / "fake_ddp.yaml", fake_ddp_config(tmp_path, 4, "fake_ddp"))
-    torchrun(tmp_path, [ddp_cfg], subprocess_env(fake_plugin_dir))
-    ddp = step_weights(tmp_path / "out" / "fake_ddp")
+def tiny_ddp_config(tmp_path: Path, stage: str, batch: int, name: str, annotation: Path) -> dict:
+    """One optimizer step of a tiny BLIP-2 stage with every random choice switched off: no dropout,
+    deterministic preprocessing, hardest ITM negatives; captions of equal token length so that a
+    per-rank token-mean loss averages to the global one."""
+    procs = {"vis_processor": {"train": {"name": "blip_image_eval", "image_size": 64}},
+             "text_processor": {"train": {"name": "blip_caption"}},
+             "build_info": {"annotations": {"train": {"storage": str(annotation)}}}}
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    model = {"arch": "blip2", "model_type": "tiny", "itm_negatives": "hardest", "qformer_config": no_dropout}
+    if stage == "stage2":
+        model = {"arch": "blip2_opt", "model_type": "tiny", "qformer_config": no_dropout}
+    return {
+        "model": model,
+        "datasets": {"coco_caption": procs},
+        "run": {"task": "image_text_pretrain", "runner": "runner_iter", "max_iters": 1, "iters_per_inner_epoch": 1,
+                "lr_sched": "constant_lr", "init_lr": 1e-3, "weight_decay": 0.05, "beta2": 0.98,
+                # Adam's first update is lr * g / (|g| + eps): with the default eps a gradient that is ~0 up to
+                # rounding can flip sign and move a weight by a full lr. eps = 1e-3 keeps the update linear in
+                # small gradients, so 1e-5 on the weights checks the gradients to ~1e-5.
+                "adam_eps": 1e-3,
+                "batch_size_train": batch, "num_workers": 0, "seed": 11, "device": "cpu", "amp": "off", "log_freq": 1,
+                "output_dir": str(tmp_path / "out"), "job_name": name, "train_splits": ["train"]},
+    }
 
-    single = build_runner(tmp_path / "single", fake_plugin_dir, cfg=fake_ddp_config(tmp_path / "single", 8, "one"))
-    initial = {k: v.clone() for k, v in single.raw_model.state_dict().items()}
-    single.train()
-    ref = step_weights(single.job_dir)
-    assert set(ddp) == set(ref)
-    for k in ref:
-        assert not torch.equal(ref[k], initial[k]), f"{k} did not move: the comparison would be vacuous"
-        torch.testing.assert_close(ddp[k], ref[k], atol=1e-5, rtol=0)
-    log = (tmp_path / "out" / "fake_ddp" / "log.jsonl").read_text()
-    assert '"type": "train_step"' in log  # written once, by rank 0 only
-    assert log.count('"type": "train_step"') == 1
+
+def write_equal_length_captions(root: Path, path: Path) -> Path:
+    """4 distinct fixture images with captions of one fixed shape (same token count)."""
+    import json
+
+    images = sorted((root / "coco" / "images" / "train2014").glob("*.jpg"))[:4]
+    assert len(images) == 4
+    words = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star")]
+    records = [{"image": f"train2014/{img.name}", "caption": f"a {c} {s} on the left", "image_id": f"coco_{i + 1}"}
+               for i, (img, (c, s)) in enumerate(zip(images, words))]
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_equal_one_process_double_batch(tmp_path, fake_plugin_dir, monkeypatch):
+    from tests.fixtures_data import make_lavis_tree
+
+    tree = tmp_path / "tree"
+    make_lavis_tree(tree, with_video=False, with_shards=False)
+    monkeypatch.setenv("BLIP2_CACHE_ROOT", str(tree))
+    annotation = write_equal_length_captions(tree, tmp_path / "ddp_train.json")
+
+    # single-process references (batch 2b), in-process; they also build the tiny LLM assets once
+    references, initial = {}, {}
+    cases = {"fake": (fake_ddp_config(tmp_path / "single", 8, "one"), fake_ddp_config(tmp_path, 4, "fake_ddp"))}
+    for stage in ("stage1", "stage2"):
+        cases[stage] = (tiny_ddp_config(tmp_path / "single", stage, 4, f"{stage}_one", annotation),
+                        tiny_ddp_config(tmp_path, stage, 2, f"{stage}_ddp", annotation))
+    for name, (single_cfg, _) in cases.items():
+        runner = build_runner(tmp_path / "single" / name, fake_plugin_dir, cfg=single_cfg, job_id=name)
+        initial[name] = {k: v.detach().clone() for k, v in runner.raw_model.named_parameters() if v.requires_grad}
+        runner.train()
+        references[name] = step_weights(runner.job_dir)
+
+    env = subprocess_env(fake_plugin_dir)
+    env["BLIP2_CACHE_ROOT"] = str(tree)
+    configs = [write_yaml(tmp_path / f"{name}_ddp.yaml", ddp_cfg) for name, (_, ddp_cfg) in cases.items()]
+    torchrun(tmp_path, configs, env)
+
+    for name, (_, ddp_cfg) in cases.items():
+        job = tmp_path / "out" / ddp_cfg["run"]["job_name"]
+        ddp, ref = step_weights(job), references[name]
+        assert set(ddp) == set(ref), name
+        moved = [k for k in initial[name] if not torch.equal(ref[k], initial[name][k])]
+        assert len(moved) > len(initial[name]) // 2, f"{name}: too few parameters moved for a meaningful test"
+        worst = max(float((ddp[k] - ref[k]).abs().max()) for k in ref)
+        assert worst <= 1e-5, f"{name}: 2 ranks x b vs 1 process x 2b differ by {worst:.2e}"
+        log = (job / "log.jsonl").read_text()
+        assert log.count('"type": "train_step"') == 1  # one step, logged by rank 0 only
