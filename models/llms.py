@@ -166,10 +166,14 @@ class FrozenLLM(nn.Module):
         if not load_weights:
             from_config = getattr(auto_cls, "from_config", None) or auto_cls._from_config  # Auto* vs concrete
             return from_config(hf_config, **kwargs)
+        hf_logger = logging.getLogger("transformers.modeling_utils")
+        hf_logger.addFilter(_untied_checkpoint_notice)
         try:
             return auto_cls.from_pretrained(self.model_name_or_path, config=hf_config, **kwargs, **self._hub_kwargs)
         except OSError as err:
             raise OSError(_load_error(self.model_name_or_path, "weights", err)) from err
+        finally:
+            hf_logger.removeFilter(_untied_checkpoint_notice)
 
     def _after_build(self) -> None:
         """Hook for model-specific fix-ups after construction (e.g. untying T5's lm_head)."""
@@ -342,6 +346,11 @@ class FrozenSeq2SeqLM(FrozenLLM):
             )
         nll, mask = token_nll(out.logits, labels)
         return _with_loss(out.logits, nll, mask)
+
+
+def _untied_checkpoint_notice(record: logging.LogRecord) -> bool:
+    """Drop transformers' notice that an untied checkpoint (Flan-T5) is loaded untied: that is what we want."""
+    return "so we will NOT tie them" not in record.getMessage()
 
 
 def _with_loss(logits: torch.Tensor, nll: torch.Tensor, mask: torch.Tensor) -> LLMOutput:
