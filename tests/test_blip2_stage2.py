@@ -365,3 +365,16 @@ def test_stage2_starts_from_stage1_checkpoint(cls, tmp_path):
     save_file(broken, tmp_path / "broken.safetensors")
     with pytest.raises(KeyError, match="query_tokens"):
         build(cls, weights="lavis", load_pretrained=True, pretrained=str(tmp_path / "broken.safetensors"))
+
+
+def test_generic_llm_types_and_mismatch():
+    """Any causal LM works in blip2_opt and any seq2seq LM in blip2_t5 by config; the wrong kind is refused."""
+    causal = build(Blip2OPT, llm_type="hf_causal_lm").eval()
+    seq2seq = build(Blip2T5, llm_type="hf_seq2seq_lm").eval()
+    samples = {"image": images(2), "text_input": ["a red circle", "two"]}
+    for model in (causal, seq2seq):
+        assert torch.isfinite(model(samples)["loss"]) and len(model.generate({"image": images(2)}, max_length=3)) == 2
+    with pytest.raises(ValueError, match="decoder-only"):
+        build(Blip2OPT, llm_type="flan_t5", opt_model="tiny:t5")
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        build(Blip2T5, llm_type="opt", t5_model="tiny:opt")
