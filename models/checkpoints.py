@@ -218,7 +218,7 @@ def hf_vision_to_timm(state_dict: Mapping[str, Tensor]) -> StateDict:
 
 
 def timm_vision_to_hf(state_dict: Mapping[str, Tensor]) -> StateDict:
-    """timm EVA names -> HF ``vision_model.*`` names (qkv bias assembled as cat(q_bias, 0, v_bias))."""
+    """timm EVA (or plain ViT) names -> HF ``vision_model.*`` names (EVA's qkv bias is cat(q_bias, 0, v_bias))."""
     inverse = {
         "cls_token": "embeddings.class_embedding",
         "pos_embed": "embeddings.position_embedding",
@@ -244,6 +244,7 @@ def timm_vision_to_hf(state_dict: Mapping[str, Tensor]) -> StateDict:
         else:
             rest = re.sub(r"^norm(\d)\.", r"layer_norm\1.", rest)
             rest = rest.replace("attn.qkv.", "self_attn.qkv.").replace("attn.proj.", "self_attn.projection.")
+            # (a plain timm ViT's full ``attn.qkv.bias`` maps to HF's qkv.bias as it is)
             if not re.match(r"^(layer_norm[12]|self_attn\.(qkv|projection)|mlp\.fc[12])\.", rest):
                 raise KeyError(f"image encoder key {key!r} has no Hugging Face BLIP-2 equivalent")
             out[prefix + rest] = value

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -29,10 +30,11 @@ def hf_blip2_config(model: nn.Module, image_token_index: int | None = None) -> A
     layout = model_layout(model)
     encoder = model.get_submodule(layout["vision"].rstrip("."))
     block = encoder.blocks[0] if getattr(encoder, "is_vit", False) else None
-    if block is None or not hasattr(block.attn, "q_bias") or not isinstance(encoder.norm_pre, nn.Identity):
+    if block is None or not _hf_expressible(encoder):
         raise ValueError(
-            f"export to Hugging Face BLIP-2 needs an EVA-style image encoder (eva_vit_g); "
-            f"{type(encoder).__name__} ({getattr(encoder, 'model_name', '?')}) has no HF BLIP-2 equivalent"
+            f"export to Hugging Face BLIP-2 needs an EVA-style image encoder (eva_vit_g, or a plain pre-norm timm ViT "
+            f"with exact GELU, patch bias and no ln_pre); {type(encoder).__name__} "
+            f"({getattr(encoder, 'model_name', '?')}) has no HF BLIP-2 equivalent"
         )
     ln_vision = model.ln_vision
     if abs(ln_vision.eps - block.norm1.eps) > 0:
@@ -42,7 +44,7 @@ def hf_blip2_config(model: nn.Module, image_token_index: int | None = None) -> A
         hidden_size=encoder.num_features, intermediate_size=block.mlp.fc1.out_features,
         num_hidden_layers=len(encoder.blocks), num_attention_heads=block.attn.num_heads,
         image_size=encoder.image_size, patch_size=encoder.patch_size, layer_norm_eps=block.norm1.eps,
-        qkv_bias=True, hidden_act="gelu",
+        qkv_bias=hasattr(block.attn, "q_bias") or block.attn.qkv.bias is not None, hidden_act="gelu",
     )
     qformer = model.Qformer
     q = qformer.config
@@ -65,6 +67,26 @@ def hf_blip2_config(model: nn.Module, image_token_index: int | None = None) -> A
         kwargs["image_text_hidden_size"] = int(model.vision_proj.out_features)
         kwargs["architectures"] = ["Blip2ForImageTextRetrieval"]
     return Blip2Config(**kwargs)
+
+
+_HF_BLOCK_PARAMS = re.compile(
+    r"^(norm[12]\.(weight|bias)|attn\.(qkv\.(weight|bias)|q_bias|v_bias|proj\.(weight|bias))|mlp\.fc[12]\.(weight|bias))$"
+)
+
+
+def _hf_expressible(encoder: nn.Module) -> bool:
+    """True when every block is exactly HF's Blip2EncoderLayer: LayerNorms, qkv (+bias), projection, GELU MLP."""
+    if not isinstance(encoder.norm_pre, nn.Identity) or encoder.patch_embed.proj.bias is None:
+        return False
+    for block in encoder.blocks:
+        if not all(_HF_BLOCK_PARAMS.match(name) for name, _ in block.named_parameters()):
+            return False
+        act = getattr(block.mlp, "act", None)
+        if not (isinstance(act, nn.GELU) and act.approximate == "none"):
+            return False
+        if not (isinstance(block.norm1, nn.LayerNorm) and isinstance(block.norm2, nn.LayerNorm)):
+            return False
+    return True
 
 
 def _dedupe_shared(state_dict: Mapping[str, Tensor]) -> StateDict:

@@ -130,7 +130,7 @@ class TimmImageEncoder(nn.Module):
             self.blocks = net.blocks
             self.norm = net.norm if final_norm else nn.Identity()
             self.patch_size = int(self.patch_embed.patch_size[0])
-            self.register_load_state_dict_pre_hook(self._resample_pos_embed_on_load)
+            self.register_load_state_dict_pre_hook(self._adapt_on_load)
         else:
             if not final_norm and isinstance(getattr(net, "norm", None), nn.Module):
                 net.norm = nn.Identity()
@@ -238,8 +238,10 @@ class TimmImageEncoder(nn.Module):
             align_corners=self.pos_embed_align_corners,
         )
 
-    def _resample_pos_embed_on_load(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-        """Load-time hook: a checkpoint trained at another resolution gets its position embedding resampled."""
+    def _adapt_on_load(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        """Load-time hook: resample the position embedding of a checkpoint trained at another resolution, and
+        convert between EVA's ``q_bias``/``v_bias`` and a full ``qkv.bias`` (the key bias is softmax-invariant)."""
+        self._adapt_qkv_bias(state_dict, prefix)
         key = prefix + "pos_embed"
         loaded = state_dict.get(key)
         if loaded is None or loaded.shape == self.pos_embed.shape or self.pos_embed.is_meta:
@@ -250,6 +252,17 @@ class TimmImageEncoder(nn.Module):
         old = int(round((loaded.shape[1] - 1) ** 0.5))
         logger.info("%s: position embedding interpolated from %dx%d to %dx%d", self.model_name, old, old, *grid)
         state_dict[key] = self._resample(loaded, tuple(grid))
+
+    def _adapt_qkv_bias(self, state_dict: dict, prefix: str) -> None:
+        has_full_bias = getattr(self.blocks[0].attn.qkv, "bias", None) is not None
+        for index in range(len(self.blocks)):
+            base = f"{prefix}blocks.{index}.attn."
+            if has_full_bias and base + "q_bias" in state_dict and base + "qkv.bias" not in state_dict:
+                q_bias, v_bias = state_dict.pop(base + "q_bias"), state_dict.pop(base + "v_bias")
+                state_dict[base + "qkv.bias"] = torch.cat([q_bias, torch.zeros_like(q_bias), v_bias])
+            elif not has_full_bias and hasattr(self.blocks[0].attn, "q_bias") and base + "qkv.bias" in state_dict:
+                q_bias, _, v_bias = state_dict.pop(base + "qkv.bias").chunk(3)
+                state_dict[base + "q_bias"], state_dict[base + "v_bias"] = q_bias, v_bias
 
     # -- weights ------------------------------------------------------------------------------------
     def convert_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -94,7 +94,7 @@ def build_reference(kind: str, tmp_path_factory):
 def hf_lm_inputs(hf_model, tokenizer, texts: list[str]):
     """input_ids with num_query_tokens image tokens in front (transformers 5 needs them), right-padded."""
     image_id = hf_model.config.image_token_index
-    rows = [[image_id] * NUM_QUERY + tokenizer(t).input_ids for t in texts]
+    rows = [[image_id] * hf_model.config.num_query_tokens + tokenizer(t).input_ids for t in texts]
     width = max(map(len, rows))
     ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
@@ -252,3 +252,39 @@ def test_itm_export_reloads_in_transformers(itm_case):
     out = export_to_hf(ours, factory.mktemp("export_itm"))
     reloaded = Blip2ForImageTextRetrieval.from_pretrained(out).eval()
     itm_itc_match(reloaded, ours)
+
+
+def test_tiny_zoo_model_exports_with_grown_vocab(tmp_path):
+    """The ``tiny`` blip2_opt (plain timm ViT, OPT without spare vocabulary rows) exports too: the ``<image>`` token
+    gets a new row that generation suppresses; transformers and a reload into our framework agree with it."""
+    from transformers import Blip2ForConditionalGeneration
+
+    from models import load_model
+
+    torch.manual_seed(0)
+    ours = load_model("blip2_opt", "tiny", is_eval=True)
+    redraw_(ours, seed=4)
+    tok = ours.llm.tokenizer
+    vocab = ours.llm.model.get_input_embeddings().weight.shape[0]
+    assert vocab == len(tok)  # no spare row: the export must grow the vocabulary
+    out = export_to_hf(ours, tmp_path / "tiny_opt")
+    hf = Blip2ForConditionalGeneration.from_pretrained(out).eval()
+    assert hf.config.image_token_index == vocab and hf.generation_config.suppress_tokens == [vocab]
+    size = ours.visual_encoder.image_size
+    images = pixels(size=size)
+    ids, mask, lengths = hf_lm_inputs(hf, tok, TEXTS)
+    with torch.no_grad():
+        expected = hf(pixel_values=images, input_ids=ids, attention_mask=mask).logits[..., :vocab]
+        got = ours({"image": images, "text_input": TEXTS}, return_logits=True)["logits"]
+        back = load_hf_blip2(str(out))
+        again = back({"image": images, "text_input": TEXTS}, return_logits=True)["logits"]
+        gen_ids, gen_mask, _ = hf_lm_inputs(hf, tok, ["", ""])
+        ours_gen = our_generate_ids(ours, images, ["", ""], 3)
+        hf_gen = hf.generate(pixel_values=images, input_ids=gen_ids, attention_mask=gen_mask, num_beams=3,
+                             max_new_tokens=8, min_new_tokens=1, eos_token_id=ours.llm.eos_token_ids,
+                             pad_token_id=tok.pad_token_id)[:, gen_ids.shape[1]:]
+    for row, length in enumerate(lengths):
+        torch.testing.assert_close(got[row, :length], expected[row, :length], rtol=0, atol=ATOL)
+        torch.testing.assert_close(again[row, :length, :vocab], got[row, :length], rtol=0, atol=ATOL)
+    ours_gen, hf_gen = pad_to(ours_gen, hf_gen, tok.pad_token_id)
+    assert torch.equal(ours_gen, hf_gen)

@@ -295,3 +295,18 @@ def test_nested_load_resamples_pos_embed():
     big.load_state_dict(small.state_dict())
     assert big.visual_encoder.pos_embed.shape == (1, 17, 32)
     torch.testing.assert_close(small.visual_encoder(images(56)), big.visual_encoder(images(56)), rtol=1e-5, atol=1e-5)
+
+
+def test_plain_vit_round_trips_through_hf_names():
+    """A plain timm ViT (full q/k/v bias) -> HF vision names -> EVA-style q/v split -> loads back (the load hook
+    rebuilds qkv.bias with a zero key bias, which changes no output)."""
+    from models.checkpoints import hf_vision_to_timm
+
+    torch.manual_seed(0)
+    vit = GenericTimmEncoder(model_name="vit_base_patch16_224", image_size=32, embed_dim=24, depth=2, num_heads=2)
+    randomize_(vit)
+    split = hf_vision_to_timm(timm_vision_to_hf(vit.state_dict()))
+    assert "blocks.0.attn.q_bias" in split and "blocks.0.attn.qkv.bias" not in split
+    back = GenericTimmEncoder(model_name="vit_base_patch16_224", image_size=32, embed_dim=24, depth=2, num_heads=2)
+    back.load_state_dict(split)
+    torch.testing.assert_close(back(images(32)), vit(images(32)), rtol=1e-5, atol=1e-5)
