@@ -9,6 +9,7 @@ from models import (  # noqa: F401  (imported for registration)
     llms,
     qformer,
 )
+from models.checkpoints import export_to_hf, load_state_dict_any  # noqa: F401
 from models.zoo import (  # noqa: F401
     ModelZoo,
     build_model_skeleton,
@@ -21,6 +22,8 @@ from models.zoo import (  # noqa: F401
 )
 
 __all__ = [
+    "export_to_hf",
+    "load_state_dict_any",
     "ModelZoo",
     "build_model_skeleton",
     "load_hf_blip2",
