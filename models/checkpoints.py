@@ -60,7 +60,7 @@ def resolve_source(source: str | os.PathLike) -> Path:
         logger.info("downloading %s -> %s", text, target)
         torch.hub.download_url_to_file(text, str(target), progress=True)  # writes a temp file, then renames
         return target
-    if _HUB_ID.match(text):
+    if _HUB_ID.match(text) and not text.endswith((".pth", ".pt", ".bin", ".safetensors", ".json")):
         from huggingface_hub import snapshot_download
 
         repo_id, _, revision = text.partition("@")

@@ -101,6 +101,8 @@ def test_hub_id_offline_and_bad_sources(tmp_path, monkeypatch):
         ck.resolve_source("Salesforce/blip2-opt-2.7b")
     with pytest.raises(FileNotFoundError, match="neither an existing file"):
         ck.resolve_source(str(tmp_path / "missing" / "ckpt.pth"))
+    with pytest.raises(FileNotFoundError, match="neither an existing file"):
+        ck.resolve_source("output/ckpt.pth")  # a relative path, not a hub id
 
 
 def test_hub_id_uses_snapshot_download(tmp_path, monkeypatch):
