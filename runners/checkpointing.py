@@ -68,17 +68,23 @@ def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
 
 
-def load_trainable_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Load a trainable-only state dict into ``model``; keys missing from the file must all be
-    frozen (requires_grad False) parameters or frozen buffers, and no key may be unknown."""
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from a checkpoint directory, a .safetensors file, or a .pth (``{"model": sd}`` or sd)."""
     path = Path(path)
     if path.is_dir():
         path = path / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights at {path} (expected a checkpoint directory or a weights file)")
     if path.suffix == ".safetensors":
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("model", state) if isinstance(state, dict) else state
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("model", state) if isinstance(state, dict) else state
+
+
+def load_trainable_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load a trainable-only state dict into ``model``; keys missing from the file must all be
+    frozen (requires_grad False) parameters or frozen buffers, and no key may be unknown."""
+    state = read_weights(path)
     result = model.load_state_dict(state, strict=False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     missing_trainable = sorted(set(result.missing_keys) & trainable)

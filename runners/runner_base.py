@@ -31,6 +31,22 @@ from runners.wrapping import wrap_model
 logger = logging.getLogger("runners")
 
 
+@contextlib.contextmanager
+def _no_grad_sync(model: torch.nn.Module):
+    """Skip the gradient all-reduce of a non-final accumulation micro-step (DDP no_sync / FSDP)."""
+    if hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; raised before the weights are touched."""
 
@@ -181,7 +197,7 @@ class RunnerBase:
             if isinstance(samples, dict):
                 samples.update(epoch=epoch, iters=self.global_step)
             last = micro == self.accum - 1
-            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            sync = contextlib.nullcontext() if last else _no_grad_sync(self.model)
             with sync:
                 with autocast(self.device, self.amp_dtype):
                     loss, logs = self.task.train_step(self.model, samples)
@@ -193,11 +209,9 @@ class RunnerBase:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.max_grad_norm:
-            clip = getattr(self.model, "clip_grad_norm_", None)  # FSDP clips across shards
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            grad_norm = clip(float(self.max_grad_norm)) if clip else torch.nn.utils.clip_grad_norm_(
-                params, float(self.max_grad_norm))
-            totals["grad_norm"] = float(grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, float(self.max_grad_norm))  # DTensor-aware (FSDP)
+            totals["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -280,7 +294,9 @@ class RunnerBase:
         if test_splits:
             best = self.job_dir / "checkpoint_best"
             if (best / ckpt.MODEL_FILE).is_file():
-                ckpt.load_trainable_weights(self.raw_model, best)
+                from runners.wrapping import load_weights
+
+                load_weights(self.model, self.raw_model, best)
                 logger.info("testing with the best checkpoint (epoch %s)", self.best_epoch)
             for split in test_splits:
                 results[split] = self.eval_split(split, "best" if self.best_epoch is not None else "last")

@@ -5,7 +5,6 @@ gradients and optimizer state with torch FSDP, for frozen LLMs that do not fit o
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -14,6 +13,7 @@ from runners import distributed as dist_utils
 
 
 def wrap_model(model: torch.nn.Module, run_cfg: Any, device: torch.device) -> torch.nn.Module:
+    """DDP, or FSDP (``fully_shard``) when ``run.fsdp`` is set; unchanged when not distributed."""
     if not dist_utils.is_dist():
         return model
     fsdp = run_cfg.get("fsdp", False)
@@ -25,27 +25,27 @@ def wrap_model(model: torch.nn.Module, run_cfg: Any, device: torch.device) -> to
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=bool(run_cfg.get("find_unused_parameters", False)),
         )
-    else:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy
+    from torch.distributed.fsdp import fully_shard
 
-        options = fsdp if hasattr(fsdp, "get") else {}
-        min_params = int(options.get("min_num_params", 10_000_000))
-        return FSDP(
-            model,
-            auto_wrap_policy=functools.partial(size_based_auto_wrap_policy, min_num_params=min_params),
-            use_orig_params=True,  # frozen and trainable parameters may share a wrapped unit
-            device_id=device if device.type == "cuda" else None,
-            sync_module_states=True,
-        )
+    options = fsdp if hasattr(fsdp, "get") else {}
+    min_params = int(options.get("min_num_params", 10_000_000))
+    # Shard bottom-up every submodule holding >= min_params parameters not already sharded, then the root.
+    sharded: set[int] = set()
+    for module in reversed(list(model.modules())):
+        if module is model:
+            continue
+        own = [p for p in module.parameters() if id(p) not in sharded]
+        if own and sum(p.numel() for p in own) >= min_params:
+            fully_shard(module)
+            sharded.update(id(p) for p in own)
+    fully_shard(model)
+    return model
 
 
 def _is_fsdp(model: torch.nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(model, FSDP)
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def _options() -> Any:
@@ -83,3 +83,15 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, state, options=_options())
+
+
+def load_weights(model: torch.nn.Module, raw_model: torch.nn.Module, path: Any) -> None:
+    """Trainable weights from a checkpoint into a (possibly FSDP-sharded) model; every rank reads the file."""
+    from runners.checkpointing import load_trainable_weights, read_weights
+
+    if not _is_fsdp(model):
+        load_trainable_weights(raw_model, path)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, read_weights(path), options=StateDictOptions(full_state_dict=True, strict=False))

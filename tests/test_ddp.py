@@ -1,4 +1,7 @@
-"""DDP on CPU (gloo): one optimizer step on 2 ranks x batch b equals one process with batch 2b.
+"""DDP and FSDP on CPU (gloo): one optimizer step on 2 ranks x batch b equals one process with batch 2b.
+
+Cases: the fake model under DDP and under FSDP (``run.fsdp``, every layer sharded), the tiny stage-1
+BLIP-2 with hardest and with sampled (multinomial) ITM negatives, and the tiny stage-2 OPT model.
 
 One ``torchrun --nproc_per_node=2`` launch runs a small driver that trains several configs in
 turn through ``runners.cli.run`` (sharing one process group); the
@@ -109,9 +112,18 @@ def test_ddp_two_ranks_equal_one_process_double_batch(tmp_path, fake_plugin_dir,
     # single-process references (batch 2b), in-process; they also build the tiny LLM assets once
     references, initial = {}, {}
     cases = {"fake": (fake_ddp_config(tmp_path / "single", 8, "one"), fake_ddp_config(tmp_path, 4, "fake_ddp"))}
+    fsdp = fake_ddp_config(tmp_path, 4, "fake_fsdp")
+    fsdp["run"]["fsdp"] = {"min_num_params": 1}  # shard every layer of the fake model across the 2 ranks
+    cases["fsdp"] = (fake_ddp_config(tmp_path / "single", 8, "one"), fsdp)
     for stage in ("stage1", "stage2"):
         cases[stage] = (tiny_ddp_config(tmp_path / "single", stage, 4, f"{stage}_one", annotation),
                         tiny_ddp_config(tmp_path, stage, 2, f"{stage}_ddp", annotation))
+    # sampled ITM negatives: drawn per global sample index, so both layouts pick the same ones
+    single, ddp = (tiny_ddp_config(tmp_path / "single", "stage1", 4, "multinomial_one", annotation),
+                   tiny_ddp_config(tmp_path, "stage1", 2, "multinomial_ddp", annotation))
+    for cfg in (single, ddp):
+        cfg["model"]["itm_negatives"] = "multinomial"
+    cases["stage1_multinomial"] = (single, ddp)
     for name, (single_cfg, _) in cases.items():
         runner = build_runner(tmp_path / "single" / name, fake_plugin_dir, cfg=single_cfg, job_id=name)
         initial[name] = {k: v.detach().clone() for k, v in runner.raw_model.named_parameters() if v.requires_grad}
