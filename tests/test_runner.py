@@ -514,3 +514,37 @@ def test_cli_train_and_evaluate_tiny_blip2(stage, tmp_path, lavis_tree):
     for key in ("agg_metrics", "txt_r1", "Bleu_4"):
         if key in metrics:
             assert evaluated[key] == pytest.approx(metrics[key], abs=1e-6)
+
+
+def test_launcher_env_torchrun_slurm_and_single(monkeypatch):
+    from runners.distributed import _first_slurm_host, init_distributed, launcher_env
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
+                "SLURM_JOB_NODELIST", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    assert launcher_env() is None
+    info = init_distributed("cpu")  # a plain run: no process group, rank 0 of 1
+    assert (info.rank, info.world_size, info.distributed) == (0, 1, False) and not torch.distributed.is_initialized()
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[07-08,11]")
+    assert launcher_env() == {"rank": 5, "world_size": 8, "local_rank": 1}
+    assert os.environ["MASTER_ADDR"] == "gpu07"
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert launcher_env() == {"rank": 3, "world_size": 4, "local_rank": 3}  # torchrun wins over SLURM
+    assert _first_slurm_host("node1,node2") == "node1" and _first_slurm_host("a[3]") == "a3"
+
+
+def test_tensorboard_flag_needs_tensorboard(tmp_path, fake_plugin_dir):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install tensorboard"):
+            build_runner(tmp_path, fake_plugin_dir, tensorboard=True)
+    else:
+        runner = build_runner(tmp_path, fake_plugin_dir, tensorboard=True, max_epoch=1)
+        runner.train()
+        assert any((runner.job_dir / "tensorboard").iterdir())
