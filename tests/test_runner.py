@@ -426,7 +426,7 @@ def lavis_tree(tmp_path_factory) -> Path:
     from tests.fixtures_data import make_lavis_tree
 
     root = tmp_path_factory.mktemp("lavis_tree")
-    make_lavis_tree(root, with_video=False, with_shards=False)
+    make_lavis_tree(root, with_video=False, with_shards=True)
     return root
 
 
@@ -548,3 +548,26 @@ def test_tensorboard_flag_needs_tensorboard(tmp_path, fake_plugin_dir):
         runner = build_runner(tmp_path, fake_plugin_dir, tensorboard=True, max_epoch=1)
         runner.train()
         assert any((runner.job_dir / "tensorboard").iterdir())
+
+
+@pytest.mark.slow
+def test_runner_iter_streams_webdataset_mixed_with_map_style(tmp_path, lavis_tree, monkeypatch):
+    """Stage-1 pre-training on LAION-style webdataset shards mixed 1:1 with COCO (the paper's setting)."""
+    monkeypatch.setenv("BLIP2_CACHE_ROOT", str(lavis_tree))
+    procs = {"vis_processor": {"train": {"name": "blip_image_eval", "image_size": 64}}}
+    cfg = {"model": {"arch": "blip2", "model_type": "tiny"},
+           "datasets": {"laion": {**procs, "build_info": {"storage": "laion/shards/{00000..00002}.tar"}},
+                        "coco_caption": procs},
+           "run": {"task": "image_text_pretrain", "runner": "runner_iter", "max_iters": 3, "iters_per_inner_epoch": 2,
+                   "train_dataset_ratios": {"laion": 1, "coco_caption": 1}, "lr_sched": "linear_warmup_cosine_lr",
+                   "init_lr": 1e-4, "min_lr": 1e-5, "batch_size_train": 2, "num_workers": 0, "seed": 42,
+                   "device": "cpu", "amp": "bf16", "log_freq": 1, "output_dir": str(tmp_path / "out"),
+                   "train_splits": ["train"]}}
+    runner = build_runner(tmp_path, None, cfg=cfg, plugins=())
+    runner.train()
+    log = read_log(runner.job_dir)
+    assert [r["step"] for r in log if r["type"] == "train_step"] == [1, 2, 3]
+    assert all(r["loss_itc"] > 0 and r["loss_itg"] > 0 for r in log if r["type"] == "train_step")
+    lrs = [r["lr"] for r in log if r["type"] == "train_step"]
+    assert lrs[0] > lrs[1] > lrs[2] >= 1e-5  # cosine over max_iters, per step
+    assert sorted(p.name for p in (runner.job_dir / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
