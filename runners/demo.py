@@ -19,6 +19,7 @@ Q-Former that fits the 10-minute budget, and the templated captions need no pre-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "projects" / "blip2" / "demo"
 MARKER = ".blip2_demo_output"
@@ -46,24 +47,26 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def allow_stage1_checkpoint_in_stage2() -> None:
+@contextlib.contextmanager
+def stage1_checkpoint_in_stage2() -> Iterator[None]:
     """Let a stage-2 model start from a stage-1 checkpoint, whose missing ``<llm>_proj`` is new in stage 2.
 
     LAVIS loads ``blip2_pretrained.pth`` into stage 2 non-strictly; models/blip2_stage2.py (not owned
     by the demo) rejects the missing projection. Until that model accepts it, the demo widens the
-    expected-missing keys by exactly the projection, in this process only.
+    expected-missing keys by exactly the projection, inside this context only.
     """
     from models.blip2_stage2 import Blip2LLMBase
 
-    original = Blip2LLMBase._missing_key_is_expected
-    if getattr(original, "_demo_shim", False):
-        return
+    original = Blip2LLMBase.__dict__["_missing_key_is_expected"]
 
     def expected(self, key: str) -> bool:
         return key.startswith(self.PROJ_ATTR + ".") or original(self, key)
 
-    expected._demo_shim = True  # type: ignore[attr-defined]
     Blip2LLMBase._missing_key_is_expected = expected
+    try:
+        yield
+    finally:
+        Blip2LLMBase._missing_key_is_expected = original
 
 
 class Demo:
@@ -166,9 +169,9 @@ class Demo:
         self.train("stage 1: ITC + ITM + ITG", "stage1.yaml", "stage1", self.budget["stage1"],
                    self.frozen_options(llm=False))
         stage1 = self.checkpoint("stage1")
-        allow_stage1_checkpoint_in_stage2()
-        self.train("stage 2: generative (frozen LLM)", "stage2.yaml", "stage2", self.budget["stage2"],
-                   self.frozen_options(llm=True) + [f"model.pretrained={stage1 / 'model.safetensors'}"])
+        with stage1_checkpoint_in_stage2():
+            self.train("stage 2: generative (frozen LLM)", "stage2.yaml", "stage2", self.budget["stage2"],
+                       self.frozen_options(llm=True) + [f"model.pretrained={stage1 / 'model.safetensors'}"])
         variants = {"blip2": self.checkpoint("stage2")}
         if ablation:
             self.train("ablation: stage 2 without stage 1", "stage2.yaml", "stage2_no_stage1",
@@ -373,10 +376,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     import torch
 
+    previous_threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.verbose:
         logging.disable(logging.INFO)
+    try:
+        return _run_demo(args)
+    finally:  # leave the process as it was (the demo also runs inside the test suite)
+        logging.disable(logging.NOTSET)
+        torch.set_num_threads(previous_threads)
+
+
+def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
     random.seed(args.seed)
     out = Path(args.out).expanduser().resolve()
     prepare_out_dir(out)
