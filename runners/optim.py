@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any
 
 import torch
@@ -69,6 +70,16 @@ def count_trainable(model: torch.nn.Module) -> tuple[int, int]:
 
 
 # -- mixed precision ---------------------------------------------------------------------------
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has native bf16 matmul (AVX512-BF16 or AMX); on AVX2-only CPUs bf16 is emulated."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:  # not Linux: trust torch's own dispatch level
+        return "AVX512" in torch.backends.cpu.get_cpu_capability()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_amp(amp: Any, device: torch.device) -> torch.dtype | None:
     """``run.amp`` (bf16 | fp16 | off, or LAVIS's True/False) -> autocast dtype or None."""
     if amp is None or amp is False or str(amp).lower() in ("off", "false", "none", "fp32", "no"):
@@ -77,6 +88,10 @@ def resolve_amp(amp: Any, device: torch.device) -> torch.dtype | None:
     if value == "true":  # LAVIS YAMLs say amp: True (fp16 on GPU); bf16 is the fast path on CPU
         value = "fp16" if device.type == "cuda" else "bf16"
     if value == "bf16":
+        if device.type == "cpu" and not cpu_has_fast_bf16():
+            warnings.warn(
+                "run.amp=bf16 on a CPU without AVX512-BF16/AMX: bf16 matmuls are emulated and much slower than "
+                "fp32 here; use amp: off on this machine", RuntimeWarning, stacklevel=2)
         return torch.bfloat16
     if value == "fp16":
         if device.type != "cuda":

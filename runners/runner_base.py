@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,8 @@ class RunnerBase:
             task.set_output_dir(self.job_dir)
 
         self.raw_model = model.to(self.device)
+        if get("cache_image_features", False):
+            self._enable_feature_cache()
         self.trainable_keys = sorted(ckpt.trainable_state_dict(self.raw_model))
         self.resume_state: dict | None = None
         self.resume_optimizer: dict | None = None
@@ -303,6 +306,18 @@ class RunnerBase:
         self.metrics_log.close()
         return results
 
+    def _enable_feature_cache(self) -> None:
+        """run.cache_image_features: reuse the frozen encoder's output across epochs (see models/feature_cache.py)."""
+        from runners.config import cache_root
+
+        if not hasattr(self.raw_model, "enable_feature_cache"):
+            raise ValueError(f"run.cache_image_features: {type(self.raw_model).__name__} has no frozen image encoder")
+        model_cfg = getattr(self.cfg, "model", None) or self.cfg["model"]
+        image_size = int(model_cfg.get("image_size", 224))
+        root = os.path.join(cache_root(), "feature_cache")
+        self.raw_model.enable_feature_cache(root, image_size, rank=self.rank)
+        logger.info("frozen-feature cache on under %s (valid only with deterministic image preprocessing)", root)
+
     def evaluate(self) -> dict[str, Any]:
         """Evaluate the current weights on ``test_splits`` (or ``valid_splits``); used by runners.evaluate."""
         self.save_config()
@@ -328,7 +343,7 @@ class RunnerBase:
             loader = eval_loader(dataset, int(self.run_cfg.get("batch_size_eval", 1)),
                                  int(self.run_cfg.get("num_workers", 0)), self.rank, self.world_size, split_across)
             if hasattr(self.task, "before_evaluation"):
-                self.task.before_evaluation(model, dataset)
+                self.task.before_evaluation(model, dataset, name=name)
             with autocast(self.device, self.amp_dtype):
                 results = self.task.evaluation(model, loader)
             metrics = self.task.after_evaluation(results, split, epoch) or {}

@@ -454,7 +454,8 @@ def tiny_project(tmp_path: Path, stage: str) -> dict:
                 "datasets": {"coco_vqa": {**procs, "text_processor": {"train": {"name": "blip_question"},
                                                                         "eval": {"name": "blip_question"}}}},
                 "run": {**run, "task": "vqa", "lr_sched": "constant_lr", "test_splits": ["val"], "num_beams": 2,
-                        "max_len": 4, "inference_method": "generate", "prompt": "Question: {} Short answer:"}}
+                        "max_len": 4, "inference_method": "generate", "prompt": "Question: {} Short answer:",
+                        "cache_image_features": True}}
     raise ValueError(stage)
 
 
@@ -502,6 +503,9 @@ def test_cli_train_and_evaluate_tiny_blip2(stage, tmp_path, lavis_tree):
         assert {"Bleu_4", "CIDEr"} <= set(metrics)
     if stage == "stage2_t5":
         assert metrics["num_questions"] > 0 and 0.0 <= metrics["agg_metrics"] <= 100.0
+        # run.cache_image_features stored the frozen encoder's output for the images it saw
+        keys = list((lavis_tree / "feature_cache").glob("*/rank0/keys.txt"))
+        assert keys and len(keys[0].read_text().split()) > 0
         return
     # runners.evaluate with the best checkpoint reproduces the training run's final test metrics
     proc = run_cli("runners.evaluate", ["--cfg", str(cfg_path), "--checkpoint", str(job / "checkpoint_best"),
