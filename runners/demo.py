@@ -222,9 +222,9 @@ def write_qformer_vocab(data_root: Path, path: Path) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 # metrics and reporting
 # ---------------------------------------------------------------------------------------------------------------
-def _read_result(job_dir: Path, split: str) -> list[dict]:
-    """The captioning task's merged result file ``result/<split>_epocheval.json`` (runners.evaluate)."""
-    path = job_dir / "result" / f"{split}_epocheval.json"
+def _read_result(job_dir: Path, split: str, dataset: str = "shapes_caption") -> list[dict]:
+    """The captioning task's merged result file ``result/<dataset>_<split>_epocheval.json`` (runners.evaluate)."""
+    path = job_dir / "result" / f"{dataset}_{split}_epocheval.json"
     if not path.is_file():
         found = sorted(p.name for p in (job_dir / "result").glob("*.json"))
         raise FileNotFoundError(f"caption results {path} not found (result files: {found})")
