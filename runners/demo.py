@@ -223,12 +223,15 @@ def write_qformer_vocab(data_root: Path, path: Path) -> Path:
 # metrics and reporting
 # ---------------------------------------------------------------------------------------------------------------
 def _read_result(job_dir: Path, split: str, dataset: str = "shapes_caption") -> list[dict]:
-    """The captioning task's merged result file ``result/<dataset>_<split>_epocheval.json`` (runners.evaluate)."""
-    path = job_dir / "result" / f"{dataset}_{split}_epocheval.json"
-    if not path.is_file():
-        found = sorted(p.name for p in (job_dir / "result").glob("*.json"))
-        raise FileNotFoundError(f"caption results {path} not found (result files: {found})")
-    return json.loads(path.read_text())
+    """The captioning task's merged result file: ``result/<dataset>_<split>_epocheval.json``
+    (``result/<split>_epocheval.json`` from runners that do not prefix the dataset name)."""
+    for path in (job_dir / "result" / f"{dataset}_{split}_epocheval.json",
+                 job_dir / "result" / f"{split}_epocheval.json"):
+        if path.is_file():
+            return json.loads(path.read_text())
+    found = sorted(p.name for p in (job_dir / "result").glob("*.json"))
+    raise FileNotFoundError(f"caption results of {dataset}/{split} not found in {job_dir / 'result'} "
+                            f"(result files: {found})")
 
 
 def caption_attribute_accuracy(data_root: Path, captions: list[dict], split: str = "test") -> float:
