@@ -5,8 +5,9 @@ For the offline demo we train tiny ones here and export them in the formats real
 in, so BLIP-2 then loads them through the same plugins as real encoders and LLMs:
 
 - ``frozen_image_encoder_pretrain``: any timm ViT plus light heads that predict, for every patch,
-  the shape, colour and size of the object under it (0 = background), and from the class token
-  the object count and the background. Dense labels make each patch token say what is there, so
+  the shape, colour and size of the object under it (colour: 0 = background; shape and size are
+  learnt on object patches only, which are a minority), and from the class token the object count
+  and the background. Dense labels make each patch token say what is there, so
   the Q-Former can bind colours to shapes. ``export(dir)`` writes timm's ``config.json`` +
   ``model.safetensors`` (load with ``timm.create_model("local-dir:<dir>")``).
 - ``frozen_lm_pretrain``: a Hugging Face causal LM (OPT by default) built from a config, with a
@@ -92,9 +93,13 @@ class ImageEncoderPretrainer(_PretrainBase):
         cls_tok, patches = tokens[:, 0], tokens[:, self.num_prefix:]
         labels = samples["patch_labels"]  # [B, P, 3]
         losses = {}
+        foreground = labels[..., 0] > 0  # [B, P]
         for i, (name, head) in enumerate(zip(("shape", "colour", "size"), self.patch_heads)):
             logits = head(patches).float()  # [B, P, n + 1]
-            losses[f"loss_{name}"] = F.cross_entropy(logits.flatten(0, 1), labels[..., i].flatten())
+            target = labels[..., i]
+            if name != "colour":  # colour also segments object/background; shape and size learn on objects only
+                target = target.masked_fill(~foreground, -100)  # (most patches are background)
+            losses[f"loss_{name}"] = F.cross_entropy(logits.flatten(0, 1), target.flatten())
         losses["loss_count"] = F.cross_entropy(self.count_head(cls_tok).float(), samples["count"])
         losses["loss_background"] = F.cross_entropy(self.background_head(cls_tok).float(), samples["background"])
         losses["loss"] = sum(losses.values())
