@@ -36,7 +36,7 @@ MARKER = ".blip2_demo_output"
 BUDGETS = {
     "full": {"encoder": 300, "lm": 400, "stage1": 300, "stage2": 300,
              "splits": {"train": 4000, "val": 100, "test": 200}},
-    "quick": {"encoder": 60, "lm": 150, "stage1": 80, "stage2": 80,
+    "quick": {"encoder": 100, "lm": 100, "stage1": 80, "stage2": 60,
               "splits": {"train": 1000, "val": 20, "test": 60}},
 }
 DATASETS = ("shapes_caption", "shapes_retrieval", "shapes_vqa", "shapes_scenes", "shapes_text")

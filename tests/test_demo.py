@@ -189,22 +189,24 @@ def test_tokenizer_and_llm_export_load_through_the_opt_plugin(tmp_path):
 # -- the shortened pipeline ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_quick_demo_beats_chance_at_every_stage(tmp_path, monkeypatch):
-    """Shortened ``runners.demo`` (quick budget: 60/150/80/80 steps, 1000 training images).
+    """Shortened ``runners.demo`` (quick budget: 100/100/80/60 steps, 1000 training images, 1 thread).
 
     Margins, each far above what the stage reaches untrained: encoder colour accuracy over object
     patches >= 0.5 (chance 1/7); LLM loss < ln(vocab) / 3; retrieval R@5 >= 3x chance (random
     ranking) in both directions; caption BLEU-4 >= 0.1 and CIDEr >= 0.3 (a caption sharing no
-    4-gram with the references scores 0). Measured on a loaded 2-core machine: colour 0.76, LLM loss
-    0.72 (ln 400 = 6.0), R@5 45 / 57 % (chance 8.3 %), BLEU-4 0.24, CIDEr 0.70. The quick budget does
-    not yet reach the attribute-binding and VQA margins of the full demo, so they are not asserted.
+    4-gram with the references scores 0). Measured 2026-11-28 (2-core AMD EPYC, 1 thread, lightly
+    loaded, 224 s): colour 0.87, LLM loss 0.75 (ln 400 = 6.0), R@5 26.7 / 34.0 % (chance 8.3 %; the
+    image->text margin is thin), BLEU-4 0.20, CIDEr 0.74. The quick budget does not reach the
+    attribute-binding and VQA margins of the full demo (shape accuracy ~chance), so they are not asserted.
     """
     from runners import demo
 
     monkeypatch.setenv("BLIP2_CACHE_ROOT", str(tmp_path / "cache"))
-    report = demo.main(["--quick", "--out", str(tmp_path / "out"), "--threads", "2"])
+    report = demo.main(["--quick", "--out", str(tmp_path / "out"), "--threads", "1"])  # 1: shared CI cores
     metrics, chance = report["metrics"]["blip2"], report["chance"]
     out = tmp_path / "out"
-    enc = json.loads(next((out / "runs" / "encoder_pretrain" / "result").glob("val_*_metrics.json")).read_text())
+    enc_result = out / "runs" / "encoder_pretrain" / "result"
+    enc = json.loads(next(enc_result.glob("*val_*_metrics.json")).read_text())  # [<dataset>_]val_epoch0_...
     assert enc["colour_acc"] >= 0.5, enc
     lm_rows = [json.loads(line) for line in (out / "runs" / "lm_pretrain" / "log.jsonl").read_text().splitlines()]
     lm_losses = [r["loss"] for r in lm_rows if r.get("type") == "train_step"]
