@@ -5,12 +5,11 @@ preprocessing, which is when `cache_image_features: true` is valid.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
 import torch
 
-from benchmarks.text import captions
+from benchmarks.text import autocast, captions
 
 BATCHES_PER_EPOCH = 4
 
@@ -26,12 +25,11 @@ def setup_epoch(model, dims: dict, precision: str, work_dir: str, cached: bool) 
     if cached:
         model.enable_feature_cache(work_dir, size)
     optimizer = torch.optim.AdamW(model.get_optimizer_params(weight_decay=0.05, lr_layer_decay=1.0), lr=1e-5)
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
 
     def epoch() -> float:
         total = 0.0
         for samples in batches:
-            with autocast():
+            with autocast(precision):
                 loss = model(samples)["loss"]
             loss.backward()
             optimizer.step()

@@ -6,20 +6,13 @@ same captions, padding to the longest caption in the batch.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
 import torch
 
-from benchmarks.text import captions
+from benchmarks.text import autocast as _autocast, captions, images as _images
 
 
-def _autocast(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-
-
-def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 def _load(kind: str, ckpt, precision: str):

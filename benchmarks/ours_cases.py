@@ -5,21 +5,14 @@ step under bf16 autocast (CPU or GPU). fp32 keeps everything in fp32.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
 import torch
 from omegaconf import OmegaConf
 
-from benchmarks.text import captions
+from benchmarks.text import autocast as _autocast, captions, images as _images
 
 
-def _autocast(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-
-
-def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 def _load(ckpt: str, precision: str, arch: str | None = None, is_eval: bool = False, **overrides):

@@ -1,8 +1,21 @@
-"""Fixed captions and locally written word-level tokenizers for the benchmark (no hub needed)."""
+"""The benchmark's fixed inputs: captions, images, autocast, and local word-level tokenizers (no hub)."""
 from __future__ import annotations
 
+import contextlib
 import random
 from pathlib import Path
+
+import torch
+
+
+def autocast(precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPU for ``precision == "bf16"``, else nothing (fp32)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
+def images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    """``n`` seeded random images [n, 3, size, size] (the same in both frameworks)."""
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 def captions(n: int, seed: int = 0, min_words: int = 8, max_words: int = 28) -> list[str]:
