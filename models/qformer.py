@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 import registry
+from models.lean_attention import LeanDropout, attention
 
 
 @dataclass
@@ -142,7 +143,7 @@ class QFormerEmbeddings(nn.Module):
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.dropout = LeanDropout(cfg.hidden_dropout_prob)
         # Persistent, as in LAVIS checkpoints (HF BLIP-2 lists it as unexpected; the loader drops it there).
         self.register_buffer("position_ids", torch.arange(cfg.max_position_embeddings).unsqueeze(0), persistent=True)
 
@@ -193,9 +194,7 @@ class QFormerSelfAttention(nn.Module):
             k, v = self._heads(self.key(kv_states)), self._heads(self.value(kv_states))
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0
-        )  # [B, h, L, d]
+        out = attention(q, k, v, mask, self.dropout_p if self.training else 0.0)  # [B, h, L, d]
         return out.transpose(1, 2).flatten(2), (k, v)
 
 
@@ -206,7 +205,7 @@ class QFormerSelfOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(in_features, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.dropout = LeanDropout(cfg.hidden_dropout_prob)
 
     def forward(self, hidden: Tensor, residual: Tensor) -> Tensor:
         return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
