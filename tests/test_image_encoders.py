@@ -89,6 +89,27 @@ def test_generic_timm_vit_and_cnn():
         GenericTimmEncoder()
 
 
+def test_generic_timm_cnn_loads_weights_published_by_timm(tmp_path):
+    """A CNN saved the way timm publishes weights (config.json + model.safetensors) loads into ``trunk``,
+    and so does the ``visual_encoder.*`` part of a full BLIP-2 state dict."""
+    import timm
+    from timm.models import save_for_hf
+
+    torch.manual_seed(0)
+    kwargs = dict(depths=[1, 1, 0, 0], dims=[8, 16, 16, 16], output_stride=8, stem_type="overlap")
+    net = timm.create_model("convnext_atto", pretrained=False, num_classes=0, global_pool="", **kwargs)
+    save_for_hf(net, tmp_path, model_args=kwargs, safe_serialization=True)
+    cnn = GenericTimmEncoder(model_name="convnext_atto", image_size=32, pretrained=str(tmp_path), **kwargs)
+    x = images(32)
+    with torch.no_grad():
+        expected = net.forward_features(x).flatten(2).transpose(1, 2)  # [2, 4*4, 16]
+    assert cnn(x).shape == (2, 16, 16)
+    torch.testing.assert_close(cnn(x), expected, rtol=0, atol=0)
+    again = GenericTimmEncoder(model_name="convnext_atto", image_size=32, **kwargs)
+    again.load_pretrained({f"visual_encoder.{k}": v for k, v in net.state_dict().items()} | {"ln_vision.weight": x})
+    torch.testing.assert_close(again(x), expected, rtol=0, atol=0)
+
+
 def test_pos_embed_interpolated_on_load_and_on_the_fly():
     small = tiny_eva()
     randomize_(small)
