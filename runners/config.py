@@ -270,6 +270,7 @@ class Config:
 
         self.layers = model_layers + dataset_layers + user_layers
         merged = OmegaConf.merge(*(layer.cfg for layer in self.layers))
+        _replace_encoder_kwargs(merged, user, self.layers[: len(model_layers)])
         if self.model_type is not None:
             merged.model.model_type = self.model_type  # record the default, if that is what was used
         if self.plugins:
@@ -514,6 +515,18 @@ class Config:
 
     def __repr__(self) -> str:
         return f"Config({self.cfg_path!r}, arch={self.model.get('arch')!r}, datasets={_keys(self.datasets)})"
+
+
+def _replace_encoder_kwargs(merged: DictConfig, user: DictConfig, model_layers: Sequence[_Layer]) -> None:
+    """``model.vit_kwargs`` naming another timm ``model_name`` than the model defaults replaces them instead of
+    merging key by key: one model's constructor arguments (``embed_dim``, ``depth``) mean nothing to another."""
+    user_kwargs = _node(user, "model", "vit_kwargs")
+    if user_kwargs is None or "model_name" not in user_kwargs:
+        return
+    default_names = [_node(layer.cfg, "model", "vit_kwargs", "model_name") for layer in model_layers]
+    default_names = [name for name in default_names if name is not None]
+    if default_names and default_names[-1] != user_kwargs.model_name:
+        merged.model.vit_kwargs = user_kwargs
 
 
 def _has_key(cfg: DictConfig, keys: Sequence[str]) -> bool:

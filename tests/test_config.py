@@ -447,3 +447,17 @@ def test_every_registered_model_type_and_dataset_type_validates(tmp_path):
             problems.append(f"{case}: {err}")
     assert not problems, "\n".join(problems)
     assert checked >= 10  # the zoo (issue 3) and the builders (issue 4) are registered
+
+
+def test_encoder_kwargs_of_another_timm_model_replace_the_defaults(tmp_path):
+    """Real zoo YAML (blip2/tiny: a ViT): a project naming a CNN gets only its own vit_kwargs; the same model
+    name merges key by key."""
+    cnn = {"model_name": "convnext_atto", "depths": [1, 1, 0, 0]}
+    cfg = Config(write_project(tmp_path, {"model": {"arch": "blip2", "model_type": "tiny", "vit_kwargs": cnn}}))
+    assert OmegaConf.to_container(cfg.model.vit_kwargs) == cnn
+    same = {"model_name": "vit_tiny_patch16_224", "depth": 1}
+    cfg = Config(write_project(tmp_path, {"model": {"arch": "blip2", "model_type": "tiny", "vit_kwargs": same}}))
+    assert cfg.model.vit_kwargs.depth == 1 and cfg.model.vit_kwargs.embed_dim == 48  # default kept
+    cfg = Config(write_project(tmp_path, {"model": {"arch": "blip2", "model_type": "tiny"}}),
+                 options=["model.vit_kwargs={model_name: convnext_atto}"])
+    assert OmegaConf.to_container(cfg.model.vit_kwargs) == {"model_name": "convnext_atto"}
