@@ -4,7 +4,8 @@ As in the paper, the image encoder and the LLM exist before BLIP-2 and are froze
 For the offline demo we train tiny ones here and export them in the formats real weights come
 in, so BLIP-2 then loads them through the same plugins as real encoders and LLMs:
 
-- ``frozen_image_encoder_pretrain``: any timm ViT plus light heads that predict, for every patch,
+- ``frozen_image_encoder_pretrain``: any timm model (a ViT, or a CNN whose feature map is the patch
+  grid) plus light heads that predict, for every patch,
   the shape, colour and size of the object under it (colour: 0 = background; shape and size are
   learnt on object patches only, which are a minority), and from the class token the object count
   and the background. Dense labels make each patch token say what is there, so
@@ -62,7 +63,7 @@ class _PretrainBase(nn.Module):
 
 @registry.models.register("frozen_image_encoder_pretrain")
 class ImageEncoderPretrainer(_PretrainBase):
-    """timm ViT + per-patch attribute heads. Expects ``samples["image"]`` [B,3,S,S] and
+    """timm ViT or CNN + per-patch attribute heads. Expects ``samples["image"]`` [B,3,S,S] and
     ``samples["patch_labels"]`` [B,P,3] (shape, colour, size class per patch; 0 = background),
     ``samples["count"]`` [B] (objects - 1) and ``samples["background"]`` [B]."""
 
@@ -78,20 +79,35 @@ class ImageEncoderPretrainer(_PretrainBase):
         self.encoder = timm.create_model(timm_name, pretrained=False, num_classes=0, global_pool="",
                                          **self.timm_kwargs)
         width = self.encoder.num_features
-        self.num_prefix = getattr(self.encoder, "num_prefix_tokens", 1)
+        self.num_prefix = getattr(self.encoder, "num_prefix_tokens", 0)  # ViT class token; CNNs have none
         self.patch_heads = nn.ModuleList(nn.Linear(width, n + 1) for n in (num_shapes, num_colours, num_sizes))
         self.count_head = nn.Linear(width, max_objects)
         self.background_head = nn.Linear(width, num_backgrounds)
 
     @classmethod
     def from_config(cls, cfg: Any) -> "ImageEncoderPretrainer":
-        return cls(cfg.timm_name, dict(cfg.get("timm_kwargs", {})), cfg.num_shapes, cfg.num_colours,
+        from omegaconf import OmegaConf
+
+        timm_kwargs = OmegaConf.to_container(cfg.timm_kwargs) if OmegaConf.is_config(cfg.get("timm_kwargs")) \
+            else dict(cfg.get("timm_kwargs") or {})  # plain lists: timm splits tensors by them
+        return cls(cfg.timm_name, timm_kwargs, cfg.num_shapes, cfg.num_colours,
                    cfg.num_sizes, cfg.max_objects, cfg.num_backgrounds)
 
+    def tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summary [B, W], patch tokens [B, P, W]): the ViT class token, or a CNN's mean-pooled feature map."""
+        features = self.encoder.forward_features(images)  # ViT [B, prefix + P, W]; CNN [B, W, h, w]
+        if features.ndim == 4:
+            patches = features.flatten(2).transpose(1, 2)  # [B, h*w, W]
+            return patches.mean(1), patches
+        summary = features[:, 0] if self.num_prefix else features.mean(1)
+        return summary, features[:, self.num_prefix:]
+
     def forward(self, samples: dict[str, Any]) -> dict[str, torch.Tensor]:
-        tokens = self.encoder.forward_features(samples["image"])  # [B, prefix + P, W]
-        cls_tok, patches = tokens[:, 0], tokens[:, self.num_prefix:]
+        cls_tok, patches = self.tokens(samples["image"])
         labels = samples["patch_labels"]  # [B, P, 3]
+        if patches.shape[1] != labels.shape[1]:
+            raise ValueError(f"the encoder gives {patches.shape[1]} patch tokens but the data set has labels for "
+                             f"{labels.shape[1]} patches: set the shapes_scenes patch_size to the encoder's stride")
         losses = {}
         foreground = labels[..., 0] > 0  # [B, P]
         for i, (name, head) in enumerate(zip(("shape", "colour", "size"), self.patch_heads)):
@@ -108,14 +124,14 @@ class ImageEncoderPretrainer(_PretrainBase):
     @torch.no_grad()
     def patch_accuracy(self, samples: dict[str, Any]) -> dict[str, float]:
         """Per-attribute accuracy over object-covered patches (background patches excluded)."""
-        tokens = self.encoder.forward_features(samples["image"])
-        patches, labels = tokens[:, self.num_prefix:], samples["patch_labels"]
+        summary, patches = self.tokens(samples["image"])
+        labels = samples["patch_labels"]
         fg = labels[..., 0] > 0
         out = {}
         for i, (name, head) in enumerate(zip(("shape", "colour", "size"), self.patch_heads)):
             pred = head(patches).argmax(-1)
             out[f"{name}_acc"] = (pred == labels[..., i])[fg].float().mean().item()
-        out["count_acc"] = (self.count_head(tokens[:, 0]).argmax(-1) == samples["count"]).float().mean().item()
+        out["count_acc"] = (self.count_head(summary).argmax(-1) == samples["count"]).float().mean().item()
         return out
 
     def export(self, out_dir: str | Path) -> Path:

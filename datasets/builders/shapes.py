@@ -26,7 +26,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 70, 230),
     "yellow": (235, 215, 30), "purple": (140, 50, 190), "orange": (245, 130, 20),
 }
-SHAPES = ("circle", "square", "triangle", "diamond")
+SHAPES = ("circle", "square", "triangle", "cross")
 SIZES = {"small": 0.10, "large": 0.17}  # radius as a fraction of the image side
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128),
@@ -35,7 +35,7 @@ NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 # share of images with 1, 2, 3 objects
 COUNT_WEIGHTS = (0.15, 0.5, 0.35)
 DEFAULT_SPLITS = {"train": 4000, "val": 100, "test": 200}
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def cache_root() -> Path:
@@ -72,12 +72,15 @@ def scene_key(scene: dict[str, Any]) -> tuple:
 
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
     if shape == "square":
-        s = r * 0.85
+        s = r * 0.9
         return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
+    if shape == "cross":  # a plus sign: arms of half-width w
+        w = r * 0.38
+        return [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w),
+                (cx + w, cy + w), (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w),
+                (cx - r, cy - w), (cx - w, cy - w)]
     if shape == "triangle":
         return [(cx, cy - r), (cx + r * 0.95, cy + r * 0.75), (cx - r * 0.95, cy + r * 0.75)]
-    if shape == "diamond":
-        return [(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)]
     return None
 
 
