@@ -38,7 +38,7 @@ MARKER = ".blip2_demo_output"
 
 # Steps of each training, and the data set size: full demo vs the shortened CI test (--quick).
 BUDGETS = {
-    "full": {"encoder": 500, "lm": 1000, "stage1": 300, "stage2": 300,
+    "full": {"encoder": 400, "lm": 1000, "stage1": 300, "stage2": 250,
              "splits": {"train": 4000, "val": 100, "test": 200}},
     "quick": {"encoder": 100, "lm": 100, "stage1": 80, "stage2": 60,
               "splits": {"train": 1000, "val": 20, "test": 60}},
@@ -147,7 +147,8 @@ class Demo:
             return None
         opts = [f"run.output_dir={self.runs}"] + self.data_options("lm_pretrain.yaml") + self.lm_options() + self.extra
         cmd = [sys.executable, "-m", "runners.train", "--cfg", str(DEMO_DIR / "lm_pretrain.yaml"), "--options", *opts]
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+                   PYTHONPATH=os.pathsep.join(
             [str(DEMO_DIR.parents[2]), *filter(None, [os.environ.get("PYTHONPATH")])]))
         self.lm_log = self.out / "lm_pretrain.log"
         _say(f"\n== pre-training the LLM (OPT-style, next-token loss; {self.budget['lm']} steps) in a child process "
@@ -434,6 +435,8 @@ def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     random.seed(args.seed)
+    # Hugging Face tokenizers otherwise spread each batch over every core, competing with the training threads.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out = Path(args.out).expanduser().resolve()
     prepare_out_dir(out)
     start = time.time()

@@ -1,7 +1,7 @@
 """Tasks that pre-train the parts BLIP-2 freezes (the demo trains them first, as in the paper).
 
 - ``image_encoder_pretrain``: dense attribute classification (``frozen_image_encoder_pretrain``);
-  validation reports per-patch shape/colour/size accuracy and the count accuracy.
+  validation reports per-patch shape/colour/size accuracy.
 - ``text_lm_pretrain``: next-token prediction on text (``frozen_lm_pretrain``); validation
   reports the loss.
 

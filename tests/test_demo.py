@@ -130,27 +130,34 @@ def test_builders_use_the_real_dataset_classes(tmp_path, monkeypatch):
 
 
 # -- frozen parts: pre-training models and their export ---------------------------------------------------------------
-def test_image_encoder_export_loads_through_the_timm_plugin(tmp_path):
+@pytest.mark.parametrize("timm_name, timm_kwargs", [
+    ("vit_tiny_patch16_224", {"img_size": 64, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}),
+    ("convnext_atto", {"depths": [1, 1, 0, 0], "dims": [16, 32, 32, 32], "output_stride": 8, "stem_type": "overlap"}),
+])
+def test_image_encoder_export_loads_through_the_timm_plugin(tmp_path, timm_name, timm_kwargs):
+    """The demo's encoder (a CNN) and a ViT: 64 patch tokens at 64 px, exported and reloaded bit for bit."""
     import registry
     from omegaconf import OmegaConf
 
     torch.manual_seed(0)
-    vit = {"img_size": 64, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
-    cfg = OmegaConf.create({"timm_name": "vit_tiny_patch16_224", "timm_kwargs": vit, "num_shapes": 4,
-                            "num_colours": 6, "num_sizes": 2, "max_objects": 3, "num_backgrounds": 3})
+    cfg = OmegaConf.create({"timm_name": timm_name, "timm_kwargs": timm_kwargs, "num_shapes": 4,
+                            "num_colours": 6, "num_sizes": 2})
     model = registry.models.get("frozen_image_encoder_pretrain").from_config(cfg)
-    batch = {"image": torch.randn(2, 3, 64, 64), "patch_labels": torch.randint(0, 3, (2, 64, 3)),
-             "count": torch.tensor([0, 2]), "background": torch.tensor([1, 2])}
+    batch = {"image": torch.randn(2, 3, 64, 64), "patch_labels": torch.randint(0, 3, (2, 64, 3))}
     losses = model(batch)
     assert torch.isfinite(losses["loss"]) and losses["loss"] > 0
+    with pytest.raises(ValueError, match="patch_size"):
+        model({"image": torch.randn(2, 3, 64, 64), "patch_labels": torch.zeros(2, 16, 3, dtype=torch.long)})
     out = model.export(tmp_path / "enc")
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
-    encoder = registry.image_encoders.get("timm")(image_size=64, pretrained=str(out),
-                                                   model_name="vit_tiny_patch16_224", patch_size=8,
-                                                   embed_dim=32, depth=2, num_heads=2)
+    kwargs = {k: v for k, v in timm_kwargs.items() if k != "img_size"}
+    encoder = registry.image_encoders.get("timm")(image_size=64, pretrained=str(out), model_name=timm_name, **kwargs)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        reference = model.encoder.blocks(model.encoder._pos_embed(model.encoder.patch_embed(x)))
+        if timm_name.startswith("vit"):  # BLIP-2 takes the ViT's tokens before its final norm (ln_vision follows)
+            reference = model.encoder.blocks(model.encoder._pos_embed(model.encoder.patch_embed(x)))  # [2, 65, W]
+        else:
+            reference = model.patch_tokens(x)  # [2, 64, W]
         torch.testing.assert_close(encoder(x), reference)
 
 
