@@ -121,7 +121,7 @@ class Blip2OPT(Blip2LLMBase):
         else:  # captioning: the Q-Former may only see the prompt, never the caption it must produce
             soft = self.soft_prompt(samples, [self.prompt] * batch if self.qformer_text_input else None)
             inputs = self.caption_inputs(soft, texts)
-        out = self.llm(**inputs)
+        out = self.llm(**inputs, return_logits=return_logits)
         result = {"loss": out.loss}
         if return_logits:
             result["logits"] = out.logits

@@ -235,7 +235,7 @@ class Blip2LLMBase(Blip2Base):
                 flat_answers.append(answer)
                 flat_weights.append(float(weight))
         index = torch.tensor(rows, device=soft.device)
-        out = self.llm(**self.lm_inputs(soft[index], flat_prompts, flat_answers))
+        out = self.llm(**self.lm_inputs(soft[index], flat_prompts, flat_answers), return_logits=False)
         w = torch.tensor(flat_weights, device=out.nll.device)
         return (w * out.nll).sum() / len(answers)
 
@@ -327,7 +327,8 @@ class Blip2LLMBase(Blip2Base):
                 best.append(answer_list[top[0]])
                 continue
             candidates = [answer_list[j] for j in top]
-            out = self.llm(**self.lm_inputs(soft[i : i + 1].expand(k, -1, -1), [prompt] * k, candidates))
+            out = self.llm(**self.lm_inputs(soft[i : i + 1].expand(k, -1, -1), [prompt] * k, candidates),
+                           return_logits=False)
             scores = -out.nll / out.num_tokens.float().clamp(min=1) ** length_penalty
             best.append(candidates[int(scores.argmax())])
         return best

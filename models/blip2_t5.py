@@ -105,7 +105,7 @@ class Blip2T5(Blip2LLMBase):
         else:
             prompts, targets = map(list, zip(*(self.split_caption(t) for t in texts)))
             soft = self.soft_prompt(samples, prompts if self.qformer_text_input else None)
-        out = self.llm(**self.lm_inputs(soft, prompts, targets))
+        out = self.llm(**self.lm_inputs(soft, prompts, targets), return_logits=return_logits)
         result = {"loss": out.loss}
         if return_logits:
             result["logits"] = out.logits

@@ -15,8 +15,11 @@ are half precision on GPU by default (fp16 for OPT, bf16 otherwise) but never fp
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -55,7 +58,9 @@ def _building_on_meta() -> bool:
 class LLMOutput:
     """What an adapter forward returns. ``nll``/``num_tokens`` are per sample (sum over target tokens)."""
 
-    logits: torch.Tensor  # [B, T, V] (decoder-only: over the whole input; seq2seq: over the decoder targets)
+    # [B, T, V] (decoder-only: over the whole input; seq2seq: over the decoder targets); None when the adapter was
+    # called with return_logits=False
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None  # mean token NLL over all non-ignored labels
     nll: torch.Tensor | None = None  # [B] summed token NLL
     num_tokens: torch.Tensor | None = None  # [B] number of scored tokens
@@ -67,10 +72,15 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     Returns (nll [B,T] with zeros at ignored positions, mask [B,T] bool).
     """
     mask = labels.ne(-100)
-    nll = F.cross_entropy(
-        logits.float().transpose(1, 2), labels.masked_fill(~mask, 0), reduction="none"
-    )  # [B, T]
-    return nll * mask, mask
+    return scored_rows_nll(logits[mask], labels, mask), mask
+
+
+def scored_rows_nll(rows: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """NLL [B,T] in fp32 (zeros where ``mask`` [B,T] is False) from the logits ``rows`` [n, V] of the True positions
+    of ``mask`` in row-major order. Contiguous rows make log-softmax a fast inner-dim reduction (a cross-entropy over
+    the class dim of a transposed [B, V, T] view is a strided one, several times slower, over every position)."""
+    picked = F.cross_entropy(rows.float(), labels[mask], reduction="none")  # [n]
+    return torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
 
 
 class FrozenLLM(nn.Module):
@@ -264,18 +274,37 @@ class FrozenLLM(nn.Module):
         attention_mask: torch.Tensor,
         labels: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
+        return_logits: bool = True,
     ) -> LLMOutput:
         """Decoder-only: ``labels`` [B,T] align with ``inputs_embeds`` [B,T,H] (-100 = not scored);
-        the next-token shift happens here. The loss is computed in fp32."""
+        the next-token shift happens here. The loss is computed in fp32.
+
+        ``return_logits=False`` (with labels; ``logits`` is then None): the vocabulary projection, the largest
+        matmul of a small LLM, runs only at the positions that predict a scored label (not over the soft prompt,
+        the prompt or padding)."""
         self._cpu_safe()
+        mask = labels[:, 1:].ne(-100) if labels is not None else None  # [B, T-1]: position t predicts label t+1
+        select = mask is not None and not return_logits and self._selects_logit_rows
+        # Boolean logits_to_keep: the model projects only these positions and returns them flattened [n, V].
+        extra = {"logits_to_keep": F.pad(mask, (0, 1))} if select else {}
         with self._autocast():
             out = self.model(
-                inputs_embeds=self._cast(inputs_embeds), attention_mask=attention_mask, use_cache=False
+                inputs_embeds=self._cast(inputs_embeds), attention_mask=attention_mask, use_cache=False, **extra
             )
         if labels is None:
             return LLMOutput(logits=out.logits)
-        nll, mask = token_nll(out.logits[:, :-1], labels[:, 1:])
-        return _with_loss(out.logits, nll, mask)
+        rows = out.logits if select else out.logits[:, :-1][mask]  # [n, V]
+        nll = scored_rows_nll(rows, labels[:, 1:], mask)
+        return _with_loss(None if select else out.logits, nll, mask)
+
+    @functools.cached_property
+    def _selects_logit_rows(self) -> bool:
+        """Whether the wrapped model takes a boolean ``logits_to_keep`` [B, T] mask: its forward has the argument and
+        its module slices with transformers' ``slice_logits_to_keep`` (which accepts masks); a few models slice by
+        hand and get every logit instead."""
+        module = sys.modules.get(type(self.model).__module__)
+        return ("logits_to_keep" in inspect.signature(self.model.forward).parameters
+                and getattr(module, "slice_logits_to_keep", None) is not None)
 
     @torch.no_grad()
     def generate(
@@ -332,9 +361,11 @@ class FrozenSeq2SeqLM(FrozenLLM):
         attention_mask: torch.Tensor,
         labels: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
+        return_logits: bool = True,
     ) -> LLMOutput:
         """``labels`` [B,T_out] are the decoder targets (-100 = padding); the decoder input is them
-        shifted right (decoder start token first). Logits [B,T_out,V]; loss in fp32."""
+        shifted right (decoder start token first). Logits [B,T_out,V] (None when ``return_logits=False``);
+        loss in fp32."""
         if labels is None:
             raise ValueError(f"{type(self).__name__}.forward needs decoder target labels")
         self._cpu_safe()
@@ -345,7 +376,7 @@ class FrozenSeq2SeqLM(FrozenLLM):
                 decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask, use_cache=False,
             )
         nll, mask = token_nll(out.logits, labels)
-        return _with_loss(out.logits, nll, mask)
+        return _with_loss(out.logits if return_logits else None, nll, mask)
 
 
 def _untied_checkpoint_notice(record: logging.LogRecord) -> bool:
@@ -353,7 +384,7 @@ def _untied_checkpoint_notice(record: logging.LogRecord) -> bool:
     return "so we will NOT tie them" not in record.getMessage()
 
 
-def _with_loss(logits: torch.Tensor, nll: torch.Tensor, mask: torch.Tensor) -> LLMOutput:
+def _with_loss(logits: torch.Tensor | None, nll: torch.Tensor, mask: torch.Tensor) -> LLMOutput:
     num_tokens = mask.sum(1)
     loss = nll.sum() / num_tokens.sum().clamp(min=1)
     return LLMOutput(logits=logits, loss=loss, nll=nll.sum(1), num_tokens=num_tokens)

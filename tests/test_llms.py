@@ -109,6 +109,27 @@ def test_causal_forward_loss_and_grad_to_soft_prompt(opt):
     assert all(p.grad is None for p in opt.parameters())
 
 
+def test_causal_loss_without_logits_projects_scored_positions_only(opt, monkeypatch):
+    """return_logits=False: same loss, NLL and soft-prompt gradient, with the LM head run on scored rows only."""
+    queries, embeds, mask, enc = _soft_prompt_batch(opt, ["a red circle", "two cats on a couch"])
+    labels = torch.cat([torch.full((2, 3), -100), enc.input_ids.masked_fill(enc.attention_mask == 0, -100)], 1)
+    full = opt(embeds, mask, labels=labels)
+    (grad_full,) = torch.autograd.grad(full.loss, queries, retain_graph=True)
+    head_rows = []
+    hook = opt.model.get_output_embeddings().register_forward_hook(lambda m, i, o: head_rows.append(i[0].shape))
+    lean = opt(embeds, mask, labels=labels, return_logits=False)
+    hook.remove()
+    (grad_lean,) = torch.autograd.grad(lean.loss, queries)
+    assert lean.logits is None and opt._selects_logit_rows
+    assert head_rows == [(int(labels[:, 1:].ne(-100).sum()), opt.hidden_size)]  # flattened scored rows
+    assert torch.allclose(lean.loss, full.loss, atol=1e-6) and torch.allclose(lean.nll, full.nll, atol=1e-5)
+    assert torch.equal(lean.num_tokens, full.num_tokens)
+    assert torch.allclose(grad_lean, grad_full, atol=1e-6)
+    # a model that cannot select rows computes every logit and still gives the same loss
+    monkeypatch.setitem(opt.__dict__, "_selects_logit_rows", False)
+    assert torch.allclose(opt(embeds, mask, labels=labels, return_logits=False).loss, full.loss, atol=1e-6)
+
+
 def test_causal_generate_shapes(opt):
     _, embeds, mask, _ = _soft_prompt_batch(opt, ["a red", "question: what color is it? answer:"])
     ids = opt.generate(embeds.detach(), mask, num_beams=3, max_new_tokens=6, num_return_sequences=2)
