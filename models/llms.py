@@ -335,7 +335,27 @@ class FrozenLLM(nn.Module):
         else:  # keep sampling-only defaults of some generation configs from warning
             kwargs.update(top_p=None, temperature=None, top_k=None)
         with self._autocast():
-            return self.model.generate(inputs_embeds=self._cast(inputs_embeds), attention_mask=attention_mask, **kwargs)
+            embeds = self._cast(inputs_embeds)
+            # generate repeats every input this many times (beams, or returned samples) before its first forward
+            kwargs.update(self._shared_prefix_cache(embeds, attention_mask, max(num_beams, num_return_sequences)))
+            return self.model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+
+    def _shared_prefix_cache(self, embeds: torch.Tensor, attention_mask: torch.Tensor, copies: int) -> dict[str, Any]:
+        """``generate`` kwargs with the KV cache of every input position but the last, computed once per input and
+        repeated ``copies`` times (rows [B * copies], as generate repeats its inputs); ``{}`` when nothing is shared.
+
+        Without it generate runs the whole soft prompt + prompt [B * copies, T] through the LLM, ``copies`` times the
+        same work; with it, only the last position of each copy (generate feeds the positions the cache lacks).
+        Encoder-decoder models already encode once."""
+        if self.is_encoder_decoder or copies <= 1 or embeds.shape[1] < 2:
+            return {}
+        out = self.model(inputs_embeds=embeds[:, :-1], attention_mask=attention_mask[:, :-1], use_cache=True)
+        name = "cache" if getattr(out, "cache", None) is not None else "past_key_values"  # transformers < 5.40
+        cache = getattr(out, name, None)
+        if not hasattr(cache, "batch_repeat_interleave"):
+            return {}
+        cache.batch_repeat_interleave(copies)
+        return {name: cache}
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         """Token ids -> stripped strings (special tokens removed)."""

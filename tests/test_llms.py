@@ -140,6 +140,25 @@ def test_causal_generate_shapes(opt):
     assert sampled.shape[0] == 2
 
 
+
+def test_causal_generate_runs_the_prompt_once_per_input(opt, monkeypatch):
+    """The prompt's KV cache is computed for B rows and repeated per beam / returned sample: same ids as
+    transformers' generate, which runs the prompt for every copy; left padding included."""
+    _, embeds, mask, _ = _soft_prompt_batch(opt, ["a red", "question: what color is it? answer:"])
+    embeds = embeds.detach()
+    calls = []
+    monkeypatch.setattr(opt, "_shared_prefix_cache", lambda *a: calls.append(a[0].shape) or {})
+    plain = [opt.generate(embeds, mask, num_beams=3, max_new_tokens=6, num_return_sequences=2)]
+    torch.manual_seed(0)
+    plain.append(opt.generate(embeds, mask, num_beams=1, do_sample=True, max_new_tokens=5, num_return_sequences=2))
+    monkeypatch.undo()
+    shared = [opt.generate(embeds, mask, num_beams=3, max_new_tokens=6, num_return_sequences=2)]
+    torch.manual_seed(0)
+    shared.append(opt.generate(embeds, mask, num_beams=1, do_sample=True, max_new_tokens=5, num_return_sequences=2))
+    assert len(calls) == 2 and all(torch.equal(a, b) for a, b in zip(plain, shared))
+    assert opt._shared_prefix_cache(embeds, mask, 3)["cache"].get_seq_length() == embeds.shape[1] - 1
+
+
 def test_t5_untie_trap(t5, cache):
     model = t5.model
     assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()
