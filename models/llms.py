@@ -349,8 +349,9 @@ class FrozenLLM(nn.Module):
         Encoder-decoder models already encode once."""
         if self.is_encoder_decoder or copies <= 1 or embeds.shape[1] < 2:
             return {}
-        out = self.model(inputs_embeds=embeds[:, :-1], attention_mask=attention_mask[:, :-1], use_cache=True)
-        name = "cache" if getattr(out, "cache", None) is not None else "past_key_values"  # transformers < 5.40
+        extra = {"logits_to_keep": 1} if self._selects_logit_rows else {}  # no logit is used: project one position
+        out = self.model(inputs_embeds=embeds[:, :-1], attention_mask=attention_mask[:, :-1], use_cache=True, **extra)
+        name = "cache" if getattr(out, "cache", None) is not None else "past_key_values"  # the older name
         cache = getattr(out, name, None)
         if not hasattr(cache, "batch_repeat_interleave"):
             return {}
