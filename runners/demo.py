@@ -40,7 +40,7 @@ MARKER = ".blip2_demo_output"
 BUDGETS = {
     "full": {"encoder": 400, "lm": 1000, "stage1": 300, "stage2": 250,
              "splits": {"train": 4000, "val": 100, "test": 200}},
-    "quick": {"encoder": 100, "lm": 100, "stage1": 80, "stage2": 60,
+    "quick": {"encoder": 200, "lm": 150, "stage1": 100, "stage2": 60,
               "splits": {"train": 1000, "val": 20, "test": 60}},
 }
 DATASETS = ("shapes_caption", "shapes_retrieval", "shapes_vqa", "shapes_scenes", "shapes_text")
