@@ -127,8 +127,12 @@ class Demo:
                           self.data_options("encoder_pretrain.yaml"))
         self.timings["encoder_pretrain"] += time.time() - export_start
 
+    @property
+    def lm_tokenizer_option(self) -> str:
+        return f"model.tokenizer={self.frozen / 'tokenizer'}"
+
     def lm_options(self) -> list[str]:
-        return [f"model.tokenizer={self.frozen / 'tokenizer'}", "run.job_name=lm_pretrain",
+        return [self.lm_tokenizer_option, "run.job_name=lm_pretrain",
                 f"run.max_iters={self.budget['lm']}", f"run.iters_per_inner_epoch={self.budget['lm']}"]
 
     def start_lm_pretraining(self, data_root: Path) -> subprocess.Popen | None:
@@ -154,7 +158,8 @@ class Demo:
         _say(f"\n== pre-training the LLM (OPT-style, next-token loss; {self.budget['lm']} steps) in a child process "
              f"on its own core; log: {self.lm_log} ==")
         self.lm_started = time.time()
-        return subprocess.Popen(cmd, stdout=self.lm_log.open("w"), stderr=subprocess.STDOUT, env=env)
+        with self.lm_log.open("w") as log:  # the child keeps its own handle
+            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def finish_lm_pretraining(self, proc: subprocess.Popen | None) -> None:
         """Wait for the LLM pre-training (if it runs in a child process) and export it."""
@@ -168,7 +173,7 @@ class Demo:
                 raise RuntimeError(f"LLM pre-training failed (exit code {code}); end of {self.lm_log}:\n{tail}")
             _say(f"LLM pre-training finished ({self.timings['lm_pretrain']:.0f} s)")
         export_pretrained(DEMO_DIR / "lm_pretrain.yaml", self.runs / "lm_pretrain", self.frozen / "llm",
-                          self.data_options("lm_pretrain.yaml") + [f"model.tokenizer={self.frozen / 'tokenizer'}"])
+                          self.data_options("lm_pretrain.yaml") + [self.lm_tokenizer_option])
 
     def frozen_options(self, llm: bool) -> list[str]:
         opts = [f"model.vit_pretrained={self.frozen / 'image_encoder'}", f"model.tokenizer={self.qformer_vocab}"]
@@ -417,18 +422,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--options", nargs="*", default=[], help="extra key=value options for every run")
     args = parser.parse_args(argv)
 
-    import torch
-
-    previous_threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if not args.verbose:
         logging.disable(logging.INFO)
     try:
-        return _run_demo(args)
-    finally:  # leave the process as it was (the demo also runs inside the test suite)
+        with _torch_threads(args.threads):  # leave the process as it was (the demo also runs inside the test suite)
+            return _run_demo(args)
+    finally:
         logging.disable(logging.NOTSET)
-        torch.set_num_threads(previous_threads)
 
 
 def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
