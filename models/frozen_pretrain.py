@@ -89,12 +89,10 @@ class ImageEncoderPretrainer(_PretrainBase):
 
     @classmethod
     def from_config(cls, cfg: Any) -> "ImageEncoderPretrainer":
-        from omegaconf import OmegaConf
+        from models.blip2_base import to_plain
 
-        timm_kwargs = OmegaConf.to_container(cfg.timm_kwargs) if OmegaConf.is_config(cfg.get("timm_kwargs")) \
-            else dict(cfg.get("timm_kwargs") or {})  # plain lists: timm splits tensors by them
-        return cls(cfg.timm_name, timm_kwargs, cfg.num_shapes, cfg.num_colours,
-                   cfg.num_sizes)
+        # plain lists, not ListConfig: timm splits tensors by them
+        return cls(cfg.timm_name, to_plain(cfg.get("timm_kwargs")), cfg.num_shapes, cfg.num_colours, cfg.num_sizes)
 
     def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """[B, P, W]: a ViT's tokens without its class token, or a CNN's feature map as tokens."""
