@@ -271,13 +271,21 @@ def openai_clip_to_timm(state_dict: Mapping[str, Tensor]) -> StateDict:
     return out
 
 
+def visual_encoder_part(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """The image encoder's tensors of a full BLIP-2 state dict (``visual_encoder.*``), prefix removed; a state dict
+    without that prefix is returned as it is."""
+    if not any(k.startswith("visual_encoder.") for k in state_dict):
+        return dict(state_dict)
+    return {k.removeprefix("visual_encoder."): v for k, v in state_dict.items() if k.startswith("visual_encoder.")}
+
+
 def vision_state_dict_to_timm(state_dict: Mapping[str, Tensor], depth: int | None = None) -> StateDict:
     """Any image-encoder layout -> timm names: HF ``vision_model.*``, OpenAI/LAVIS CLIP, LAVIS/timm EVA, or a
     full BLIP-2 state dict (its ``visual_encoder.*`` part). Blocks ``>= depth`` (the dropped last block of the
     original network) and final norms/heads are removed."""
     keys = list(state_dict)
     if any(k.startswith("visual_encoder.") for k in keys):
-        state_dict = {k.removeprefix("visual_encoder."): v for k, v in state_dict.items() if k.startswith("visual_encoder.")}
+        state_dict = visual_encoder_part(state_dict)
     elif any(k.startswith("vision_model.") for k in keys):
         state_dict = {k: v for k, v in state_dict.items() if k.startswith("vision_model.")}
     keys = list(state_dict)

@@ -267,13 +267,10 @@ class TimmImageEncoder(nn.Module):
     # -- weights ------------------------------------------------------------------------------------
     def convert_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Any supported layout (timm/LAVIS, Hugging Face ``vision_model.*``, OpenAI CLIP) -> this module's names."""
-        from models.checkpoints import vision_state_dict_to_timm
+        from models.checkpoints import vision_state_dict_to_timm, visual_encoder_part
 
         if not self.is_vit:  # CNNs and other trunks: timm's own names, kept under ``trunk.``
-            if any(k.startswith("visual_encoder.") for k in state_dict):  # a full BLIP-2 checkpoint
-                state_dict = {k.removeprefix("visual_encoder."): v for k, v in state_dict.items()
-                              if k.startswith("visual_encoder.")}
-            return {k if k.startswith("trunk.") else f"trunk.{k}": v for k, v in state_dict.items()}
+            return {k if k.startswith("trunk.") else f"trunk.{k}": v for k, v in visual_encoder_part(state_dict).items()}
         return vision_state_dict_to_timm(state_dict, depth=self.num_layers)
 
     def load_pretrained(self, source: str | Path | Mapping[str, torch.Tensor]) -> None:
