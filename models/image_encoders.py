@@ -13,6 +13,7 @@ their ``forward_features`` map is flattened to tokens. Key conversions from othe
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Mapping
@@ -53,6 +54,22 @@ def _is_plain_vit(net: nn.Module) -> bool:
         and not getattr(net, "no_embed_class", False)
         and getattr(net, "num_prefix_tokens", 1) == 1
     )
+
+
+def _timm_export_args(pretrained: Any) -> dict[str, Any]:
+    """``architecture`` and constructor ``model_args`` of a local timm export (``config.json`` written by
+    ``timm.models.save_for_hf``), so that a config naming such a directory need not repeat its sizes; {} otherwise."""
+    if not isinstance(pretrained, (str, Path)) or not (Path(pretrained) / "config.json").is_file():
+        return {}
+    path = Path(pretrained) / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"image encoder: {path} is not valid JSON ({err})") from err
+    if not isinstance(saved, dict) or "architecture" not in saved:
+        return {}  # not a timm export (e.g. a Hugging Face vision config): nothing to read
+    args = {k: v for k, v in dict(saved.get("model_args") or {}).items() if k not in ("num_classes", "global_pool")}
+    return {"architecture": saved["architecture"], "model_args": args}
 
 
 def _create_timm(model_name: str, image_size: int, **kwargs: Any) -> nn.Module:
@@ -101,11 +118,15 @@ class TimmImageEncoder(nn.Module):
         **timm_kwargs: Any,
     ) -> None:
         super().__init__()
-        model_name = model_name or self.default_model_name
+        saved = _timm_export_args(pretrained)
+        model_name = model_name or saved.get("architecture") or self.default_model_name
+        if saved and saved.get("architecture") not in (None, model_name):
+            raise ValueError(f"image encoder: {pretrained}/config.json is a timm '{saved['architecture']}', "
+                             f"but the config asks for model_name={model_name!r}")
         if not model_name:
             raise ValueError("the 'timm' image encoder needs model_name=<a timm model name>, e.g. 'vit_base_patch16_224'")
         dtype = precision_to_dtype(precision)
-        kwargs = {**self.default_timm_kwargs, **timm_kwargs}
+        kwargs = {**self.default_timm_kwargs, **saved.get("model_args", {}), **timm_kwargs}
         net = _create_timm(
             model_name,
             image_size,

@@ -110,6 +110,25 @@ def test_generic_timm_cnn_loads_weights_published_by_timm(tmp_path):
     torch.testing.assert_close(again(x), expected, rtol=0, atol=0)
 
 
+def test_timm_export_supplies_its_architecture_and_sizes(tmp_path):
+    """A timm export's config.json (architecture + model_args) builds the encoder: a config naming the directory
+    need not repeat the CNN's sizes; naming another architecture is an error that names both."""
+    import timm
+    from timm.models import save_for_hf
+
+    torch.manual_seed(0)
+    kwargs = dict(depths=[1, 1, 0, 0], dims=[8, 16, 16, 16], output_stride=8, stem_type="overlap")
+    net = timm.create_model("convnext_atto", pretrained=False, num_classes=0, global_pool="", **kwargs)
+    save_for_hf(net, tmp_path, model_args=kwargs, safe_serialization=True)
+    cnn = GenericTimmEncoder(image_size=32, pretrained=str(tmp_path))
+    x = images(32)
+    with torch.no_grad():
+        torch.testing.assert_close(cnn(x), net.forward_features(x).flatten(2).transpose(1, 2), rtol=0, atol=0)
+    assert cnn.model_name == "convnext_atto" and cnn.num_features == 16
+    with pytest.raises(ValueError, match="convnext_atto.*resnet18"):
+        GenericTimmEncoder(model_name="resnet18", image_size=32, pretrained=str(tmp_path))
+
+
 def test_pos_embed_interpolated_on_load_and_on_the_fly():
     small = tiny_eva()
     randomize_(small)
