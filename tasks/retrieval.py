@@ -5,7 +5,8 @@
 2. ITC similarity = max over queries of query-text cosine: ``sim`` [N_img, N_txt].
 3. For each image, its ``k_test`` most similar texts are re-scored ``ITM logit + ITC sim``
    (all other entries -100); the same for each text over images.
-4. recall@1/5/10 in both directions (``tasks.metrics.retrieval``).
+4. recall@1/5/10 in both directions (``tasks.metrics.retrieval``), of the re-ranked scores (``txt_r1``, ...,
+   as LAVIS reports) and of the ITC similarity alone (``itc_txt_r1``, ...), which shows what re-ranking adds.
 
 Distributed: every rank encodes all images and texts (retrieval needs all of them) and
 re-ranks a disjoint block of rows; the score matrices are summed over ranks. A pair that is a
@@ -228,7 +229,8 @@ class RetrievalTask(BaseTask):
             )
         finally:
             model.train(was_training)
-        return {"score_i2t": score_i2t, "score_t2i": score_t2i}
+        sim = sim_i2t.float().cpu().numpy()
+        return {"score_i2t": score_i2t, "score_t2i": score_t2i, "sim_i2t": sim}
 
     def after_evaluation(self, results: dict[str, np.ndarray], split: str, epoch: Any) -> dict[str, Any]:
         metrics = None
@@ -237,6 +239,9 @@ class RetrievalTask(BaseTask):
             img2txt = [list(dataset.img2txt[i]) for i in range(len(dataset.img2txt))]
             txt2img = [int(dataset.txt2img[t]) for t in range(len(dataset.txt2img))]
             metrics = retrieval_metrics(results["score_i2t"], results["score_t2i"], img2txt, txt2img)
+            if "sim_i2t" in results:  # before re-ranking
+                itc = retrieval_metrics(results["sim_i2t"], results["sim_i2t"].T, img2txt, txt2img)
+                metrics.update({f"itc_{k}": v for k, v in itc.items() if k != "agg_metrics"})
             top = min(10, results["score_i2t"].shape[1]), min(10, results["score_t2i"].shape[1])
             ranking = {
                 "i2t_top": np.argsort(-results["score_i2t"], axis=1, kind="stable")[:, : top[0]].tolist(),

@@ -127,6 +127,13 @@ def test_e2e_retrieval(e2e) -> None:
     sim = (feats @ text_feat.t()).amax(1)  # [n_img, n_txt]
     itm = model.itm_scores(embeds[:1].expand(n_txt, -1, -1), ids, atts)
     np.testing.assert_allclose(results["score_i2t"][0], (itm + sim[0]).numpy(), atol=1e-4)
+    # the itc_* recalls rank by the ITC similarity alone (before re-ranking)
+    np.testing.assert_allclose(results["sim_i2t"], sim.numpy(), atol=1e-5)
+    from tasks.metrics.retrieval import retrieval_metrics
+
+    itc = retrieval_metrics(sim.numpy(), sim.t().numpy(), [list(test.img2txt[i]) for i in range(n_img)],
+                            [int(test.txt2img[t]) for t in range(n_txt)])
+    assert {f"itc_{k}": v for k, v in itc.items() if k != "agg_metrics"}.items() <= metrics.items()
 
 
 @pytest.mark.slow
