@@ -102,6 +102,7 @@ RUN_SCHEMA: dict[str, RunKey] = {
     "itm_negatives": RunKey("ITM hard-negative choice", _STR, ("random", "hardest")),
     "compile": RunKey("torch.compile the model", _BOOL),
     "cache_image_features": RunKey("cache frozen image-encoder outputs between epochs", _BOOL),
+    "feature_cache_dir": RunKey("directory of that cache (default: <cache root>/feature_cache)", _STR),
     # data loading
     "batch_size_train": RunKey("per-process training batch size", _INT),
     "batch_size_eval": RunKey("per-process evaluation batch size", _INT),

@@ -314,7 +314,7 @@ class RunnerBase:
             raise ValueError(f"run.cache_image_features: {type(self.raw_model).__name__} has no frozen image encoder")
         model_cfg = getattr(self.cfg, "model", None) or self.cfg["model"]
         image_size = int(model_cfg.get("image_size", 224))
-        root = os.path.join(cache_root(), "feature_cache")
+        root = os.path.expanduser(self.run_cfg.get("feature_cache_dir") or os.path.join(cache_root(), "feature_cache"))
         self.raw_model.enable_feature_cache(root, image_size, rank=self.rank)
         logger.info("frozen-feature cache on under %s (valid only with deterministic image preprocessing)", root)
 

@@ -448,14 +448,15 @@ def tiny_project(tmp_path: Path, stage: str) -> dict:
                 "datasets": {"coco_caption": {**procs, "text_processor": {
                     "train": {"name": "blip_caption", "prompt": "a photo of "}, "eval": {"name": "blip_caption"}}}},
                 "run": {**run, "task": "captioning", "valid_splits": ["val"], "test_splits": ["test"],
-                        "num_beams": 2, "max_len": 8, "min_len": 1, "caption_metrics": ["Bleu_4", "CIDEr"]}}
+                        "num_beams": 2, "max_len": 8, "min_len": 1, "caption_metrics": ["Bleu_4", "CIDEr"],
+                        "cache_image_features": True}}  # under <cache root>/feature_cache
     if stage == "stage2_t5":  # prefix-LM loss through the frozen T5 on VQA answers; VQA accuracy
         return {"model": {"arch": "blip2_t5", "model_type": "tiny", "prompt": "Question: {} Short answer:"},
                 "datasets": {"coco_vqa": {**procs, "text_processor": {"train": {"name": "blip_question"},
                                                                         "eval": {"name": "blip_question"}}}},
                 "run": {**run, "task": "vqa", "lr_sched": "constant_lr", "test_splits": ["val"], "num_beams": 2,
                         "max_len": 4, "inference_method": "generate", "prompt": "Question: {} Short answer:",
-                        "cache_image_features": True}}
+                        "cache_image_features": True, "feature_cache_dir": str(tmp_path / "features")}}
     raise ValueError(stage)
 
 
@@ -499,13 +500,14 @@ def test_cli_train_and_evaluate_tiny_blip2(stage, tmp_path, lavis_tree):
     if stage == "stage1":
         assert {"txt_r1", "img_r1", "r_mean"} <= set(metrics)
         assert summary["results"]["best_epoch"] == 0 and (job / "checkpoint_best" / "model.safetensors").is_file()
+    if stage != "stage1":  # run.cache_image_features stored the frozen encoder's output for the images it saw
+        root = tmp_path / "features" if stage == "stage2_t5" else lavis_tree / "feature_cache"  # run.feature_cache_dir
+        keys = list(root.glob("*/rank0/keys.txt"))
+        assert keys and len(keys[0].read_text().split()) > 0
     if stage == "stage2_opt":
         assert {"Bleu_4", "CIDEr"} <= set(metrics)
     if stage == "stage2_t5":
         assert metrics["num_questions"] > 0 and 0.0 <= metrics["agg_metrics"] <= 100.0
-        # run.cache_image_features stored the frozen encoder's output for the images it saw
-        keys = list((lavis_tree / "feature_cache").glob("*/rank0/keys.txt"))
-        assert keys and len(keys[0].read_text().split()) > 0
         return
     # runners.evaluate with the best checkpoint reproduces the training run's final test metrics
     proc = run_cli("runners.evaluate", ["--cfg", str(cfg_path), "--checkpoint", str(job / "checkpoint_best"),
