@@ -200,11 +200,12 @@ def test_quick_demo_beats_chance_at_every_stage(tmp_path, monkeypatch):
     in a child process on the second core).
 
     Margins over what each stage reaches untrained: encoder colour accuracy over object patches >= 0.4
-    (chance 1/7); LLM loss < ln(vocab) / 3; retrieval R@5 >= 2x chance (random ranking) in both directions;
-    caption BLEU-4 >= 0.1 and CIDEr >= 0.3 (a caption sharing no 4-gram with the references scores 0).
-    Measured 2026-11-28 (2-core AMD EPYC, idle, 224 s): colour 0.62, R@5 23.3 / 22.0 % (chance 8.3 %),
-    BLEU-4 0.28, CIDEr 0.71. Stage 1 is the weak stage at this budget (ITM stays at its prior), so caption
-    attributes and VQA (34.7 %, chance 29.6 %) are not asserted.
+    (chance 1/7); LLM loss < ln(vocab) / 3; retrieval R@5 (ITM re-ranked) and R@1 (ITC only) >= 4x chance
+    (random ranking) in both directions; caption BLEU-4 >= 0.1 and CIDEr >= 0.3 (a caption sharing no 4-gram
+    with the references scores 0). Measured 2026-11-28 (2-core AMD EPYC, 218 s): colour 0.62, LLM loss 0.73
+    (bound 2.0), R@5 53.3 / 46.7 % (chance 8.3 %), ITC R@1 23.3 / 13.7 % (chance 1.7 %), BLEU-4 0.29, CIDEr 0.59.
+    At this budget stage 2 does not yet name the right colours and shapes (0 % of captions, VQA 25 % against a
+    chance of 30 %), so those are not asserted; the full demo does better (README).
     """
     from runners import demo
 
@@ -219,8 +220,10 @@ def test_quick_demo_beats_chance_at_every_stage(tmp_path, monkeypatch):
     lm_losses = [r["loss"] for r in lm_rows if r.get("type") == "train_step"]
     vocab = len(json.loads((out / "frozen" / "llm" / "tokenizer.json").read_text())["model"]["vocab"])
     assert lm_losses[-1] < torch.log(torch.tensor(float(vocab))).item() / 3
-    for key in ("txt_r5", "img_r5"):
-        assert metrics[key] >= 2 * chance[key], (key, metrics[key], chance[key])
+    for key, chance_key in (("txt_r5", "txt_r5"), ("img_r5", "img_r5"), ("itc_txt_r1", "txt_r1"),
+                            ("itc_img_r1", "img_r1")):
+        assert metrics[key] >= 4 * chance[chance_key], (key, metrics[key], chance[chance_key])
     assert metrics["Bleu_4"] >= 0.1 and metrics["CIDEr"] >= 0.3, metrics
     for name in ("metrics.json", "test_captions.png", "loss_stage1.png", "loss_stage2.png"):
         assert (out / name).is_file(), name
+    assert not (out / "feature_cache").exists()  # the frozen-feature cache of stages 1-2 is removed at the end
