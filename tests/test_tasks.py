@@ -387,9 +387,13 @@ def _retrieval_dataset(seed: int = 0) -> ListDataset:
     )
 
 
-def _brute_force_scores(model: FakeRetriever, ds: ListDataset, k_test: int):
+def _itc_sim(model: FakeRetriever, ds: ListDataset) -> np.ndarray:
     feats = torch.stack([F.normalize(s["image"][1:], dim=-1) for s in ds.samples])  # [I, Q, E]
-    sim = torch.einsum("iqe,te->iqt", feats, model.text_table).amax(1).numpy()  # [I, T]
+    return torch.einsum("iqe,te->iqt", feats, model.text_table).amax(1).numpy()  # [I, T]
+
+
+def _brute_force_scores(model: FakeRetriever, ds: ListDataset, k_test: int):
+    sim = _itc_sim(model, ds)
     itm = model.itm_table.numpy()
     i2t = np.full(sim.shape, -100.0)
     t2i = np.full(sim.T.shape, -100.0)
@@ -419,8 +423,13 @@ def test_retrieval_matches_brute_force(tmp_path: Path, k_test: int) -> None:
     metrics = task.after_evaluation(results, "test", 0)
     from tasks.metrics.retrieval import retrieval_metrics
 
-    expected = retrieval_metrics(i2t, t2i, [ds.img2txt[i] for i in range(N_IMG)], [ds.txt2img[t] for t in range(10)])
-    assert metrics == pytest.approx(expected)
+    img2txt, txt2img = [ds.img2txt[i] for i in range(N_IMG)], [ds.txt2img[t] for t in range(10)]
+    expected = retrieval_metrics(i2t, t2i, img2txt, txt2img)
+    assert {k: v for k, v in metrics.items() if not k.startswith("itc_")} == pytest.approx(expected)
+    sim = _itc_sim(model, ds)  # ITC alone, before re-ranking
+    itc = retrieval_metrics(sim, sim.T, img2txt, txt2img)
+    assert {k: v for k, v in metrics.items() if k.startswith("itc_")} == pytest.approx(
+        {f"itc_{k}": v for k, v in itc.items() if k != "agg_metrics"})
     assert set(metrics) >= {"txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean", "agg_metrics"}
     ranking = json.loads((tmp_path / "result" / "test_epoch0_ranking.json").read_text())
     assert len(ranking["i2t_top"]) == N_IMG and len(ranking["t2i_top"]) == N_IMG * CAPS_PER_IMG
