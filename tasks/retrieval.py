@@ -239,9 +239,8 @@ class RetrievalTask(BaseTask):
             img2txt = [list(dataset.img2txt[i]) for i in range(len(dataset.img2txt))]
             txt2img = [int(dataset.txt2img[t]) for t in range(len(dataset.txt2img))]
             metrics = retrieval_metrics(results["score_i2t"], results["score_t2i"], img2txt, txt2img)
-            if "sim_i2t" in results:  # before re-ranking
-                itc = retrieval_metrics(results["sim_i2t"], results["sim_i2t"].T, img2txt, txt2img)
-                metrics.update({f"itc_{k}": v for k, v in itc.items() if k != "agg_metrics"})
+            itc = retrieval_metrics(results["sim_i2t"], results["sim_i2t"].T, img2txt, txt2img)  # before re-ranking
+            metrics.update({f"itc_{k}": v for k, v in itc.items() if k != "agg_metrics"})
             top = min(10, results["score_i2t"].shape[1]), min(10, results["score_t2i"].shape[1])
             ranking = {
                 "i2t_top": np.argsort(-results["score_i2t"], axis=1, kind="stable")[:, : top[0]].tolist(),
