@@ -89,16 +89,23 @@ def test_generic_timm_vit_and_cnn():
         GenericTimmEncoder()
 
 
-def test_generic_timm_cnn_loads_weights_published_by_timm(tmp_path):
-    """A CNN saved the way timm publishes weights (config.json + model.safetensors) loads into ``trunk``,
-    and so does the ``visual_encoder.*`` part of a full BLIP-2 state dict."""
+def _published_convnext(directory):
+    """A tiny random ConvNeXt saved the way timm publishes weights (config.json with model_args +
+    model.safetensors); returns (the network, its constructor kwargs)."""
     import timm
     from timm.models import save_for_hf
 
     torch.manual_seed(0)
     kwargs = dict(depths=[1, 1, 0, 0], dims=[8, 16, 16, 16], output_stride=8, stem_type="overlap")
     net = timm.create_model("convnext_atto", pretrained=False, num_classes=0, global_pool="", **kwargs)
-    save_for_hf(net, tmp_path, model_args=kwargs, safe_serialization=True)
+    save_for_hf(net, directory, model_args=kwargs, safe_serialization=True)
+    return net, kwargs
+
+
+def test_generic_timm_cnn_loads_weights_published_by_timm(tmp_path):
+    """A CNN saved the way timm publishes weights (config.json + model.safetensors) loads into ``trunk``,
+    and so does the ``visual_encoder.*`` part of a full BLIP-2 state dict."""
+    net, kwargs = _published_convnext(tmp_path)
     cnn = GenericTimmEncoder(model_name="convnext_atto", image_size=32, pretrained=str(tmp_path), **kwargs)
     x = images(32)
     with torch.no_grad():
@@ -113,13 +120,7 @@ def test_generic_timm_cnn_loads_weights_published_by_timm(tmp_path):
 def test_timm_export_supplies_its_architecture_and_sizes(tmp_path):
     """A timm export's config.json (architecture + model_args) builds the encoder: a config naming the directory
     need not repeat the CNN's sizes; naming another architecture is an error that names both."""
-    import timm
-    from timm.models import save_for_hf
-
-    torch.manual_seed(0)
-    kwargs = dict(depths=[1, 1, 0, 0], dims=[8, 16, 16, 16], output_stride=8, stem_type="overlap")
-    net = timm.create_model("convnext_atto", pretrained=False, num_classes=0, global_pool="", **kwargs)
-    save_for_hf(net, tmp_path, model_args=kwargs, safe_serialization=True)
+    net, _ = _published_convnext(tmp_path)
     cnn = GenericTimmEncoder(image_size=32, pretrained=str(tmp_path))
     x = images(32)
     with torch.no_grad():
