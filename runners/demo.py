@@ -129,8 +129,7 @@ class Demo:
         export_start = time.time()
         from tasks.frozen_pretrain import export_pretrained
 
-        export_pretrained(DEMO_DIR / "encoder_pretrain.yaml", job, self.frozen / "image_encoder",
-                          self.data_options("encoder_pretrain.yaml"))
+        export_pretrained(job, self.frozen / "image_encoder")
         self.timings["encoder_pretrain"] += time.time() - export_start
 
     @property
@@ -178,8 +177,7 @@ class Demo:
                 tail = "\n".join(self.lm_log.read_text(errors="replace").splitlines()[-20:])
                 raise RuntimeError(f"LLM pre-training failed (exit code {code}); end of {self.lm_log}:\n{tail}")
             _say(f"LLM pre-training finished ({self.timings['lm_pretrain']:.0f} s)")
-        export_pretrained(DEMO_DIR / "lm_pretrain.yaml", self.runs / "lm_pretrain", self.frozen / "llm",
-                          self.data_options("lm_pretrain.yaml") + [self.lm_tokenizer_option])
+        export_pretrained(self.runs / "lm_pretrain", self.frozen / "llm")
 
     def frozen_options(self, llm: bool) -> list[str]:
         opts = [f"model.vit_pretrained={self.frozen / 'image_encoder'}", f"model.tokenizer={self.qformer_vocab}"]

@@ -6,7 +6,7 @@
   reports the loss.
 
 Both train through the ordinary runner (``python -m runners.train --cfg ...``); afterwards
-``export_pretrained(cfg_path, job_dir, out_dir)`` writes the weights in the form real ones come
+``export_pretrained(job_dir, out_dir)`` writes the weights in the form real ones come
 in (timm ``config.json`` + ``model.safetensors``; Hugging Face ``save_pretrained``), which BLIP-2
 then loads through its usual image-encoder and LLM plugins.
 """
@@ -51,16 +51,20 @@ class ImageEncoderPretrainTask(BaseTask):
         return self.finish_metrics(metrics, split, epoch)
 
 
-def export_pretrained(cfg_path: str | Path, job_dir: str | Path, out_dir: str | Path,
-                      options: list[str] | None = None) -> Path:
-    """Rebuild the model of a finished pre-training job, load its last (or best) weights and
-    export them (``model.export(out_dir)``). Returns ``out_dir``."""
-    from runners import checkpointing as ckpt
-    from runners.config import Config
+def export_pretrained(job_dir: str | Path, out_dir: str | Path) -> Path:
+    """Rebuild the model of a finished pre-training job from the config it ran with (``job_dir/config.yaml``,
+    command-line options included), load its last (or best) weights and export them (``model.export(out_dir)``).
+    Returns ``out_dir``."""
+    from omegaconf import OmegaConf
 
-    cfg = Config(str(cfg_path), options=list(options or []))
-    model = registry.models.get(cfg.model.arch).from_config(cfg.model)
+    from runners import checkpointing as ckpt
+
     job_dir = Path(job_dir)
+    saved = job_dir / "config.yaml"
+    if not saved.is_file():
+        raise FileNotFoundError(f"{saved} is missing: export_pretrained needs the job directory of a finished run")
+    cfg = OmegaConf.load(saved)
+    model = registry.models.get(cfg.model.arch).from_config(cfg.model)
     best = job_dir / "checkpoint_best"
     source = best if (best / ckpt.MODEL_FILE).is_file() else ckpt.latest_checkpoint(job_dir)
     if source is None:
