@@ -148,16 +148,12 @@ class CausalLMPretrainer(_PretrainBase):
     """A Hugging Face causal LM trained from scratch on ``samples["text_input"]`` (list[str]).
 
     ``tokenizer`` is a directory with a saved tokenizer; ``lm_config`` holds the Hugging Face
-    config fields (``model_type`` selects the architecture, e.g. ``opt``). With ``context_separator``
-    (e.g. ``"</s>"``) a text that contains it is a context and a continuation: the loss covers only the
-    continuation, so every gradient step trains reading the context (what the frozen LLM later does with
-    the soft visual prompt) instead of predicting the context's random attribute words.
+    config fields (``model_type`` selects the architecture, e.g. ``opt``).
     """
 
-    EXTRA_CONFIG_KEYS = ("tokenizer", "lm_config", "max_txt_len", "context_separator", "position_init")
+    EXTRA_CONFIG_KEYS = ("tokenizer", "lm_config", "max_txt_len")
 
-    def __init__(self, tokenizer: str, lm_config: dict[str, Any], max_txt_len: int = 64,
-                 context_separator: str | None = None, position_init: str = "learned") -> None:
+    def __init__(self, tokenizer: str, lm_config: dict[str, Any], max_txt_len: int = 64) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -170,40 +166,18 @@ class CausalLMPretrainer(_PretrainBase):
         config = AutoConfig.for_model(model_type, **fields)
         self.lm = AutoModelForCausalLM.from_config(config)
         self.max_txt_len = max_txt_len
-        self.context_separator = context_separator or None
-        if position_init == "sinusoidal":
-            positions = getattr(getattr(getattr(self.lm, "model", None), "decoder", None), "embed_positions", None)
-            if not isinstance(positions, nn.Embedding):
-                raise ValueError(f"position_init 'sinusoidal' needs a learned position table (OPT); "
-                                 f"{model_type} has none")
-            _sinusoidal_(positions.weight, std=float(positions.weight.std()))
-        elif position_init != "learned":
-            raise ValueError(f"position_init must be 'learned' or 'sinusoidal', got {position_init!r}")
 
     @classmethod
     def from_config(cls, cfg: Any) -> "CausalLMPretrainer":
-        return cls(cfg.tokenizer, dict(cfg.lm_config), cfg.get("max_txt_len", 64), cfg.get("context_separator"),
-                   cfg.get("position_init", "learned"))
+        return cls(cfg.tokenizer, dict(cfg.lm_config), cfg.get("max_txt_len", 64))
 
     def forward(self, samples: dict[str, Any]) -> dict[str, torch.Tensor]:
         device = next(self.parameters()).device
-        texts = list(samples["text_input"])
-        enc = self.tokenizer(texts, return_tensors="pt", padding="longest",
+        enc = self.tokenizer(list(samples["text_input"]), return_tensors="pt", padding="longest",
                              truncation=True, max_length=self.max_txt_len).to(device)
         labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)  # [B, T]
-        if self.context_separator:
-            for row, n in enumerate(self.context_lengths(texts)):
-                labels[row, :n] = -100  # the context and the separator are read, not predicted
         out = self.lm(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels)
         return {"loss": out.loss}
-
-    def context_lengths(self, texts: list[str]) -> list[int]:
-        """Tokens of each text up to and including the first ``context_separator`` (0 where it has none)."""
-        sep = self.context_separator
-        heads = [t[: t.index(sep) + len(sep)] for t in texts if sep in t]
-        ids = self.tokenizer(heads, truncation=True, max_length=self.max_txt_len).input_ids if heads else []
-        counts = iter(len(x) for x in ids)
-        return [next(counts) if sep in t else 0 for t in texts]
 
     def export(self, out_dir: str | Path) -> Path:
         """``save_pretrained`` model and tokenizer (loadable by ``AutoModelForCausalLM`` / the LLM adapters)."""
@@ -211,19 +185,6 @@ class CausalLMPretrainer(_PretrainBase):
         self.lm.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
         return out
-
-
-@torch.no_grad()
-def _sinusoidal_(weight: torch.Tensor, std: float) -> None:
-    """Fill a [positions, width] table with the Transformer's sine/cosine code, scaled to ``std``: a position's
-    neighbour is then a fixed linear map away, so attention to the previous token is quick to learn."""
-    n, width = weight.shape
-    pos = torch.arange(n, dtype=torch.float32).unsqueeze(1)  # [n, 1]
-    freq = 10000.0 ** (-torch.arange(0, width, 2, dtype=torch.float32) / width)  # [width / 2]
-    table = torch.zeros(n, width)
-    table[:, 0::2] = torch.sin(pos * freq)
-    table[:, 1::2] = torch.cos(pos * freq)
-    weight.copy_(table * (std / table.std()))
 
 
 def train_shapes_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 512) -> Path:

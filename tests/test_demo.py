@@ -192,32 +192,6 @@ def test_tokenizer_and_llm_export_load_through_the_opt_plugin(tmp_path):
     torch.testing.assert_close(ours.float(), ref.float())
     assert not any(p.requires_grad for p in llm.parameters())
 
-    # context_separator: the loss covers only what follows the first "</s>" after the bos
-    masked = registry.models.get("frozen_lm_pretrain").from_config(OmegaConf.merge(cfg, {"context_separator": "</s>"}))
-    masked.load_state_dict(model.state_dict())
-    masked.eval()
-    texts = ["a red circle</s>a red circle on a white background\n", "a blue square\n"]
-    n = masked.context_lengths(texts)
-    assert n == [len(tok("a red circle</s>").input_ids), 0]
-    enc = tok(texts, return_tensors="pt", padding="longest")
-    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-    labels[0, : n[0]] = -100
-    with torch.no_grad():
-        expected = model.lm(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels).loss
-        assert torch.allclose(masked({"text_input": texts})["loss"], expected)
-        assert not torch.allclose(model({"text_input": texts})["loss"], expected)
-
-    # position_init: sinusoidal replaces OPT's random position table by the sine/cosine code at the same scale
-    sinus = registry.models.get("frozen_lm_pretrain").from_config(OmegaConf.merge(cfg, {"position_init": "sinusoidal"}))
-    table = sinus.lm.model.decoder.embed_positions.weight.detach()  # [positions + 2, 32]
-    random_table = model.lm.model.decoder.embed_positions.weight.detach()
-    assert abs(float(table.std()) - float(random_table.std())) < 1e-3
-    ratio = table[5, 0] / torch.sin(torch.tensor(5.0))
-    torch.testing.assert_close(table[7, 0], ratio * torch.sin(torch.tensor(7.0)))
-    torch.testing.assert_close(table[7, 1], ratio * torch.cos(torch.tensor(7.0)))
-    with pytest.raises(ValueError, match="position_init"):
-        registry.models.get("frozen_lm_pretrain").from_config(OmegaConf.merge(cfg, {"position_init": "rotary"}))
-
 
 # -- the shortened pipeline ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
