@@ -6,8 +6,9 @@
    and export them as timm / Hugging Face weights;
 3. stage 1 (ITC + ITM + ITG) and stage 2 (LM loss through the frozen LLM) through ``runners.train``,
    loading the frozen parts through the ordinary ``timm`` encoder and ``opt`` LLM plugins.
-   The LLM does not depend on the image encoder or stage 1, so (with 2+ cores) it trains in a child process
-   on one core while this process trains those two on the other;
+   One after another, each with every core: the LLM was once trained in a child process on one core while
+   this process trained the encoder and stage 1 on the other, but the two slowed each other down (memory
+   bandwidth): LLM 461 s instead of 137 s, encoder 286 s instead of 155 s; in all 37 s slower (2 cores);
 4. zero-shot evaluation on held-out images through ``runners.evaluate``: retrieval R@1/5/10, captions
    (BLEU-4, CIDEr, share with all colour and shape words right), VQA accuracy;
 5. a table of every metric next to its chance level, five held-out examples, and files in ``--out``:
@@ -30,7 +31,6 @@ import logging
 import os
 import random
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,8 +40,12 @@ DEMO_DIR = Path(__file__).resolve().parent.parent / "projects" / "blip2" / "demo
 MARKER = ".blip2_demo_output"
 
 # Steps of each training, and the data set size: full demo vs the shortened CI test (--quick).
+# The LLM's steps buy the most: with the same encoder and stage 1, LLM 900 / 1200 / 1500 steps gave stage-2
+# captions with all colours and shapes right 24.5 / 34.5 / 32.5 % (VQA 36.0 / 42.6 / 40.1 %); stage 2 at 450
+# steps instead of 300 gave 26.5 % (measured 2026-11-29). LLM 1200 + stage 2 300 took 612 s in a slow period, so
+# the LLM gets 1100 steps and stage 2 (the cheapest to shorten) 240.
 BUDGETS = {
-    "full": {"encoder": 400, "lm": 900, "stage1": 300, "stage2": 300,
+    "full": {"encoder": 400, "lm": 1100, "stage1": 300, "stage2": 240,
              "splits": {"train": 4000, "val": 100, "test": 200}},
     "quick": {"encoder": 200, "lm": 150, "stage1": 100, "stage2": 60,
               "splits": {"train": 1000, "val": 20, "test": 60}},
@@ -56,9 +60,8 @@ def _say(msg: str) -> None:
 class Demo:
     """Runs the steps in order; every training/evaluation goes through runners.train / runners.evaluate."""
 
-    def __init__(self, out: Path, budget: dict[str, Any], seed: int, extra: Sequence[str] = (),
-                 parallel: bool = True) -> None:
-        self.out, self.budget, self.seed, self.extra, self.parallel = out, budget, seed, list(extra), parallel
+    def __init__(self, out: Path, budget: dict[str, Any], seed: int, extra: Sequence[str] = ()) -> None:
+        self.out, self.budget, self.seed, self.extra = out, budget, seed, list(extra)
         self.frozen = out / "frozen"
         self.runs = out / "runs"
         self.feature_cache = out / "feature_cache"  # frozen-encoder outputs shared by stage 1 and stage 2
@@ -140,44 +143,21 @@ class Demo:
         return [self.lm_tokenizer_option, "run.job_name=lm_pretrain",
                 f"run.max_iters={self.budget['lm']}", f"run.iters_per_inner_epoch={self.budget['lm']}"]
 
-    def start_lm_pretraining(self, data_root: Path) -> subprocess.Popen | None:
-        """Train the tokenizer, then pre-train the LLM: in a child process on its own core (``parallel``; it does
-        not depend on the image encoder or stage 1, which this process runs meanwhile), else right here."""
+    def pretrain_llm(self, data_root: Path) -> None:
+        """Train the tokenizer on the training text, pre-train the LLM on it and export both."""
         from datasets.builders.shapes import lm_corpus
         from models.frozen_pretrain import train_shapes_tokenizer
+        from tasks.frozen_pretrain import export_pretrained
 
         start = time.time()
         lines = lm_corpus(data_root, "train", seed=self.seed, copies=1)
         train_shapes_tokenizer(lines[:4000], self.frozen / "tokenizer", vocab_size=400)
         self.timings["tokenizer"] = time.time() - start
-        if not self.parallel:
-            self.train("pre-training the LLM (OPT-style, next-token loss)", "lm_pretrain.yaml", "lm_pretrain",
-                       self.budget["lm"], self.lm_options())
-            return None
-        opts = [f"run.output_dir={self.runs}"] + self.data_options("lm_pretrain.yaml") + self.lm_options() + self.extra
-        cmd = [sys.executable, "-m", "runners.train", "--cfg", str(DEMO_DIR / "lm_pretrain.yaml"), "--options", *opts]
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-                   PYTHONPATH=os.pathsep.join(
-            [str(DEMO_DIR.parents[2]), *filter(None, [os.environ.get("PYTHONPATH")])]))
-        self.lm_log = self.out / "lm_pretrain.log"
-        _say(f"\n== pre-training the LLM (OPT-style, next-token loss; {self.budget['lm']} steps) in a child process "
-             f"on its own core; log: {self.lm_log} ==")
-        self.lm_started = time.time()
-        with self.lm_log.open("w") as log:  # the child keeps its own handle
-            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-
-    def finish_lm_pretraining(self, proc: subprocess.Popen | None) -> None:
-        """Wait for the LLM pre-training (if it runs in a child process) and export it."""
-        from tasks.frozen_pretrain import export_pretrained
-
-        if proc is not None:
-            code = proc.wait()
-            self.timings["lm_pretrain"] = time.time() - self.lm_started
-            if code != 0:
-                tail = "\n".join(self.lm_log.read_text(errors="replace").splitlines()[-20:])
-                raise RuntimeError(f"LLM pre-training failed (exit code {code}); end of {self.lm_log}:\n{tail}")
-            _say(f"LLM pre-training finished ({self.timings['lm_pretrain']:.0f} s)")
-        export_pretrained(self.runs / "lm_pretrain", self.frozen / "llm")
+        job = self.train("pre-training the LLM (OPT-style, next-token loss)", "lm_pretrain.yaml", "lm_pretrain",
+                         self.budget["lm"], self.lm_options())
+        export_start = time.time()
+        export_pretrained(job, self.frozen / "llm")
+        self.timings["lm_pretrain"] += time.time() - export_start
 
     def frozen_options(self, llm: bool) -> list[str]:
         opts = [f"model.vit_pretrained={self.frozen / 'image_encoder'}", f"model.tokenizer={self.qformer_vocab}"]
@@ -190,16 +170,10 @@ class Demo:
     def run_all(self, ablation: bool) -> dict[str, Any]:
         data_root = self.generate_data()
         write_qformer_vocab(data_root, self.qformer_vocab)
-        lm_proc = self.start_lm_pretraining(data_root)
-        try:
-            with _torch_threads(1 if lm_proc is not None else 0):  # one core each while both run
-                self.pretrain_image_encoder()
-                self.train("stage 1: ITC + ITM + ITG", "stage1.yaml", "stage1", self.budget["stage1"],
-                           self.frozen_options(llm=False))
-            self.finish_lm_pretraining(lm_proc)
-        finally:
-            if lm_proc is not None and lm_proc.poll() is None:
-                lm_proc.kill()
+        self.pretrain_llm(data_root)
+        self.pretrain_image_encoder()
+        self.train("stage 1: ITC + ITM + ITG", "stage1.yaml", "stage1", self.budget["stage1"],
+                   self.frozen_options(llm=False))
         stage1 = self.checkpoint("stage1")
         # stage 2 loads the stage-1 checkpoint; its missing <llm>_proj starts from its initialisation
         self.train("stage 2: generative (frozen LLM)", "stage2.yaml", "stage2", self.budget["stage2"],
@@ -433,9 +407,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0, help="data-set generator seed")
     parser.add_argument("--max-steps", type=int, default=0, help="cap every training at this many steps (smoke runs)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--sequential", action="store_true",
-                        help="pre-train the LLM in this process too (default: in a child process on a second core, "
-                             "while this one trains the image encoder and stage 1)")
     parser.add_argument("--verbose", action="store_true", help="keep the runners' INFO logs")
     parser.add_argument("--options", nargs="*", default=[], help="extra key=value options for every run")
     args = parser.parse_args(argv)
@@ -461,8 +432,7 @@ def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
     budget = dict(BUDGETS["quick" if args.quick else "full"])
     if args.max_steps:
         budget.update({k: min(v, args.max_steps) for k, v in budget.items() if isinstance(v, int)})
-    parallel = not args.sequential and (os.cpu_count() or 1) >= 2
-    demo = Demo(out, budget, args.seed, args.options, parallel=parallel)
+    demo = Demo(out, budget, args.seed, args.options)
     result = demo.run_all(args.ablation)
     total = time.time() - start
 
@@ -478,7 +448,7 @@ def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
     loss_curves(demo.runs, jobs, out)
     caption_grid(data_root, captions, out / "test_captions.png")
     report = {"metrics": metrics, "chance": chance, "seconds": {**demo.timings, "total": total},
-              "budget": budget, "torch_threads": torch.get_num_threads(), "lm_in_child_process": parallel}
+              "budget": budget, "torch_threads": torch.get_num_threads()}
     (out / "metrics.json").write_text(json.dumps(report, indent=1))
     _say("\n" + metric_table(metrics, chance))
     _say("\nheld-out examples:\n" + examples(data_root, captions))
