@@ -126,38 +126,31 @@ class Demo:
         _say(f"data: {root} ({self.budget['splits']})")
         return root
 
-    def pretrain_image_encoder(self) -> None:
-        job = self.train("pre-training the image encoder (dense attributes)", "encoder_pretrain.yaml",
-                         "encoder_pretrain", self.budget["encoder"], [])
-        export_start = time.time()
+    def train_and_export(self, label: str, yaml_name: str, job: str, steps: int, options: list[str],
+                         target: Path) -> None:
+        """Pre-train a part BLIP-2 will freeze, then export it to ``target`` as real weights come (timm / HF)."""
         from tasks.frozen_pretrain import export_pretrained
 
-        export_pretrained(job, self.frozen / "image_encoder")
-        self.timings["encoder_pretrain"] += time.time() - export_start
+        job_dir = self.train(label, yaml_name, job, steps, options)
+        start = time.time()
+        export_pretrained(job_dir, target)
+        self.timings[job] += time.time() - start
 
-    @property
-    def lm_tokenizer_option(self) -> str:
-        return f"model.tokenizer={self.frozen / 'tokenizer'}"
-
-    def lm_options(self) -> list[str]:
-        return [self.lm_tokenizer_option, "run.job_name=lm_pretrain",
-                f"run.max_iters={self.budget['lm']}", f"run.iters_per_inner_epoch={self.budget['lm']}"]
+    def pretrain_image_encoder(self) -> None:
+        self.train_and_export("pre-training the image encoder (dense attributes)", "encoder_pretrain.yaml",
+                              "encoder_pretrain", self.budget["encoder"], [], self.frozen / "image_encoder")
 
     def pretrain_llm(self, data_root: Path) -> None:
         """Train the tokenizer on the training text, pre-train the LLM on it and export both."""
         from datasets.builders.shapes import lm_corpus
         from models.frozen_pretrain import train_shapes_tokenizer
-        from tasks.frozen_pretrain import export_pretrained
 
         start = time.time()
         lines = lm_corpus(data_root, "train", seed=self.seed, copies=1)
         train_shapes_tokenizer(lines[:4000], self.frozen / "tokenizer", vocab_size=400)
         self.timings["tokenizer"] = time.time() - start
-        job = self.train("pre-training the LLM (OPT-style, next-token loss)", "lm_pretrain.yaml", "lm_pretrain",
-                         self.budget["lm"], self.lm_options())
-        export_start = time.time()
-        export_pretrained(job, self.frozen / "llm")
-        self.timings["lm_pretrain"] += time.time() - export_start
+        self.train_and_export("pre-training the LLM (OPT-style, next-token loss)", "lm_pretrain.yaml", "lm_pretrain",
+                              self.budget["lm"], [f"model.tokenizer={self.frozen / 'tokenizer'}"], self.frozen / "llm")
 
     def frozen_options(self, llm: bool) -> list[str]:
         opts = [f"model.vit_pretrained={self.frozen / 'image_encoder'}", f"model.tokenizer={self.qformer_vocab}"]

@@ -192,6 +192,23 @@ def test_tokenizer_and_llm_export_load_through_the_opt_plugin(tmp_path):
     torch.testing.assert_close(ours.float(), ref.float())
     assert not any(p.requires_grad for p in llm.parameters())
 
+    # export_pretrained rebuilds the model from the job's own config.yaml (here 2 layers, not the YAML's default)
+    from runners import checkpointing as ckpt
+    from tasks.frozen_pretrain import export_pretrained
+
+    job = tmp_path / "job"
+    with pytest.raises(FileNotFoundError, match="config.yaml"):
+        export_pretrained(job, tmp_path / "never")
+    job_cfg = OmegaConf.merge(cfg, {"arch": "frozen_lm_pretrain", "lm_config": {"num_hidden_layers": 2}})
+    trained = registry.models.get("frozen_lm_pretrain").from_config(job_cfg).eval()
+    job.mkdir()
+    OmegaConf.save(OmegaConf.create({"model": job_cfg}), job / "config.yaml")
+    ckpt.save_checkpoint(job / "checkpoints" / "step_00000001", ckpt.trainable_state_dict(trained), None, {"step": 1})
+    exported = registry.llms.get("opt")(str(export_pretrained(job, tmp_path / "llm2")), precision="fp32")
+    with torch.no_grad():
+        torch.testing.assert_close(exported(exported.embed_tokens(enc.input_ids), enc.attention_mask).logits,
+                                   trained.lm(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits)
+
 
 # -- the shortened pipeline ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
