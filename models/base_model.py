@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -82,41 +82,44 @@ class BaseModel(nn.Module):
         buffers = {n for n, _ in self.named_buffers() if not n.startswith(frozen)}
         return {k: v for k, v in self.state_dict().items() if k in trainable or k in buffers}
 
+    checkpoint_piece_size = 64  # tensors read and loaded at a time by load_checkpoint
+
     def load_checkpoint(self, path_or_url: str, strict: bool = True) -> dict[str, list[str]]:
         """Load weights from a LAVIS .pth, a Hugging Face BLIP-2 checkpoint or ours (format detected by
-        ``models.checkpoints.load_state_dict_any``). Keys missing from the file must belong to frozen parts or to
-        parts the file's format never holds; anything else raises (``strict``) or is logged."""
-        state = self._read_state_dict(path_or_url)
-        result = self.load_state_dict(state, strict=False)
-        missing = [k for k in result.missing_keys if not self._missing_key_is_expected(k)]
-        unexpected = [k for k in result.unexpected_keys if not self._unexpected_key_is_expected(k)]
+        ``models.checkpoints``). Keys missing from the file must belong to frozen parts or to parts the file's
+        format never holds; anything else raises (``strict``) or is logged. The file is read and loaded a piece at
+        a time: peak memory is the model plus one piece, not the model plus a second copy of its weights."""
+        missing: set[str] | None = None
+        unexpected: list[str] = []
+        count = 0
+        for piece in self._state_dict_pieces(path_or_url):
+            result = self.load_state_dict(piece, strict=False)
+            # a key is missing when no piece brought it
+            missing = set(result.missing_keys) if missing is None else missing & set(result.missing_keys)
+            unexpected += result.unexpected_keys
+            count += len(piece)
+        own = list(self.state_dict())
+        missing = set(own) if missing is None else missing  # an empty checkpoint brings nothing
+        missing_keys = [k for k in own if k in missing and not self._missing_key_is_expected(k)]
+        unexpected = [k for k in unexpected if not self._unexpected_key_is_expected(k)]
         if hasattr(self, "tie_weights"):
             self.tie_weights()
         message = (
-            f"checkpoint {path_or_url}: {len(missing)} missing keys {missing[:10]}, "
+            f"checkpoint {path_or_url}: {len(missing_keys)} missing keys {missing_keys[:10]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:10]}"
         )
-        if (missing or unexpected) and strict:
+        if (missing_keys or unexpected) and strict:
             raise KeyError(message + " (pass strict=False to load anyway)")
-        if missing or unexpected:
+        if missing_keys or unexpected:
             logger.warning(message)
-        logger.info("loaded %d tensors from %s", len(state), path_or_url)
-        return {"missing_keys": missing, "unexpected_keys": unexpected}
+        logger.info("loaded %d tensors from %s", count, path_or_url)
+        return {"missing_keys": missing_keys, "unexpected_keys": unexpected}
 
-    def _read_state_dict(self, path_or_url: str) -> dict[str, torch.Tensor]:
-        try:
-            from models.checkpoints import load_state_dict_any
-        except ImportError:
-            load_state_dict_any = None
-        if load_state_dict_any is not None:
-            return load_state_dict_any(path_or_url, model=self)
-        # Fallback while models/checkpoints.py is not there: our own safetensors/.pth files.
-        if path_or_url.endswith(".safetensors"):
-            from safetensors.torch import load_file
+    def _state_dict_pieces(self, path_or_url: str) -> Iterator[dict[str, torch.Tensor]]:
+        """The checkpoint in our names, a few tensors at a time (``models.checkpoints.iter_state_dict_any``)."""
+        from models.checkpoints import iter_state_dict_any
 
-            return load_file(path_or_url)
-        state = torch.load(path_or_url, map_location="cpu", weights_only=True)
-        return state.get("model", state) if isinstance(state, dict) else state
+        return iter_state_dict_any(path_or_url, model=self, piece_size=self.checkpoint_piece_size)
 
     def _missing_key_is_expected(self, key: str) -> bool:
         """Frozen parts are not in checkpoints; subclasses may widen this (e.g. LLM keys)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -68,7 +68,7 @@ class Blip2LLMBase(Blip2Base):
         self.Qformer.remove_text_modules(keep_text_input=self.qformer_text_input)
         self.tokenizer = self.init_tokenizer(qformer_tokenizer) if self.qformer_text_input else None
         self._qformer_text_loaded = bool(qformer_bert)  # text parts from BERT, or later from a stage-1 checkpoint
-        self._checkpoint_has_proj = True  # set per checkpoint read (see _read_state_dict)
+        self._checkpoint_has_proj = True  # set per checkpoint read (see _state_dict_pieces)
 
         llm_cls = registry.llms.get(llm_type or self.DEFAULT_LLM_TYPE)
         llm = llm_cls(llm_model, precision=llm_precision, freeze=True, load_weights=load_llm_weights,
@@ -137,16 +137,17 @@ class Blip2LLMBase(Blip2Base):
                 seen[id(param)] = name
         return aliases
 
-    def _read_state_dict(self, path_or_url: str) -> dict[str, Tensor]:
-        """Any checkpoint format, with Hugging Face LLM keys placed where this model keeps its LLM."""
-        from models.checkpoints import load_state_dict_any
-
-        state = load_state_dict_any(path_or_url, model=self)
-        self._checkpoint_has_proj = any(k.startswith(self.PROJ_ATTR + ".") for k in state)
-        if not self._checkpoint_has_proj:
+    def _state_dict_pieces(self, path_or_url: str) -> Iterator[dict[str, Tensor]]:
+        """Any checkpoint format, with Hugging Face LLM keys placed where this model keeps its LLM; notes whether
+        the checkpoint brings the LLM projection (a stage-1 checkpoint does not)."""
+        has_proj = False
+        for piece in super()._state_dict_pieces(path_or_url):
+            has_proj = has_proj or any(k.startswith(self.PROJ_ATTR + ".") for k in piece)
+            yield piece
+        self._checkpoint_has_proj = has_proj
+        if not has_proj:
             logger.info("%s holds no %s (a stage-1 checkpoint): the projection keeps its initialisation",
                         path_or_url, self.PROJ_ATTR)
-        return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """As ``nn.Module.load_state_dict``; a checkpoint that brings LLM weights marks them as loaded, and a tied
@@ -156,7 +157,8 @@ class Blip2LLMBase(Blip2Base):
             shared, head = prefix + "shared.weight", prefix + "lm_head.weight"
             if self.EXPECT_ENCODER_DECODER and shared in state_dict and head not in state_dict:
                 state_dict = {**state_dict, head: state_dict[shared]}
-            assign = assign or self.llm.device.type == "meta"
+            # an LLM built on the meta device takes the checkpoint's tensors (some may already have come in a piece)
+            assign = assign or any(p.is_meta for p in self.llm.parameters())
             self._llm_weights_loaded = True
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 

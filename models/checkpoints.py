@@ -21,7 +21,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -83,15 +83,10 @@ def resolve_source(source: str | os.PathLike) -> Path:
     )
 
 
-def _load_file(path: Path, select: Callable[[str], bool] | None = None) -> StateDict:
-    """One weight file; ``select(name)`` keeps a subset without reading the rest (safetensors / mmap)."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            return {k: handle.get_tensor(k) for k in handle.keys() if select is None or select(k)}
+def _torch_file_state(path: Path) -> Mapping[str, Tensor]:
+    """The state dict of a ``torch.save`` file, memory-mapped where the format allows (tensors read on use)."""
     try:
-        try:  # mmap: tensors that ``select`` drops are never read from disk
+        try:  # mmap: tensors that are never selected are never read from disk
             obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as err:
             if "mmap" not in str(err) and "zipfile" not in str(err):
@@ -108,37 +103,62 @@ def _load_file(path: Path, select: Callable[[str], bool] | None = None) -> State
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise ValueError(f"checkpoint {path} does not hold a state dict (name -> tensor), nor one under 'model'")
-    return {k: v for k, v in obj.items() if select is None or select(k)}
+    return obj
 
 
-def read_state_dict(source: str | os.PathLike, select: Callable[[str], bool] | None = None) -> StateDict:
-    """Raw tensors of a checkpoint (no renaming); a directory may hold HF shards, one file, or ``*.safetensors``.
-    ``select(name) -> bool`` reads only part of it (e.g. the vision tower of a full BLIP-2 checkpoint)."""
-    path = resolve_source(source)
+def _load_file(path: Path, select: Callable[[str], bool] | None = None) -> StateDict:
+    """One weight file; ``select(name)`` keeps a subset without reading the rest (safetensors / mmap)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys() if select is None or select(k)}
+    return {k: v for k, v in _torch_file_state(path).items() if select is None or select(k)}
+
+
+def _file_keys(path: Path) -> list[str]:
+    """Tensor names of one weight file, without reading the tensors."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return list(handle.keys())
+    return list(_torch_file_state(path))
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint: the file itself, or a directory's HF shards, single HF file, or one
+    ``*.safetensors`` / ``*.pth`` file."""
     if path.is_file():
-        return _load_file(path, select)
+        return [path]
     for index_name in HF_INDEX_FILES:
         index = path / index_name
         if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            state: StateDict = {}
-            for shard in shards:
-                state.update(_load_file(path / shard, select))
-            return state
+            return [path / shard for shard in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     for name in HF_WEIGHT_FILES:
         if (path / name).exists():
-            return _load_file(path / name, select)
+            return [path / name]
     candidates = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.pth"))
     if len(candidates) == 1:
-        return _load_file(candidates[0], select)
+        return candidates
     raise FileNotFoundError(
         f"no weights in directory {path}: expected one of {HF_INDEX_FILES + HF_WEIGHT_FILES} "
         f"or a single *.safetensors / *.pth file (found {[p.name for p in candidates]})"
     )
 
 
-def detect_format(state_dict: Mapping[str, Tensor]) -> str:
-    """``"hf"`` (Hugging Face BLIP-2), ``"ours"`` (ours = LAVIS names) or ``"vision"`` (an image encoder alone)."""
+def read_state_dict(source: str | os.PathLike, select: Callable[[str], bool] | None = None) -> StateDict:
+    """Raw tensors of a checkpoint (no renaming); a directory may hold HF shards, one file, or ``*.safetensors``.
+    ``select(name) -> bool`` reads only part of it (e.g. the vision tower of a full BLIP-2 checkpoint)."""
+    state: StateDict = {}
+    for file in _weight_files(resolve_source(source)):
+        state.update(_load_file(file, select))
+    return state
+
+
+def detect_format(state_dict: Mapping[str, Tensor] | Iterable[str]) -> str:
+    """``"hf"`` (Hugging Face BLIP-2), ``"ours"`` (ours = LAVIS names) or ``"vision"`` (an image encoder alone), from
+    a state dict or its names."""
     keys = list(state_dict)
     if any(k.startswith(("qformer.", "vision_model.", "language_projection.")) for k in keys):
         return "hf"
@@ -442,6 +462,40 @@ def _hf_text_model_type(source: str | os.PathLike) -> str | None:
 _LAVIS_CLIP_PREFIXES = ("visual_encoder.conv1.", "visual_encoder.transformer.resblocks.", "visual_encoder.class_embedding")
 
 
+class _ToOurNames:
+    """Renames raw checkpoint tensors to ours, a piece at a time: the format is decided once, from all names."""
+
+    def __init__(self, names: list[str], source: str | os.PathLike | Mapping[str, Tensor], model: nn.Module | None):
+        self.format = detect_format(names)
+        self.layout = None
+        if self.format == "hf":
+            text_type = None if isinstance(source, Mapping) else _hf_text_model_type(source)
+            self.layout = model_layout(model, text_type)
+        # a LAVIS model with a trained CLIP ViT-L: its visual_encoder.* keys are OpenAI CLIP names
+        self.lavis_clip = self.format != "hf" and any(k.startswith(_LAVIS_CLIP_PREFIXES) for k in names)
+        self.own = set(model.state_dict()) if model is not None else None
+        self.dropped: list[str] = []
+
+    def __call__(self, raw: StateDict) -> StateDict:
+        if self.layout is not None:
+            raw = hf_to_ours(raw, self.layout)
+        elif self.lavis_clip:
+            vision = openai_clip_to_timm({k.removeprefix("visual_encoder."): v for k, v in raw.items()
+                                          if k.startswith("visual_encoder.")})
+            raw = {k: v for k, v in raw.items() if not k.startswith("visual_encoder.")}
+            raw.update({f"visual_encoder.{k}": v for k, v in vision.items()})
+        if self.own is not None:  # a stage-1 checkpoint (or HF weights) for a stage-2 model: drop what it never uses
+            unused = {k for k in raw if k not in self.own and _STAGE1_ONLY.match(k)}
+            self.dropped += sorted(unused)
+            raw = {k: v for k, v in raw.items() if k not in unused}
+        return raw
+
+    def report(self) -> None:
+        if self.dropped:
+            logger.info("ignoring %d checkpoint tensors the model has no place for (e.g. %s)", len(self.dropped),
+                        self.dropped[0])
+
+
 def load_state_dict_any(source: str | os.PathLike | Mapping[str, Tensor], model: nn.Module | None = None) -> StateDict:
     """Read any supported checkpoint (LAVIS .pth, Hugging Face BLIP-2 dir/file/hub id, ours) as *our* names.
 
@@ -450,21 +504,28 @@ def load_state_dict_any(source: str | os.PathLike | Mapping[str, Tensor], model:
     HF config's text model type. LAVIS and our checkpoints already use our names and are returned as they are.
     """
     raw = dict(source) if isinstance(source, Mapping) else read_state_dict(source)
-    if detect_format(raw) == "hf":
-        text_type = None if isinstance(source, Mapping) else _hf_text_model_type(source)
-        raw = hf_to_ours(raw, model_layout(model, text_type))
-    elif any(k.startswith(_LAVIS_CLIP_PREFIXES) for k in raw):  # a LAVIS model with a trained CLIP ViT-L
-        vision = openai_clip_to_timm({k.removeprefix("visual_encoder."): v for k, v in raw.items()
-                                      if k.startswith("visual_encoder.")})
-        raw = {k: v for k, v in raw.items() if not k.startswith("visual_encoder.")}
-        raw.update({f"visual_encoder.{k}": v for k, v in vision.items()})
-    if model is not None:  # a stage-1 checkpoint (or HF weights) for a stage-2 model: drop what it never uses
-        own = set(model.state_dict())
-        unused = [k for k in raw if k not in own and _STAGE1_ONLY.match(k)]
-        if unused:
-            logger.info("ignoring %d checkpoint tensors the model has no place for (e.g. %s)", len(unused), unused[0])
-            raw = {k: v for k, v in raw.items() if k not in set(unused)}
-    return raw
+    to_ours = _ToOurNames(list(raw), source, model)
+    state = to_ours(raw)
+    to_ours.report()
+    return state
+
+
+def iter_state_dict_any(
+    source: str | os.PathLike | Mapping[str, Tensor], model: nn.Module | None = None, piece_size: int = 64
+) -> Iterator[StateDict]:
+    """``load_state_dict_any`` in pieces of at most ``piece_size`` tensors (each from one file), so that loading a
+    checkpoint into a built model holds one copy of the weights plus a piece in memory, not two copies."""
+    if isinstance(source, Mapping):
+        yield load_state_dict_any(source, model)
+        return
+    files = _weight_files(resolve_source(source))
+    names = {file: _file_keys(file) for file in files}
+    to_ours = _ToOurNames([k for file in files for k in names[file]], source, model)
+    for file in files:
+        for start in range(0, len(names[file]), piece_size):
+            piece = set(names[file][start : start + piece_size])
+            yield to_ours(_load_file(file, piece.__contains__))
+    to_ours.report()
 
 
 def export_to_hf(model: nn.Module, out_dir: str | os.PathLike, save_processor: bool = True) -> Path:

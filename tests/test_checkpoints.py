@@ -215,3 +215,52 @@ def test_select_reads_a_subset_and_legacy_pickles_load(tmp_path):
     for path in (tmp_path / "model.safetensors", tmp_path / "legacy.bin"):
         assert sorted(ck.read_state_dict(path, select=ck.is_vision_key)) == ["vision_model.embeddings.class_embedding"]
         assert sorted(ck.read_state_dict(path)) == sorted(sd)
+
+
+def test_pieces_match_the_whole_read(tmp_path):
+    """Read a piece at a time, the format is still decided from every name: a piece holding only
+    ``visual_encoder.positional_embedding`` of a LAVIS CLIP model is renamed like the rest."""
+    clip = {"visual_encoder.conv1.weight": torch.randn(8, 3, 14, 14), "visual_encoder.class_embedding": torch.randn(8),
+            "visual_encoder.positional_embedding": torch.randn(5, 8), "query_tokens": torch.zeros(1, 2, 4)}
+    torch.save({"model": clip}, tmp_path / "lavis_clip.pth")
+    hf = {"qformer.layernorm.weight": torch.ones(4), "query_tokens": torch.zeros(1, 2, 4),
+          "vision_model.encoder.layers.0.self_attn.qkv.bias": torch.arange(12.0),
+          "vision_model.post_layernorm.bias": torch.zeros(4)}
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    keys = sorted(hf)
+    save_file({k: hf[k] for k in keys[:2]}, str(sharded / "model-00001-of-00002.safetensors"))
+    save_file({k: hf[k] for k in keys[2:]}, str(sharded / "model-00002-of-00002.safetensors"))
+    weight_map = {k: f"model-0000{1 if i < 2 else 2}-of-00002.safetensors" for i, k in enumerate(keys)}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    expected = {tmp_path / "lavis_clip.pth": "visual_encoder.pos_embed", sharded: "visual_encoder.blocks.0.attn.q_bias"}
+    for source, renamed in expected.items():
+        pieces = list(ck.iter_state_dict_any(source, piece_size=1))
+        assert len(pieces) == 4
+        merged = {k: v for piece in pieces for k, v in piece.items()}
+        assert_same(merged, ck.load_state_dict_any(source))
+        assert renamed in merged
+
+
+def test_load_checkpoint_in_pieces_loads_everything_and_names_what_is_missing(tmp_path, monkeypatch):
+    import registry
+    from models import load_hf_blip2
+    from models.base_model import BaseModel
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    out = ck.export_to_hf(registry.models.get("blip2_opt").from_pretrained("tiny"), tmp_path / "hf",
+                          save_processor=False)
+    monkeypatch.setattr(BaseModel, "checkpoint_piece_size", 5)
+    model = load_hf_blip2(str(out))
+    whole = ck.load_state_dict_any(out, model=model)
+    state = model.state_dict()
+    assert len(whole) > 50
+    for name, value in whole.items():
+        torch.testing.assert_close(state[name], value, msg=name, rtol=0, atol=0)
+
+    weights = load_file(str(out / "model.safetensors"))
+    dropped = next(k for k in sorted(weights) if k.startswith("qformer.encoder.layer.0."))
+    save_file({k: v for k, v in weights.items() if k != dropped}, str(out / "model.safetensors"))
+    with pytest.raises(KeyError, match=r"1 missing keys \['Qformer\.bert\.encoder\.layer\.0\."):
+        model.load_checkpoint(str(out))
