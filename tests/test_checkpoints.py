@@ -22,6 +22,18 @@ def assert_same(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[key], b[key], msg=key)
 
 
+def write_two_shards(directory, sd: dict, first: int):
+    """An HF-style sharded checkpoint: the ``first`` names (sorted) in shard 1, the rest in shard 2."""
+    directory.mkdir()
+    keys = sorted(sd)
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    save_file({k: sd[k] for k in keys[:first]}, str(directory / names[0]))
+    save_file({k: sd[k] for k in keys[first:]}, str(directory / names[1]))
+    weight_map = {k: names[0 if i < first else 1] for i, k in enumerate(keys)}
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return directory
+
+
 def test_read_lavis_pth_our_safetensors_and_plain_files(tmp_path):
     sd = small_state()
     torch.save({"model": sd, "epoch": 3, "config": {"run": {"lr": 1e-4}}}, tmp_path / "lavis.pth")
@@ -40,13 +52,7 @@ def test_read_hf_directories_single_sharded_and_bin(tmp_path):
     save_file(sd, str(single / "model.safetensors"))
     assert_same(ck.read_state_dict(single), sd)
 
-    sharded = tmp_path / "sharded"
-    sharded.mkdir()
-    keys = sorted(sd)
-    save_file({k: sd[k] for k in keys[:1]}, str(sharded / "model-00001-of-00002.safetensors"))
-    save_file({k: sd[k] for k in keys[1:]}, str(sharded / "model-00002-of-00002.safetensors"))
-    weight_map = {k: f"model-0000{1 if i == 0 else 2}-of-00002.safetensors" for i, k in enumerate(keys)}
-    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    sharded = write_two_shards(tmp_path / "sharded", sd, first=1)
     assert_same(ck.read_state_dict(sharded), sd)
 
     legacy = tmp_path / "legacy"
@@ -226,13 +232,7 @@ def test_pieces_match_the_whole_read(tmp_path):
     hf = {"qformer.layernorm.weight": torch.ones(4), "query_tokens": torch.zeros(1, 2, 4),
           "vision_model.encoder.layers.0.self_attn.qkv.bias": torch.arange(12.0),
           "vision_model.post_layernorm.bias": torch.zeros(4)}
-    sharded = tmp_path / "sharded"
-    sharded.mkdir()
-    keys = sorted(hf)
-    save_file({k: hf[k] for k in keys[:2]}, str(sharded / "model-00001-of-00002.safetensors"))
-    save_file({k: hf[k] for k in keys[2:]}, str(sharded / "model-00002-of-00002.safetensors"))
-    weight_map = {k: f"model-0000{1 if i < 2 else 2}-of-00002.safetensors" for i, k in enumerate(keys)}
-    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    sharded = write_two_shards(tmp_path / "sharded", hf, first=2)
     expected = {tmp_path / "lavis_clip.pth": "visual_encoder.pos_embed", sharded: "visual_encoder.blocks.0.attn.q_bias"}
     for source, renamed in expected.items():
         pieces = list(ck.iter_state_dict_any(source, piece_size=1))
