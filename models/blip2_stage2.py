@@ -8,6 +8,7 @@ decoder: encoder prefix + decoder target); captioning, answer generation and ans
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from typing import Any, ClassVar, Iterator, Mapping, Sequence
@@ -45,6 +46,7 @@ class Blip2LLMBase(Blip2Base):
         llm_type: str | None = None,
         llm_precision: str = "auto",
         load_llm_weights: bool = True,
+        llm_from_checkpoint: bool = False,
         llm_kwargs: Mapping[str, Any] | None = None,
         vision: Mapping[str, Any] | None = None,
         num_query_token: int = 32,
@@ -71,8 +73,11 @@ class Blip2LLMBase(Blip2Base):
         self._checkpoint_has_proj = True  # set per checkpoint read (see _state_dict_pieces)
 
         llm_cls = registry.llms.get(llm_type or self.DEFAULT_LLM_TYPE)
-        llm = llm_cls(llm_model, precision=llm_precision, freeze=True, load_weights=load_llm_weights,
-                      **dict(llm_kwargs or {}))
+        # llm_from_checkpoint: a full BLIP-2 checkpoint (Hugging Face) brings the LLM's weights, so the LLM is built
+        # on the meta device and takes them as they are read: no random initialisation, no second copy in memory.
+        with torch.device("meta") if llm_from_checkpoint else contextlib.nullcontext():
+            llm = llm_cls(llm_model, precision=llm_precision, freeze=True,
+                          load_weights=load_llm_weights and not llm_from_checkpoint, **dict(llm_kwargs or {}))
         if not isinstance(llm, FrozenLLM) or llm.is_encoder_decoder != self.EXPECT_ENCODER_DECODER:
             kind = "an encoder-decoder" if self.EXPECT_ENCODER_DECODER else "a decoder-only"
             raise ValueError(f"{type(self).__name__} needs {kind} LLM adapter; llm_type={llm_type!r} is not")
@@ -157,10 +162,35 @@ class Blip2LLMBase(Blip2Base):
             shared, head = prefix + "shared.weight", prefix + "lm_head.weight"
             if self.EXPECT_ENCODER_DECODER and shared in state_dict and head not in state_dict:
                 state_dict = {**state_dict, head: state_dict[shared]}
-            # an LLM built on the meta device takes the checkpoint's tensors (some may already have come in a piece)
-            assign = assign or any(p.is_meta for p in self.llm.parameters())
+            if any(p.is_meta for p in self.llm.parameters()):
+                # An LLM built on the meta device takes the checkpoint's tensors (assign), cast to the dtype each
+                # tensor of this model has (its precision), as copying into existing tensors would.
+                own = self.state_dict(keep_vars=True)
+                state_dict = {k: v.to(own[k].dtype) if k in own else v for k, v in state_dict.items()}
+                assign = True
             self._llm_weights_loaded = True
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def load_checkpoint(self, path_or_url: str, strict: bool = True) -> dict[str, list[str]]:
+        """``BaseModel.load_checkpoint``; an LLM built on the meta device must get every tensor from it."""
+        on_meta = any(p.is_meta for p in self.llm.parameters())
+        # names that share one parameter (tied embeddings): a checkpoint holds one of them, and assigning it
+        # replaces only that name, so the sharing is restored afterwards
+        shared: dict[int, list[str]] = {}
+        for name, param in self.llm.named_parameters(remove_duplicate=False):
+            shared.setdefault(id(param), []).append(name)
+        result = super().load_checkpoint(path_or_url, strict=strict)
+        if on_meta:
+            for names in (group for group in shared.values() if len(group) > 1):
+                source = next((self.llm.get_parameter(n) for n in names if not self.llm.get_parameter(n).is_meta), None)
+                for name in names if source is not None else ():
+                    owner, _, leaf = name.rpartition(".")
+                    setattr(self.llm.get_submodule(owner), leaf, source)
+            left = [name for name, t in [*self.llm.named_parameters(), *self.llm.named_buffers()] if t.is_meta]
+            if left:
+                raise ValueError(f"checkpoint {path_or_url} holds no weights for {len(left)} LLM tensors "
+                                 f"(e.g. {left[:3]}); pass load_llm_weights=True to load the LLM from its own source")
+        return result
 
     # -- queries -> soft prompt --------------------------------------------------------------------------------------
     def _qformer_text(self, texts: Sequence[str], device: torch.device) -> tuple[Tensor | None, Tensor | None]:
@@ -354,14 +384,17 @@ class Blip2LLMBase(Blip2Base):
         if not llm_name:
             raise KeyError(f"model.{cls.LLM_NAME_KEY} must name the LLM (hub id, local dir or tiny:...)")
         llm_kwargs = to_plain(cfg.get("llm_kwargs"))
-        if plan["source"] == "hf" and plan["checkpoints"] and not cfg.get("load_llm_weights", False):
+        llm_in_checkpoint = bool(plan["source"] == "hf" and plan["checkpoints"])  # a full HF BLIP-2 checkpoint
+        if llm_in_checkpoint and not cfg.get("load_llm_weights", False):
             llm_kwargs = {**hf_llm_sources(plan["checkpoints"][0]), **llm_kwargs}
         return dict(
             llm_model=llm_name,
             llm_type=cfg.get("llm_type") or cls.DEFAULT_LLM_TYPE,
             llm_precision=cfg.get("llm_precision", "auto"),
-            # A Hugging Face BLIP-2 checkpoint holds the LLM: build it from its config, load weights once.
-            load_llm_weights=bool(cfg.get("load_llm_weights", not (plan["source"] == "hf" and plan["checkpoints"]))),
+            # A Hugging Face BLIP-2 checkpoint holds the LLM: build it on the meta device from its config, and the
+            # checkpoint's tensors become its weights (no random initialisation, one copy in memory).
+            load_llm_weights=bool(cfg.get("load_llm_weights", not llm_in_checkpoint)),
+            llm_from_checkpoint=llm_in_checkpoint and not cfg.get("load_llm_weights"),
             llm_kwargs=llm_kwargs,
             vision=vision,
             num_query_token=int(cfg.get("num_query_token", 32)),

@@ -264,3 +264,39 @@ def test_load_checkpoint_in_pieces_loads_everything_and_names_what_is_missing(tm
     save_file({k: v for k, v in weights.items() if k != dropped}, str(out / "model.safetensors"))
     with pytest.raises(KeyError, match=r"1 missing keys \['Qformer\.bert\.encoder\.layer\.0\."):
         model.load_checkpoint(str(out))
+
+
+@pytest.mark.parametrize("arch", ["blip2_opt", "blip2_t5"])
+def test_hf_checkpoint_llm_is_built_on_meta_and_takes_its_weights(tmp_path, arch):
+    """From a Hugging Face BLIP-2 checkpoint the LLM is not randomly initialised: it is built on the meta device and
+    takes the checkpoint's tensors, cast to its precision, with tied embeddings tied again; a checkpoint lacking some
+    LLM tensor is refused by name."""
+    import registry
+    from models import load_hf_blip2
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    source = registry.models.get(arch).from_pretrained("tiny")
+    out = ck.export_to_hf(source, tmp_path / "hf", save_processor=False)
+    model = load_hf_blip2(str(out), llm_precision="bf16")
+    llm = model.llm.model
+    assert not any(t.is_meta for t in [*llm.parameters(), *llm.buffers()])
+    assert {p.dtype for p in llm.parameters()} == {torch.bfloat16}
+
+    def tied_groups(module):
+        by_id: dict[int, list[str]] = {}
+        for name, param in module.named_parameters(remove_duplicate=False):
+            by_id.setdefault(id(param), []).append(name)
+        return sorted(sorted(names) for names in by_id.values() if len(names) > 1)
+
+    assert tied_groups(llm) == tied_groups(source.llm.model) != []
+    state = model.state_dict()
+    for name, value in ck.load_state_dict_any(out, model=model).items():
+        torch.testing.assert_close(state[name], value.to(state[name].dtype), msg=name, rtol=0, atol=0)
+
+    weights = load_file(str(out / "model.safetensors"))
+    first_layer = ("layers.0.", "block.0.")  # OPT decoder / T5 stack
+    dropped = next(k for k in sorted(weights) if k.startswith("language_model.") and any(s in k for s in first_layer))
+    save_file({k: v for k, v in weights.items() if k != dropped}, str(out / "model.safetensors"))
+    with pytest.raises(ValueError, match="holds no weights for 1 LLM tensors"):
+        load_hf_blip2(str(out))
