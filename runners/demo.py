@@ -40,13 +40,14 @@ DEMO_DIR = Path(__file__).resolve().parent.parent / "projects" / "blip2" / "demo
 MARKER = ".blip2_demo_output"
 
 # Steps of each training, and the data set size: full demo vs the shortened CI test (--quick).
-# The LLM's steps buy the most: with the same encoder and stage 1, LLM 900 / 1200 / 1500 steps gave stage-2
+# With the same encoder and a 300-step stage 1, LLM 900 / 1200 / 1500 steps gave stage-2
 # captions with all colours and shapes right 24.5 / 34.5 / 32.5 % (VQA 36.0 / 42.6 / 40.1 %); stage 2 at 450
 # steps instead of 300 gave 26.5 % (measured 2026-11-29). LLM 1200 + stage 2 300 took 612 s in a slow period, so
 # the LLM gets 1100 steps and stage 2 (the cheapest to shorten) 240. Stage 1 at 300 / 600 / 700 / 900 steps
 # (frozen parts of the same recipe; 700 from another run of it): ITC R@1 55 / 65 / 69 / 72 %, text->image R@1
 # after ITM re-ranking 30 / 49 / 53 / 61 %, captions 23.5 / 29.5 / 32.5 / 27.5 %; 700 steps: 426 s in all on an
-# idle machine (300 steps: 390 s).
+# idle machine (300 steps: 390 s). With 700 stage-1 steps, LLM 1500 steps gave captions 30.0 %, VQA 39.1 %:
+# no better than 1100 (25-29.5 %, 45-48 %).
 BUDGETS = {
     "full": {"encoder": 400, "lm": 1100, "stage1": 700, "stage2": 240,
              "splits": {"train": 4000, "val": 100, "test": 200}},
