@@ -131,16 +131,16 @@ class Blip2LLMBase(Blip2Base):
         nn.Module.load_state_dict(self, state, strict=False)
         self._qformer_text_loaded = True
 
+    def _llm_tied_groups(self, prefix: str = "") -> list[list[str]]:
+        """Names (under ``prefix``) of LLM parameters that share one tensor (tied embeddings), a list per tensor."""
+        by_tensor: dict[int, list[str]] = {}
+        for name, param in self.llm.named_parameters(prefix=prefix, remove_duplicate=False):
+            by_tensor.setdefault(id(param), []).append(name)
+        return [names for names in by_tensor.values() if len(names) > 1]
+
     def _llm_alias_keys(self) -> set[str]:
         """Names of LLM parameters that are a second name of another parameter (tied embeddings)."""
-        seen: dict[int, str] = {}
-        aliases = set()
-        for name, param in self.llm.named_parameters(prefix=self.LLM_ATTR, remove_duplicate=False):
-            if id(param) in seen:
-                aliases.add(name)
-            else:
-                seen[id(param)] = name
-        return aliases
+        return {name for names in self._llm_tied_groups(self.LLM_ATTR) for name in names[1:]}
 
     def _state_dict_pieces(self, path_or_url: str) -> Iterator[dict[str, Tensor]]:
         """Any checkpoint format, with Hugging Face LLM keys placed where this model keeps its LLM; notes whether
@@ -174,18 +174,16 @@ class Blip2LLMBase(Blip2Base):
     def load_checkpoint(self, path_or_url: str, strict: bool = True) -> dict[str, list[str]]:
         """``BaseModel.load_checkpoint``; an LLM built on the meta device must get every tensor from it."""
         on_meta = any(p.is_meta for p in self.llm.parameters())
-        # names that share one parameter (tied embeddings): a checkpoint holds one of them, and assigning it
-        # replaces only that name, so the sharing is restored afterwards
-        shared: dict[int, list[str]] = {}
-        for name, param in self.llm.named_parameters(remove_duplicate=False):
-            shared.setdefault(id(param), []).append(name)
+        # tied names share one parameter; a checkpoint holds one of them, and assigning it replaces only that name,
+        # so the sharing is restored afterwards
+        tied = self._llm_tied_groups()
         result = super().load_checkpoint(path_or_url, strict=strict)
         if on_meta:
-            for names in (group for group in shared.values() if len(group) > 1):
-                source = next((self.llm.get_parameter(n) for n in names if not self.llm.get_parameter(n).is_meta), None)
-                for name in names if source is not None else ():
+            for names in tied:
+                loaded = [self.llm.get_parameter(n) for n in names if not self.llm.get_parameter(n).is_meta]
+                for name in names if loaded else ():
                     owner, _, leaf = name.rpartition(".")
-                    setattr(self.llm.get_submodule(owner), leaf, source)
+                    setattr(self.llm.get_submodule(owner), leaf, loaded[0])
             left = [name for name, t in [*self.llm.named_parameters(), *self.llm.named_buffers()] if t.is_meta]
             if left:
                 raise ValueError(f"checkpoint {path_or_url} holds no weights for {len(left)} LLM tensors "
