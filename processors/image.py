@@ -117,7 +117,12 @@ class BlipImageBaseProcessor(BaseProcessor):
         self.std = _float_triple(CLIP_STD if std is None else std, "std")
         if min(self.std) <= 0:
             raise ValueError(f"std must be positive, got {self.std}")
-        self.transform = v2.Compose([*self.geometric_transforms(), *self._to_normalized_tensor()])
+        geometric = self.geometric_transforms()
+        self.geometric = v2.Compose(geometric)
+        # the reference pipeline (and what repr shows); __call__ computes the same without the per-call dispatch
+        self.transform = v2.Compose([*geometric, *self._to_normalized_tensor()])
+        self._mean_chw = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        self._std_chw = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
         self._video_transform: v2.Compose | None = None  # built on first use of process_frames
 
     def geometric_transforms(self, for_video: bool = False) -> list[Any]:
@@ -132,8 +137,17 @@ class BlipImageBaseProcessor(BaseProcessor):
         return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
 
     def __call__(self, image: Any) -> torch.Tensor:
-        """image (PIL / path / uint8 array) -> float32 tensor [3, image_size, image_size]."""
-        return self.transform(as_rgb_image(image)).as_subclass(torch.Tensor)
+        """image (PIL / path / uint8 array) -> float32 tensor [3, image_size, image_size].
+
+        Geometric transforms run on the PIL image; the tensor conversion and normalisation are the
+        arithmetic of v2.ToImage / ToDtype(scale=True) / Normalize (x / 255 - mean) / std, written out:
+        on small images the three transforms' dispatch costs more than the arithmetic.
+        """
+        image = self.geometric(as_rgb_image(image))
+        if not isinstance(image, Image.Image):  # a transform that already returned a tensor
+            return v2.Compose(self._to_normalized_tensor())(image).as_subclass(torch.Tensor)
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # [3, H, W]
+        return pixels.to(torch.float32).mul_(1.0 / 255).sub_(self._mean_chw).div_(self._std_chw)
 
     def process_frames(self, frames: Any) -> torch.Tensor:
         """Video frames -> float32 tensor [3, T, image_size, image_size], one random draw for the clip.

@@ -112,6 +112,21 @@ def test_eval_is_a_bicubic_resize_without_crop():
     torch.testing.assert_close(pixels, torch.from_numpy(reference).permute(2, 0, 1), atol=2e-3, rtol=0)
 
 
+@pytest.mark.parametrize("name, size, extra", [("blip_image_eval", 48, {}), ("blip_image_eval", 64, {}),
+                                               ("blip_image_train", 40, {}), ("blip2_image_train", 36, {})])
+def test_images_equal_the_torchvision_pipeline_bit_for_bit(name, size, extra):
+    """__call__ writes out ToImage/ToDtype/Normalize; it must give exactly what the v2 pipeline gives."""
+    proc = registry.processors.get(name).build(image_size=size, mean=[0.4, 0.5, 0.6], std=[0.2, 0.3, 0.25], **extra)
+    for seed, (w, h) in enumerate([(64, 64), (90, 50), (size, size)]):
+        image = random_image(w, h, seed=seed)
+        torch.manual_seed(seed)
+        ours = proc(image)
+        torch.manual_seed(seed)  # the same random crop / flip / augmentation draw
+        reference = proc.transform(image).as_subclass(torch.Tensor)
+        assert ours.dtype == torch.float32 and ours.shape == (3, size, size) and ours.is_contiguous()
+        assert torch.equal(ours, reference), (name, w, h, (ours - reference).abs().max().item())
+
+
 def test_normalisation_statistics_follow_mean_and_std_overrides():
     image = random_image(64, 64)
     clip = registry.processors.get("blip_image_eval").build(image_size=64)(image)
