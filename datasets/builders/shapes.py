@@ -358,6 +358,7 @@ class ShapesSceneDataset(BaseDataset):
     def __init__(self, *args: Any, image_size: int = 64, patch_size: int = 8, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.image_size, self.patch_size = image_size, patch_size
+        self._patch_labels: dict[int, Any] = {}  # index -> [P, 3]; drawing the label map costs more than a PNG read
 
     def media_path(self, ann: dict[str, Any]) -> str:
         return os.path.join(self.vis_root, ann["image"])
@@ -365,7 +366,9 @@ class ShapesSceneDataset(BaseDataset):
     def make_sample(self, ann: dict[str, Any], index: int, media: Any) -> dict[str, Any]:
         import torch
 
-        return {"image": media, "patch_labels": patch_labels(ann, self.image_size, self.patch_size),
+        if index not in self._patch_labels:
+            self._patch_labels[index] = patch_labels(ann, self.image_size, self.patch_size)
+        return {"image": media, "patch_labels": self._patch_labels[index],
                 "count": torch.tensor(len(ann["objects"]) - 1),
                 "background": torch.tensor(list(BACKGROUNDS).index(ann["background"])),
                 "image_id": ann["image_id"]}
