@@ -24,8 +24,10 @@ _NUMPY_DTYPES = {torch.float32: np.float32, torch.bfloat16: np.uint16, torch.flo
 
 
 def encoder_fingerprint(encoder: nn.Module, image_size: int, extra: str = "") -> str:
-    """A short hash of what determines the encoder's output: class, weights, image size, dtype."""
-    digest = hashlib.sha256(f"{type(encoder).__qualname__}|{image_size}|{extra}".encode())
+    """A short hash of what determines the encoder's output: class, output width (e.g. appended position
+    channels), weights, image size, dtype."""
+    width = getattr(encoder, "num_features", "")
+    digest = hashlib.sha256(f"{type(encoder).__qualname__}|{width}|{image_size}|{extra}".encode())
     for name, tensor in encoder.state_dict().items():
         flat = tensor.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -84,6 +85,17 @@ def _create_timm(model_name: str, image_size: int, **kwargs: Any) -> nn.Module:
         return timm.create_model(model_name, **kwargs)
 
 
+def grid_position_channels(height: int, width: int, channels: int) -> torch.Tensor:
+    """[height*width, channels] fixed sin-cos features of each cell's row and column (channels/4 frequencies each)."""
+    freqs = torch.arange(1, channels // 4 + 1, dtype=torch.float32) * math.pi  # [F]
+    rows = (torch.arange(height, dtype=torch.float32) + 0.5) / height
+    cols = (torch.arange(width, dtype=torch.float32) + 0.5) / width
+    row_angles = (rows[:, None] * freqs)[:, None, :].expand(height, width, -1)  # [h, w, F]
+    col_angles = (cols[:, None] * freqs)[None, :, :].expand(height, width, -1)  # [h, w, F]
+    grid = torch.cat([row_angles.sin(), row_angles.cos(), col_angles.sin(), col_angles.cos()], dim=-1)
+    return grid.reshape(height * width, channels)
+
+
 class TimmImageEncoder(nn.Module):
     """Any timm model as a (by default frozen) BLIP-2 image encoder.
 
@@ -97,6 +109,8 @@ class TimmImageEncoder(nn.Module):
             pretrained weights), or a path / URL / hub id of a checkpoint in any supported layout.
         model_name: the timm model name; subclasses fix it.
         final_norm: keep the timm model's final norm (BLIP-2 does not: ``ln_vision`` follows).
+        position_channels: for a feature-map model (CNN), append this many fixed 2-D sin-cos position channels to
+            every token, so the Q-Former knows where each token is (a ViT's tokens carry a position embedding).
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``embed_dim``, ``depth``, ``num_heads`` for tiny models).
     """
 
@@ -115,6 +129,7 @@ class TimmImageEncoder(nn.Module):
         pretrained: str | Path | None = None,
         model_name: str | None = None,
         final_norm: bool = False,
+        position_channels: int = 0,
         **timm_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -157,6 +172,11 @@ class TimmImageEncoder(nn.Module):
                 net.norm = nn.Identity()
             self.trunk = net
             self.patch_size = None
+        if position_channels and (self.is_vit or position_channels % 4):
+            raise ValueError(f"image encoder: position_channels={position_channels}; expected a multiple of 4, and "
+                             f"only for feature-map models ({model_name} is a ViT with its own position embedding)")
+        self.position_channels = int(position_channels)
+        self.num_features += self.position_channels
         self.grad_checkpointing = False
         self.set_grad_checkpointing(grad_checkpointing)
 
@@ -239,11 +259,15 @@ class TimmImageEncoder(nn.Module):
 
     def _forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
         features = self.trunk.forward_features(x)
-        if features.ndim == 4:  # feature map -> tokens [B, h*w, C]
-            if getattr(self.trunk, "output_fmt", "NCHW") == "NHWC":
-                return features.flatten(1, 2)
-            return features.flatten(2).transpose(1, 2)
-        return features
+        if features.ndim != 4:
+            return features
+        nhwc = getattr(self.trunk, "output_fmt", "NCHW") == "NHWC"
+        height, width = features.shape[1:3] if nhwc else features.shape[2:4]
+        tokens = features.flatten(1, 2) if nhwc else features.flatten(2).transpose(1, 2)  # [B, h*w, C]
+        if self.position_channels:
+            position = grid_position_channels(height, width, self.position_channels).to(tokens)  # [h*w, P]
+            tokens = torch.cat([tokens, position.expand(tokens.shape[0], -1, -1)], dim=-1)  # [B, h*w, C + P]
+        return tokens
 
     # -- position embeddings ------------------------------------------------------------------------
     def _resample(self, pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -54,6 +54,9 @@ def test_fingerprint_changes_with_weights_and_image_size():
     with torch.no_grad():
         encoder.proj.weight.view(-1)[0] += 1.0
     assert encoder_fingerprint(encoder, 224) != base
+    changed = encoder_fingerprint(encoder, 224)
+    encoder.num_features = 99  # e.g. position channels appended to the same weights' output
+    assert encoder_fingerprint(encoder, 224) != changed
 
 
 def test_tiny_blip2_with_cache_gives_the_uncached_loss(tmp_path):

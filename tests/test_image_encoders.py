@@ -130,6 +130,27 @@ def test_timm_export_supplies_its_architecture_and_sizes(tmp_path):
         GenericTimmEncoder(model_name="resnet18", image_size=32, pretrained=str(tmp_path))
 
 
+def test_cnn_position_channels_tell_tokens_apart(tmp_path):
+    """position_channels appends fixed sin-cos channels of each token's row and column to a CNN's tokens:
+    the features are unchanged, every cell of the grid gets a distinct code, and a ViT (or a width that is
+    not a multiple of 4) is refused by name."""
+    net, _ = _published_convnext(tmp_path)
+    plain = GenericTimmEncoder(image_size=32, pretrained=str(tmp_path))
+    placed = GenericTimmEncoder(image_size=32, pretrained=str(tmp_path), position_channels=8)
+    x = images(32)
+    out = placed(x)
+    assert placed.num_features == plain.num_features + 8 and out.shape == (2, 16, 16 + 8)
+    torch.testing.assert_close(out[..., :16], plain(x), rtol=0, atol=0)
+    codes = out[0, :, 16:]  # [16 cells, 8]: the same for every image
+    torch.testing.assert_close(codes, out[1, :, 16:], rtol=0, atol=0)
+    assert torch.cdist(codes, codes).add(torch.eye(16) * 9).min() > 0.1  # 4x4 grid: all codes distinct
+    with pytest.raises(ValueError, match="position_channels=6"):
+        GenericTimmEncoder(image_size=32, pretrained=str(tmp_path), position_channels=6)
+    with pytest.raises(ValueError, match="ViT"):
+        GenericTimmEncoder(model_name="vit_base_patch16_224", image_size=32, embed_dim=24, depth=1, num_heads=2,
+                           position_channels=8)
+
+
 def test_pos_embed_interpolated_on_load_and_on_the_fly():
     small = tiny_eva()
     randomize_(small)
