@@ -47,7 +47,8 @@ MARKER = ".blip2_demo_output"
 # (frozen parts of the same recipe; 700 from another run of it): ITC R@1 55 / 65 / 69 / 72 %, text->image R@1
 # after ITM re-ranking 30 / 49 / 53 / 61 %, captions 23.5 / 29.5 / 32.5 / 27.5 %; 700 steps: 426 s in all on an
 # idle machine (300 steps: 390 s). With 700 stage-1 steps, LLM 1500 steps gave captions 30.0 %, VQA 39.1 %:
-# no better than 1100 (25-29.5 %, 45-48 %).
+# no better than 1100 (25-29.5 %, 45-48 %). With the encoder's position channels (stage1.yaml) the whole demo
+# took 488 s (captions 36.0 %).
 BUDGETS = {
     "full": {"encoder": 400, "lm": 1100, "stage1": 700, "stage2": 240,
              "splits": {"train": 4000, "val": 100, "test": 200}},
