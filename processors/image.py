@@ -121,6 +121,7 @@ class BlipImageBaseProcessor(BaseProcessor):
         self.geometric = v2.Compose(geometric)
         # the reference pipeline (and what repr shows); __call__ computes the same without the per-call dispatch
         self.transform = v2.Compose([*geometric, *self._to_normalized_tensor()])
+        self._tensor_tail = v2.Compose(self._to_normalized_tensor())  # for a geometric transform returning a tensor
         self._mean_chw = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
         self._std_chw = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
         self._video_transform: v2.Compose | None = None  # built on first use of process_frames
@@ -145,7 +146,7 @@ class BlipImageBaseProcessor(BaseProcessor):
         """
         image = self.geometric(as_rgb_image(image))
         if not isinstance(image, Image.Image):  # a transform that already returned a tensor
-            return v2.Compose(self._to_normalized_tensor())(image).as_subclass(torch.Tensor)
+            return self._tensor_tail(image).as_subclass(torch.Tensor)
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # [3, H, W]
         return pixels.to(torch.float32).mul_(1.0 / 255).sub_(self._mean_chw).div_(self._std_chw)
 
