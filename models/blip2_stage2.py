@@ -181,7 +181,9 @@ class Blip2LLMBase(Blip2Base):
         if on_meta:
             for names in tied:
                 loaded = [self.llm.get_parameter(n) for n in names if not self.llm.get_parameter(n).is_meta]
-                for name in names if loaded else ():
+                if not loaded:
+                    continue  # reported below as left on meta
+                for name in names:
                     owner, _, leaf = name.rpartition(".")
                     setattr(self.llm.get_submodule(owner), leaf, loaded[0])
             left = [name for name, t in [*self.llm.named_parameters(), *self.llm.named_buffers()] if t.is_meta]
