@@ -524,6 +524,8 @@ def iter_state_dict_any(
     for file in files:
         for start in range(0, len(names[file]), piece_size):
             piece = set(names[file][start : start + piece_size])
+            # the file is opened (memory-mapped) per piece on purpose: closing it unmaps the pages read so far, so
+            # they do not add up in the process's memory while the model fills
             yield to_ours(_load_file(file, piece.__contains__))
     to_ours.report()
 
