@@ -13,6 +13,8 @@ in, so BLIP-2 then loads them through the same plugins as real encoders and LLMs
 - ``frozen_lm_pretrain``: a Hugging Face causal LM (OPT by default) built from a config, with a
   tokenizer given by path, trained with next-token loss on text. ``export(dir)`` writes
   ``save_pretrained`` files for model and tokenizer.
+- ``frozen_seq2seq_lm_pretrain``: the same for an encoder-decoder LM (T5 by default): the encoder reads
+  ``text_input``, the decoder learns ``text_output``, as BLIP-2's Flan-T5 variant later uses it.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from torch import nn
 
 import registry
 
-__all__ = ["ImageEncoderPretrainer", "CausalLMPretrainer"]
+__all__ = ["ImageEncoderPretrainer", "CausalLMPretrainer", "Seq2SeqLMPretrainer"]
 
 
 class _PretrainBase(nn.Module):
@@ -152,20 +154,28 @@ class CausalLMPretrainer(_PretrainBase):
     """
 
     EXTRA_CONFIG_KEYS = ("tokenizer", "lm_config", "max_txt_len")
+    default_model_type = "opt"
+    auto_class = "AutoModelForCausalLM"
+    #: config field -> the tokenizer attribute it is taken from (unless lm_config sets it)
+    token_ids = {"pad_token_id": "pad_token_id", "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id"}
 
     def __init__(self, tokenizer: str, lm_config: dict[str, Any], max_txt_len: int = 64) -> None:
         super().__init__()
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        import transformers
 
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer)
         fields = dict(lm_config)
-        model_type = fields.pop("model_type", "opt")
+        model_type = fields.pop("model_type", self.default_model_type)
         fields.setdefault("vocab_size", len(self.tokenizer))
-        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            fields.setdefault(key, getattr(self.tokenizer, key))
-        config = AutoConfig.for_model(model_type, **fields)
-        self.lm = AutoModelForCausalLM.from_config(config)
+        for field, attribute in self.token_ids.items():
+            fields.setdefault(field, getattr(self.tokenizer, attribute))
+        config = transformers.AutoConfig.for_model(model_type, **fields)
+        self.lm = getattr(transformers, self.auto_class).from_config(config)
+        self._after_build()
         self.max_txt_len = max_txt_len
+
+    def _after_build(self) -> None:
+        """Hook for architecture-specific fixes right after construction."""
 
     @classmethod
     def from_config(cls, cfg: Any) -> "CausalLMPretrainer":
@@ -187,12 +197,54 @@ class CausalLMPretrainer(_PretrainBase):
         return out
 
 
-def train_shapes_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 512) -> Path:
-    """Train an OPT-style byte-level BPE tokenizer on ``texts`` and save it with ``save_pretrained``.
+@registry.models.register("frozen_seq2seq_lm_pretrain")
+class Seq2SeqLMPretrainer(CausalLMPretrainer):
+    """A Hugging Face encoder-decoder LM (T5 by default) trained from scratch: the encoder reads
+    ``samples["text_input"]``, the decoder learns ``samples["text_output"]`` (teacher forcing).
 
-    Like OPT's: ``</s>`` is both bos (prepended to every text) and eos, ``<pad>`` pads on the right,
-    and "\\n" (which BLIP-2's OPT model uses to stop generating) is one token.
+    The decoder starts from the pad token, as T5's does; ``lm_config`` holds the Hugging Face config fields.
     """
+
+    default_model_type = "t5"
+    auto_class = "AutoModelForSeq2SeqLM"
+    token_ids = {"pad_token_id": "pad_token_id", "eos_token_id": "eos_token_id", "decoder_start_token_id": "pad_token_id"}
+
+    def _after_build(self) -> None:
+        # An untied config (Flan-T5's layout) gets its own lm_head: transformers 5 ties T5 weights on construction
+        # (config.tie_word_embeddings reads True; the request survives as scale_decoder_outputs=False), and an
+        # untied head initialised like the embeddings (std 1) would start with logits ~sqrt(d_model) too large.
+        config = self.lm.config
+        if not getattr(config, "scale_decoder_outputs", getattr(config, "tie_word_embeddings", True)):
+            from models.llms import untie_lm_head
+
+            untie_lm_head(self.lm)
+            width = getattr(self.lm.config, "d_model", None) or self.lm.config.hidden_size
+            nn.init.normal_(self.lm.get_output_embeddings().weight, std=width ** -0.5)
+
+    def forward(self, samples: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if "text_output" not in samples:
+            raise KeyError("frozen_seq2seq_lm_pretrain needs samples['text_output'] (the decoder targets); "
+                           "for datasets.shapes_text set text_format: seq2seq")
+        device = next(self.parameters()).device
+        kwargs = dict(return_tensors="pt", padding="longest", truncation=True, max_length=self.max_txt_len)
+        source = self.tokenizer(list(samples["text_input"]), **kwargs).to(device)   # [B, T_in], eos-terminated
+        target = self.tokenizer(list(samples["text_output"]), **kwargs).to(device)  # [B, T_out]
+        labels = target.input_ids.masked_fill(target.attention_mask == 0, -100)
+        out = self.lm(input_ids=source.input_ids, attention_mask=source.attention_mask, labels=labels,
+                      decoder_attention_mask=target.attention_mask)
+        return {"loss": out.loss}
+
+
+def train_shapes_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 512,
+                           style: str = "opt") -> Path:
+    """Train a byte-level BPE tokenizer on ``texts`` and save it with ``save_pretrained``.
+
+    ``style="opt"``, like OPT's: ``</s>`` is both bos (prepended to every text) and eos, ``<pad>`` pads on
+    the right, and "\\n" (which BLIP-2's OPT model uses to stop generating) is one token. ``style="t5"``, like
+    T5's: no bos, ``</s>`` appended to every text (generation stops there).
+    """
+    if style not in ("opt", "t5"):
+        raise ValueError(f"tokenizer style must be 'opt' or 't5', got {style!r}")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -203,11 +255,15 @@ def train_shapes_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: in
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
-    bos = tok.token_to_id("</s>")
-    tok.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A </s> $B",
-                                                       special_tokens=[("</s>", bos)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>", padding_side="right")
+    eos = tok.token_to_id("</s>")
+    if style == "opt":
+        tok.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A </s> $B",
+                                                           special_tokens=[("</s>", eos)])
+    else:
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                           special_tokens=[("</s>", eos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>" if style == "opt" else None,
+                                   eos_token="</s>", pad_token="<pad>", unk_token="<unk>", padding_side="right")
     out = Path(out_dir)
     fast.save_pretrained(out)
     (out / "corpus_stats.json").write_text(json.dumps({"texts": len(texts), "vocab_size": len(fast)}))

@@ -49,6 +49,14 @@ MARKER = ".blip2_demo_output"
 # idle machine (300 steps: 390 s). With 700 stage-1 steps, LLM 1500 steps gave captions 30.0 %, VQA 39.1 %:
 # no better than 1100 (25-29.5 %, 45-48 %). With the encoder's position channels (stage1.yaml) the whole demo
 # took 488 s (captions 36.0 %).
+# The frozen LLM (--llm): its pre-training YAML and stage-2/eval YAMLs (``<step><yaml_suffix>.yaml``), tokenizer
+# conventions, and the stage-2 model key that points at the exported weights.
+LLMS = {
+    "opt": {"label": "OPT-style decoder, next-token loss", "yaml_suffix": "", "tokenizer": "opt", "model_key": "opt_model"},
+    "t5": {"label": "Flan-T5-style encoder-decoder, prefix LM", "yaml_suffix": "_t5", "tokenizer": "t5",
+           "model_key": "t5_model"},
+}
+
 BUDGETS = {
     "full": {"encoder": 400, "lm": 1100, "stage1": 700, "stage2": 240,
              "splits": {"train": 4000, "val": 100, "test": 200}},
@@ -65,8 +73,11 @@ def _say(msg: str) -> None:
 class Demo:
     """Runs the steps in order; every training/evaluation goes through runners.train / runners.evaluate."""
 
-    def __init__(self, out: Path, budget: dict[str, Any], seed: int, extra: Sequence[str] = ()) -> None:
+    def __init__(self, out: Path, budget: dict[str, Any], seed: int, extra: Sequence[str] = (), llm: str = "opt") -> None:
+        if llm not in LLMS:
+            raise ValueError(f"demo LLM must be one of {sorted(LLMS)}, got {llm!r}")
         self.out, self.budget, self.seed, self.extra = out, budget, seed, list(extra)
+        self.llm = LLMS[llm]
         self.frozen = out / "frozen"
         self.runs = out / "runs"
         self.feature_cache = out / "feature_cache"  # frozen-encoder outputs shared by stage 1 and stage 2
@@ -152,14 +163,18 @@ class Demo:
 
         start = time.time()
         lines = lm_corpus(data_root, "train", seed=self.seed, copies=1)
-        train_shapes_tokenizer(lines[:4000], self.frozen / "tokenizer", vocab_size=400)
+        train_shapes_tokenizer(lines[:4000], self.frozen / "tokenizer", vocab_size=400, style=self.llm["tokenizer"])
         self.timings["tokenizer"] = time.time() - start
-        self.train_and_export("pre-training the LLM (OPT-style, next-token loss)", "lm_pretrain.yaml", "lm_pretrain",
+        self.train_and_export(f"pre-training the LLM ({self.llm['label']})", self.yaml("lm_pretrain"), "lm_pretrain",
                               self.budget["lm"], [f"model.tokenizer={self.frozen / 'tokenizer'}"], self.frozen / "llm")
+
+    def yaml(self, step: str) -> str:
+        """Project YAML of a demo step for the chosen LLM (``stage2.yaml`` or ``stage2_t5.yaml``)."""
+        return f"{step}{self.llm['yaml_suffix']}.yaml"
 
     def frozen_options(self, llm: bool) -> list[str]:
         opts = [f"model.vit_pretrained={self.frozen / 'image_encoder'}", f"model.tokenizer={self.qformer_vocab}"]
-        return opts + ([f"model.opt_model={self.frozen / 'llm'}"] if llm else [])
+        return opts + ([f"model.{self.llm['model_key']}={self.frozen / 'llm'}"] if llm else [])
 
     @property
     def qformer_vocab(self) -> Path:
@@ -174,11 +189,11 @@ class Demo:
                    self.frozen_options(llm=False))
         stage1 = self.checkpoint("stage1")
         # stage 2 loads the stage-1 checkpoint; its missing <llm>_proj starts from its initialisation
-        self.train("stage 2: generative (frozen LLM)", "stage2.yaml", "stage2", self.budget["stage2"],
+        self.train("stage 2: generative (frozen LLM)", self.yaml("stage2"), "stage2", self.budget["stage2"],
                    self.frozen_options(llm=True) + [f"model.pretrained={stage1 / 'model.safetensors'}"])
         variants = {"blip2": self.checkpoint("stage2")}
         if ablation:
-            self.train("ablation: stage 2 without stage 1", "stage2.yaml", "stage2_no_stage1",
+            self.train("ablation: stage 2 without stage 1", self.yaml("stage2"), "stage2_no_stage1",
                        self.budget["stage2"], self.frozen_options(llm=True) + ["model.weights=none"])
             variants["no_stage1"] = self.checkpoint("stage2_no_stage1")
         metrics: dict[str, Any] = {}
@@ -187,9 +202,9 @@ class Demo:
         metrics["blip2"] = {k: ret[k] for k in ret if k.startswith(("txt_r", "img_r", "itc_txt_r", "itc_img_r"))}
         for name, ckpt_path in variants.items():
             suffix = "" if name == "blip2" else f"_{name}"
-            cap = self.evaluate(f"zero-shot captioning [{name}]", "eval_caption.yaml", f"eval_caption{suffix}",
+            cap = self.evaluate(f"zero-shot captioning [{name}]", self.yaml("eval_caption"), f"eval_caption{suffix}",
                                 ckpt_path, self.frozen_options(llm=True))
-            vqa = self.evaluate(f"zero-shot VQA [{name}]", "eval_vqa.yaml", f"eval_vqa{suffix}",
+            vqa = self.evaluate(f"zero-shot VQA [{name}]", self.yaml("eval_vqa"), f"eval_vqa{suffix}",
                                 ckpt_path, self.frozen_options(llm=True))
             captions = _read_result(self.runs / f"eval_caption{suffix}", "test")
             m = metrics.setdefault(name, {})
@@ -403,6 +418,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--ablation", action="store_true", help="also train stage 2 without stage 1 (Figure 5)")
     parser.add_argument("--quick", action="store_true", help="shortened pipeline (fewer steps, less data; for CI)")
     parser.add_argument("--seed", type=int, default=0, help="data-set generator seed")
+    parser.add_argument("--llm", choices=sorted(LLMS), default="opt",
+                        help="the frozen LLM: an OPT-style decoder (blip2_opt) or a Flan-T5-style encoder-decoder (blip2_t5)")
     parser.add_argument("--max-steps", type=int, default=0, help="cap every training at this many steps (smoke runs)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--verbose", action="store_true", help="keep the runners' INFO logs")
@@ -430,7 +447,7 @@ def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
     budget = dict(BUDGETS["quick" if args.quick else "full"])
     if args.max_steps:
         budget.update({k: min(v, args.max_steps) for k, v in budget.items() if isinstance(v, int)})
-    demo = Demo(out, budget, args.seed, args.options)
+    demo = Demo(out, budget, args.seed, args.options, llm=args.llm)
     result = demo.run_all(args.ablation)
     total = time.time() - start
 
@@ -446,7 +463,7 @@ def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
     loss_curves(demo.runs, jobs, out)
     caption_grid(data_root, captions, out / "test_captions.png")
     report = {"metrics": metrics, "chance": chance, "seconds": {**demo.timings, "total": total},
-              "budget": budget, "torch_threads": torch.get_num_threads()}
+              "budget": budget, "llm": args.llm, "torch_threads": torch.get_num_threads()}
     (out / "metrics.json").write_text(json.dumps(report, indent=1))
     _say("\n" + metric_table(metrics, chance))
     _say("\nheld-out examples:\n" + examples(data_root, captions))

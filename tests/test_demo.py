@@ -210,6 +210,78 @@ def test_tokenizer_and_llm_export_load_through_the_opt_plugin(tmp_path):
                                    trained.lm(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits)
 
 
+def test_seq2seq_pairs_split_description_from_continuation(data_root):
+    lines = shapes.lm_corpus(data_root, "train", seed=0, copies=1)
+    pairs = [shapes.seq2seq_pair(line) for line in lines]
+    questions = [(src, tgt) for line, (src, tgt) in zip(lines, pairs) if "</s>Question: " in line]
+    captions = [(src, tgt) for line, (src, tgt) in zip(lines, pairs) if "</s>Question: " not in line]
+    assert questions and captions
+    for line, (src, tgt) in zip(lines, pairs):
+        description = line.split("</s>")[0]
+        assert src.startswith(description) and "</s>" not in src + tgt and not tgt.endswith("\n")
+    for src, tgt in questions:  # the prompt goes to the encoder, only the answer to the decoder
+        assert src.endswith("Short answer:") and " Question: " in src and " " not in tgt
+    assert shapes.seq2seq_pair("a red circle</s>Question: how many shapes are there? Short answer: 1\n") == (
+        "a red circle Question: how many shapes are there? Short answer:", "1")
+    assert shapes.seq2seq_pair("a red circle</s>there is a red circle\n") == ("a red circle", "there is a red circle")
+    with pytest.raises(ValueError, match="without '</s>'"):
+        shapes.seq2seq_pair("a red circle")
+
+
+def test_t5_tokenizer_and_llm_export_load_through_the_flan_t5_plugin(tmp_path, monkeypatch):
+    import registry
+    from omegaconf import OmegaConf
+
+    from models.frozen_pretrain import train_shapes_tokenizer
+
+    rng = random.Random(0)
+    scenes = [shapes.sample_scene(rng) for _ in range(60)]
+    lines = [f"{c}</s>Question: what color is it? Short answer: red\n" for s in scenes
+             for c in shapes.captions_for(s, rng, 2)]
+    tok_dir = train_shapes_tokenizer(lines, tmp_path / "tok", vocab_size=300, style="t5")
+    cfg = OmegaConf.create({"tokenizer": str(tok_dir), "lm_config": {
+        "model_type": "t5", "d_model": 32, "d_kv": 16, "num_heads": 2, "d_ff": 64, "num_layers": 1,
+        "num_decoder_layers": 1, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False,
+        "relative_attention_num_buckets": 8, "dropout_rate": 0.0}})
+    torch.manual_seed(0)
+    model = registry.models.get("frozen_seq2seq_lm_pretrain").from_config(cfg)
+    tok = model.tokenizer
+    ids = tok("a red circle").input_ids
+    assert ids[-1] == tok.eos_token_id and tok.bos_token_id is None and ids[0] != tok.eos_token_id
+    config = model.lm.config
+    assert config.decoder_start_token_id == tok.pad_token_id and config.eos_token_id == tok.eos_token_id
+    assert model.lm.lm_head.weight.data_ptr() != model.lm.shared.weight.data_ptr()  # untied, like Flan-T5
+    pairs = [shapes.seq2seq_pair(line) for line in lines[:4]]
+    batch = {"text_input": [a for a, _ in pairs], "text_output": [b for _, b in pairs]}
+    loss = model(batch)["loss"].detach()
+    assert abs(float(loss) - torch.log(torch.tensor(float(len(tok))))) < 1.0  # untrained: ~uniform
+    with pytest.raises(KeyError, match="text_output"):
+        model({"text_input": batch["text_input"]})
+    out = model.export(tmp_path / "llm")
+    llm = registry.llms.get("flan_t5")(str(out), precision="fp32")
+    kwargs = dict(return_tensors="pt", padding=True, truncation=True, max_length=model.max_txt_len)  # as the model
+    src, tgt = tok(batch["text_input"], **kwargs), tok(batch["text_output"], **kwargs)
+    labels = tgt.input_ids.masked_fill(tgt.attention_mask == 0, -100)
+    with torch.no_grad():
+        ours = llm(llm.embed_tokens(src.input_ids), src.attention_mask, labels=labels,
+                   decoder_attention_mask=tgt.attention_mask)
+        ref = model(batch)["loss"]
+    torch.testing.assert_close(ours.loss.float(), ref.float())
+    assert not any(p.requires_grad for p in llm.parameters())
+
+    # the builder serves the same pairs when asked for the seq2seq format; an unknown format is refused
+    monkeypatch.setenv("BLIP2_CACHE_ROOT", str(tmp_path / "cache"))
+    builder_cls = registry.builders.get("shapes_text")
+    bcfg = builder_cls.default_config()
+    bcfg.generator.splits = {"train": 30, "val": 5, "test": 5}
+    bcfg.text_format = "seq2seq"
+    sample = builder_cls(bcfg).build_datasets()["train"][0]
+    assert set(sample) >= {"text_input", "text_output"} and "</s>" not in sample["text_input"]
+    bcfg.text_format = "prefix"
+    with pytest.raises(ValueError, match="text_format must be one of"):
+        builder_cls(bcfg).build_datasets()
+
+
 # -- the shortened pipeline ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_quick_demo_beats_chance_at_every_stage(tmp_path, monkeypatch):
@@ -243,3 +315,27 @@ def test_quick_demo_beats_chance_at_every_stage(tmp_path, monkeypatch):
     for name in ("metrics.json", "test_captions.png", "loss_stage1.png", "loss_stage2.png"):
         assert (out / name).is_file(), name
     assert not (out / "feature_cache").exists()  # the frozen-feature cache of stages 1-2 is removed at the end
+
+
+@pytest.mark.slow
+def test_demo_runs_with_the_t5_llm(tmp_path, monkeypatch):
+    """``--llm t5`` wires the Flan-T5-style LLM through pre-training, stage 2 and both evaluations (a smoke
+    run capped at 20 steps per training: what it learns is the full demo's business, README)."""
+    from runners import demo
+
+    monkeypatch.setenv("BLIP2_CACHE_ROOT", str(tmp_path / "cache"))
+    report = demo.main(["--quick", "--llm", "t5", "--max-steps", "20", "--out", str(tmp_path / "out"), "--threads", "2"])
+    out = tmp_path / "out"
+    assert report["llm"] == "t5"
+    llm_config = json.loads((out / "frozen" / "llm" / "config.json").read_text())
+    assert llm_config["model_type"] == "t5" and llm_config["tie_word_embeddings"] is False
+    stage2 = (out / "runs" / "stage2" / "config.yaml").read_text()
+    assert "arch: blip2_t5" in stage2 and "llm_type: flan_t5" in stage2
+    lm_rows = [json.loads(line) for line in (out / "runs" / "lm_pretrain" / "log.jsonl").read_text().splitlines()]
+    lm_losses = [r["loss"] for r in lm_rows if r.get("type") == "train_step"]
+    assert lm_losses[-1] < 0.7 * lm_losses[0]
+    metrics = report["metrics"]["blip2"]
+    assert {"Bleu_4", "CIDEr", "caption_attr_acc", "vqa_acc", "txt_r1"} <= set(metrics)
+    assert 0 <= metrics["vqa_acc"] <= 100
+    with pytest.raises(SystemExit):
+        demo.main(["--llm", "gpt", "--out", str(tmp_path / "never")])

@@ -335,6 +335,21 @@ def lm_corpus(root: str | Path, split: str = "train", seed: int = 0, copies: int
     return lines
 
 
+def seq2seq_pair(line: str) -> tuple[str, str]:
+    """An ``lm_corpus`` line as (encoder text, decoder target) for an encoder-decoder LLM (T5).
+
+    BLIP-2's T5 encoder reads the soft prompt and then the prompt, and the decoder writes the answer or the
+    caption; so the description plus "Question: ... Short answer:" go to the encoder, the rest to the decoder.
+    """
+    description, sep, rest = line.rstrip("\n").partition("</s>")
+    if not sep:
+        raise ValueError(f"LLM corpus line without '</s>' between description and continuation: {line!r}")
+    if rest.startswith("Question: ") and " Short answer: " in rest:
+        question, answer = rest.rsplit(" Short answer: ", 1)
+        return f"{description} {question} Short answer:", answer
+    return description, rest
+
+
 # ---------------------------------------------------------------------------------------------
 # builders (registered); they generate the data on first use, then read it like real data
 # ---------------------------------------------------------------------------------------------
@@ -375,15 +390,20 @@ class ShapesSceneDataset(BaseDataset):
 
 
 class ShapesTextDataset:
-    """Lines of LLM pre-training text (see ``lm_corpus``) -> ``{"text_input": str}``."""
+    """Lines of LLM pre-training text (see ``lm_corpus``) -> ``{"text_input": str}``; with ``seq2seq``
+    -> ``{"text_input": encoder text, "text_output": decoder target}`` (see ``seq2seq_pair``)."""
 
-    def __init__(self, lines: list[str]) -> None:
+    def __init__(self, lines: list[str], seq2seq: bool = False) -> None:
         self.lines = lines
+        self.pairs = [seq2seq_pair(line) for line in lines] if seq2seq else None
 
     def __len__(self) -> int:
         return len(self.lines)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if self.pairs is not None:
+            source, target = self.pairs[index]
+            return {"text_input": source, "text_output": target, "instance_id": str(index)}
         return {"text_input": self.lines[index], "instance_id": str(index)}
 
     def collater(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -457,10 +477,14 @@ class ShapesTextBuilder(_ShapesMixin, BaseDatasetBuilder):
     """LLM pre-training text from the training split (captions and question-answer lines)."""
 
     DATASET_CONFIG_DICT = {"default": "shapes_text.yaml"}
-    EXTRA_CONFIG_KEYS = _ShapesMixin.EXTRA_CONFIG_KEYS + ("copies",)
+    EXTRA_CONFIG_KEYS = _ShapesMixin.EXTRA_CONFIG_KEYS + ("copies", "text_format")
+    TEXT_FORMATS = ("causal", "seq2seq")
 
     def build_datasets(self):  # type: ignore[override]
+        text_format = str(self.config.get("text_format", "causal"))
+        if text_format not in self.TEXT_FORMATS:
+            raise ValueError(f"datasets.shapes_text.text_format must be one of {self.TEXT_FORMATS}, got {text_format!r}")
         root = self.ensure_generated()
         lines = lm_corpus(root, "train", seed=int((self.config.get("generator") or {}).get("seed", 0)),
                           copies=int(self.config.get("copies", 2)))
-        return {"train": ShapesTextDataset(lines)}
+        return {"train": ShapesTextDataset(lines, seq2seq=text_format == "seq2seq")}
