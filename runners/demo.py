@@ -168,6 +168,15 @@ class Demo:
         self.train_and_export(f"pre-training the LLM ({self.llm['label']})", self.yaml("lm_pretrain"), "lm_pretrain",
                               self.budget["lm"], [f"model.tokenizer={self.frozen / 'tokenizer'}"], self.frozen / "llm")
 
+    def llm_reads_text(self, data_root: Path) -> dict[str, float]:
+        """Test-question accuracy of the frozen LLM alone, from each image's true description as text."""
+        from tasks.frozen_pretrain import text_vqa_accuracy
+
+        start = time.time()
+        scores = text_vqa_accuracy(self.frozen / "llm", data_root, "test", seed=self.seed)
+        self.timings["llm_text_vqa"] = time.time() - start
+        return scores
+
     def yaml(self, step: str) -> str:
         """Project YAML of a demo step for the chosen LLM (``stage2.yaml`` or ``stage2_t5.yaml``)."""
         return f"{step}{self.llm['yaml_suffix']}.yaml"
@@ -184,6 +193,7 @@ class Demo:
         data_root = self.generate_data()
         write_qformer_vocab(data_root, self.qformer_vocab)
         self.pretrain_llm(data_root)
+        llm_text_vqa = self.llm_reads_text(data_root)
         self.pretrain_image_encoder()
         self.train("stage 1: ITC + ITM + ITG", "stage1.yaml", "stage1", self.budget["stage1"],
                    self.frozen_options(llm=False))
@@ -209,9 +219,11 @@ class Demo:
             captions = _read_result(self.runs / f"eval_caption{suffix}", "test")
             m = metrics.setdefault(name, {})
             m.update({"Bleu_4": cap.get("Bleu_4"), "CIDEr": cap.get("CIDEr"),
-                      "caption_attr_acc": caption_attribute_accuracy(data_root, captions),
-                      "vqa_acc": vqa.get("agg_metrics")})
+                      **caption_attribute_accuracies(data_root, captions), "vqa_acc": vqa.get("agg_metrics")})
+            m.update({f"vqa_acc_{kind}": vqa[kind] for kind in VQA_TYPES if kind in vqa})
             m["_captions"] = captions
+        metrics["blip2"].update({f"llm_text_vqa_acc{'' if k == 'overall' else '_' + k}": v
+                                 for k, v in llm_text_vqa.items()})
         shutil.rmtree(self.feature_cache, ignore_errors=True)  # ~25 kB per training image; not needed any more
         return {"data_root": str(data_root), "metrics": metrics}
 
@@ -270,13 +282,23 @@ def _read_result(job_dir: Path, split: str, dataset: str = "shapes_caption") -> 
 
 def caption_attribute_accuracy(data_root: Path, captions: list[dict], split: str = "test") -> float:
     """% of generated captions naming exactly the scene's (colour, shape) objects (see shapes.py)."""
+    return caption_attribute_accuracies(data_root, captions, split)["caption_attr_acc"]
+
+
+def caption_attribute_accuracies(data_root: Path, captions: list[dict], split: str = "test") -> dict[str, float]:
+    """``caption_attr_acc`` (all captions) and ``caption_attr_acc_<n>`` (images with n objects), in %."""
     from datasets.builders.shapes import caption_attributes_correct
 
     scenes = {s["image_id"]: s for s in json.loads((data_root / "annotations" / f"scenes_{split}.json").read_text())}
     if not captions:
         raise ValueError("no captions to score")
-    ok = sum(caption_attributes_correct(c["caption"], scenes[int(c["image_id"])]) for c in captions)
-    return 100.0 * ok / len(captions)
+    by_count: dict[int, list[bool]] = {}
+    for c in captions:
+        scene = scenes[int(c["image_id"])]
+        by_count.setdefault(len(scene["objects"]), []).append(caption_attributes_correct(c["caption"], scene))
+    scores = {f"caption_attr_acc_{n}": 100.0 * sum(v) / len(v) for n, v in sorted(by_count.items())}
+    scores["caption_attr_acc"] = 100.0 * sum(sum(v) for v in by_count.values()) / len(captions)
+    return scores
 
 
 ROWS = [
@@ -293,8 +315,21 @@ ROWS = [
     ("Bleu_4", "caption BLEU-4"),
     ("CIDEr", "caption CIDEr"),
     ("caption_attr_acc", "captions, colours+shapes all right %"),
+    ("caption_attr_acc_1", "  images with 1 object"),
+    ("caption_attr_acc_2", "  images with 2 objects"),
+    ("caption_attr_acc_3", "  images with 3 objects"),
     ("vqa_acc", "VQA accuracy %"),
+    ("vqa_acc_color", "  colour questions"),
+    ("vqa_acc_shape", "  shape questions"),
+    ("vqa_acc_number", "  count questions"),
+    ("vqa_acc_yes/no", "  yes/no questions"),
+    ("llm_text_vqa_acc", "VQA by the frozen LLM from the true description %"),
+    ("llm_text_vqa_acc_color", "  colour questions"),
+    ("llm_text_vqa_acc_shape", "  shape questions"),
+    ("llm_text_vqa_acc_number", "  count questions"),
+    ("llm_text_vqa_acc_yes/no", "  yes/no questions"),
 ]
+VQA_TYPES = ("color", "shape", "number", "yes/no")  # answer types of the shapes VQA data (shapes.questions_for)
 
 
 def _fmt(v: Any) -> str:
@@ -313,7 +348,7 @@ def metric_table(metrics: dict[str, dict], chance: dict[str, float]) -> str:
         scale = 100.0 if key in ("Bleu_4", "CIDEr") else 1.0
         values = [None if v is None else v * scale for v in values]
         label = label + (" (x100)" if scale == 100.0 else "")
-        level = chance.get(key.removeprefix("itc_"), 0.0 if scale == 100.0 else None)
+        level = chance.get(key.removeprefix("itc_").removeprefix("llm_text_"), 0.0 if scale == 100.0 else None)
         rows.append([label, *map(_fmt, values), _fmt(level)])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))

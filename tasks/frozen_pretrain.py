@@ -8,7 +8,8 @@
 Both train through the ordinary runner (``python -m runners.train --cfg ...``); afterwards
 ``export_pretrained(job_dir, out_dir)`` writes the weights in the form real ones come
 in (timm ``config.json`` + ``model.safetensors``; Hugging Face ``save_pretrained``), which BLIP-2
-then loads through its usual image-encoder and LLM plugins.
+then loads through its usual image-encoder and LLM plugins. ``text_vqa_accuracy`` measures what the
+exported LLM can answer from a scene's true description: the ceiling it puts on zero-shot VQA.
 """
 from __future__ import annotations
 
@@ -72,3 +73,54 @@ def export_pretrained(job_dir: str | Path, out_dir: str | Path) -> Path:
     ckpt.load_trainable_weights(model, source)
     logger.info("exporting %s weights from %s to %s", cfg.model.arch, source, out_dir)
     return model.export(out_dir)
+
+
+def text_vqa_accuracy(llm_dir: str | Path, data_root: str | Path, split: str = "test", seed: int = 0,
+                      batch_size: int = 100) -> dict[str, float]:
+    """VQA accuracy (%) of an exported frozen LLM alone: each question follows one of its image's reference
+    captions as text, where BLIP-2 puts the soft visual prompt (the LLM's pre-training format). Greedy answers,
+    exact match; ``overall`` and one entry per answer type. A decoder reads "<caption></s>Question: ... Short
+    answer:" and stops at a newline; an encoder-decoder reads the caption and prompt and writes the answer."""
+    import json
+    import random
+
+    import transformers
+
+    from datasets.builders.shapes import seq2seq_pair
+
+    config = transformers.AutoConfig.from_pretrained(llm_dir)
+    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(llm_dir).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(llm_dir, padding_side="right" if seq2seq else "left")
+    ann = Path(data_root) / "annotations"
+    captions = {c["image"]: c["caption"] for c in json.loads((ann / f"caption_{split}.json").read_text())}
+    types = {a["question_id"]: a["answer_type"]
+             for a in json.loads((ann / f"vqa_{split}_annotations.json").read_text())["annotations"]}
+    rng = random.Random(seed)
+    items = []  # (prompt, answer, answer type)
+    for q in json.loads((ann / f"vqa_{split}.json").read_text()):
+        refs = captions[q["image"]]
+        description = rng.choice(refs if isinstance(refs, list) else [refs])
+        prompt = f"{description}</s>Question: {q['question']} Short answer:"
+        if seq2seq:
+            prompt = seq2seq_pair(f"{prompt} {q['answer'][0]}")[0]
+        items.append((prompt, q["answer"][0], types[q["question_id"]]))
+    stop = [tokenizer.eos_token_id]
+    if not seq2seq:
+        stop += tokenizer("\n", add_special_tokens=False).input_ids[-1:]
+    right: dict[str, list[bool]] = {}
+    with torch.no_grad():
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            enc = tokenizer([p for p, _, _ in chunk], return_tensors="pt", padding=True)
+            out = model.generate(**enc, max_new_tokens=4, do_sample=False, num_beams=1, eos_token_id=stop,
+                                 pad_token_id=tokenizer.pad_token_id)
+            new = out if seq2seq else out[:, enc.input_ids.shape[1]:]
+            for (_, answer, kind), text in zip(chunk, tokenizer.batch_decode(new, skip_special_tokens=True)):
+                right.setdefault(kind, []).append(text.strip().split("\n")[0].strip() == answer)
+    if not right:
+        raise ValueError(f"no VQA questions in {ann / f'vqa_{split}.json'}")
+    scores = {kind: 100.0 * sum(v) / len(v) for kind, v in sorted(right.items())}
+    scores["overall"] = 100.0 * sum(sum(v) for v in right.values()) / sum(len(v) for v in right.values())
+    return scores

@@ -100,6 +100,23 @@ def test_chance_levels(data_root):
     chance = shapes.chance_levels(data_root, "test")
     assert chance["txt_r1"] == pytest.approx(100 / 40) and chance["img_r10"] == pytest.approx(25.0)
     assert 20 < chance["vqa_acc"] < 40 and chance["caption_attr_acc"] < 5
+    assert chance["vqa_acc_color"] == pytest.approx(100 / 6) and chance["vqa_acc_yes/no"] == pytest.approx(50)
+    # one object: 1 / (6 colours x 4 shapes); two: the unordered pair of distinct colour-shape objects
+    assert chance["caption_attr_acc_1"] == pytest.approx(100 / 24)
+    assert chance["caption_attr_acc_2"] == pytest.approx(100 * 2 / (24 * 15))
+
+
+def test_caption_accuracy_by_object_count(data_root):
+    from runners.demo import caption_attribute_accuracies
+
+    scenes = _load(data_root, "scenes_test.json")
+    captions = [{"image_id": s["image_id"], "caption": shapes.captions_for(s, random.Random(0), 1)[0]
+                 if len(s["objects"]) < 3 else "a red circle"} for s in scenes]  # 3-object scenes: wrong
+    scores = caption_attribute_accuracies(data_root, captions)
+    counts = {n: sum(len(s["objects"]) == n for s in scenes) for n in (1, 2, 3)}
+    assert scores["caption_attr_acc_1"] == scores["caption_attr_acc_2"] == 100.0
+    assert scores["caption_attr_acc_3"] == 0.0
+    assert scores["caption_attr_acc"] == pytest.approx(100 * (counts[1] + counts[2]) / len(scenes))
 
 
 def test_builders_use_the_real_dataset_classes(tmp_path, monkeypatch):
@@ -280,6 +297,48 @@ def test_t5_tokenizer_and_llm_export_load_through_the_flan_t5_plugin(tmp_path, m
     bcfg.text_format = "prefix"
     with pytest.raises(ValueError, match="text_format must be one of"):
         builder_cls(bcfg).build_datasets()
+
+
+@pytest.mark.parametrize("style", ["opt", "t5"])
+def test_text_vqa_accuracy_of_the_llm_alone(tmp_path, data_root, style):
+    """The LLM-alone VQA score: a trained-for-a-moment LLM, scored per answer type; padding a batch changes nothing."""
+    import registry
+    from omegaconf import OmegaConf
+
+    from models.frozen_pretrain import train_shapes_tokenizer
+    from tasks.frozen_pretrain import text_vqa_accuracy
+
+    lines = shapes.lm_corpus(data_root, "train", seed=0, copies=1)
+    tok_dir = train_shapes_tokenizer(lines, tmp_path / "tok", vocab_size=400, style=style)
+    lm_config = ({"model_type": "opt", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                  "ffn_dim": 64, "word_embed_proj_dim": 32, "max_position_embeddings": 128} if style == "opt" else
+                 {"model_type": "t5", "d_model": 32, "d_kv": 16, "num_heads": 2, "d_ff": 64, "num_layers": 1,
+                  "num_decoder_layers": 1, "tie_word_embeddings": False, "dropout_rate": 0.0})
+    arch = "frozen_lm_pretrain" if style == "opt" else "frozen_seq2seq_lm_pretrain"
+    torch.manual_seed(0)
+    model = registry.models.get(arch).from_config(OmegaConf.create({"tokenizer": str(tok_dir), "lm_config": lm_config}))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(100):  # enough to answer in the data's words (measured: 36 % overall, 65-75 % of counts)
+        batch = lines[step * 32 % len(lines):][:32]
+        if style == "t5":
+            pairs = [shapes.seq2seq_pair(line) for line in batch]
+            samples = {"text_input": [a for a, _ in pairs], "text_output": [b for _, b in pairs]}
+        else:
+            samples = {"text_input": batch}
+        loss = model(samples)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out = model.export(tmp_path / "llm")
+    scores = text_vqa_accuracy(out, data_root, "test", batch_size=64)
+    assert set(scores) == {"color", "shape", "number", "yes/no", "overall"}
+    assert all(0.0 <= v <= 100.0 for v in scores.values())
+    # untrained it scores ~0 (it does not answer in the data's words); a uniform guess per type: 33 % of counts
+    assert scores["overall"] > 20.0 and scores["number"] > 40.0
+    types = [a["answer_type"] for a in _load(data_root, "vqa_test_annotations.json")["annotations"]]
+    weighted = sum(scores[t] for t in types) / len(types)
+    assert scores["overall"] == pytest.approx(weighted)
+    assert text_vqa_accuracy(out, data_root, "test", batch_size=1) == scores  # left padding is handled
 
 
 # -- the shortened pipeline ---------------------------------------------------------------------------------------------

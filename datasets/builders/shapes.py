@@ -284,6 +284,8 @@ def chance_levels(root: str | Path, split: str = "test") -> dict[str, float]:
     caption = sum(p_correct(len(s["objects"])) for s in scenes) / n_img
     levels = {f"{d}_r{k}": 100 * min(1.0, k / n_img) for d in ("txt", "img") for k in (1, 5, 10)}
     levels.update({"vqa_acc": 100 * vqa, "caption_attr_acc": 100 * caption})
+    levels.update({f"vqa_acc_{kind}": 100 * p for kind, p in per_type.items()})
+    levels.update({f"caption_attr_acc_{n}": 100 * p_correct(n) for n in {len(s["objects"]) for s in scenes}})
     return levels
 
 
