@@ -207,7 +207,8 @@ class Seq2SeqLMPretrainer(CausalLMPretrainer):
 
     default_model_type = "t5"
     auto_class = "AutoModelForSeq2SeqLM"
-    token_ids = {"pad_token_id": "pad_token_id", "eos_token_id": "eos_token_id", "decoder_start_token_id": "pad_token_id"}
+    token_ids = {"pad_token_id": "pad_token_id", "eos_token_id": "eos_token_id",
+                 "decoder_start_token_id": "pad_token_id"}
 
     def _after_build(self) -> None:
         # An untied config (Flan-T5's layout) gets its own lm_head: transformers 5 ties T5 weights on construction

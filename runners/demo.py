@@ -2,15 +2,16 @@
 
 1. generate the synthetic ``shapes`` data set (datasets/builders/shapes.py) into the cache root;
 2. pre-train the parts BLIP-2 freezes, through ``runners.train``: a small timm ConvNeXt (dense attribute
-   labels) and a small OPT-style LLM (its own byte-level BPE tokenizer, text of the training split),
-   and export them as timm / Hugging Face weights;
+   labels) and a small OPT-style LLM (``--llm t5``: a Flan-T5-style encoder-decoder; its own byte-level BPE
+   tokenizer, text of the training split), and export them as timm / Hugging Face weights; then score the
+   LLM alone on the test questions with each image's true description as text (its ceiling on VQA);
 3. stage 1 (ITC + ITM + ITG) and stage 2 (LM loss through the frozen LLM) through ``runners.train``,
-   loading the frozen parts through the ordinary ``timm`` encoder and ``opt`` LLM plugins.
+   loading the frozen parts through the ordinary ``timm`` encoder and ``opt`` (``flan_t5``) LLM plugins.
    One after another, each with every core: the LLM was once trained in a child process on one core while
    this process trained the encoder and stage 1 on the other, but the two slowed each other down (memory
    bandwidth): LLM 461 s instead of 137 s, encoder 286 s instead of 155 s; in all 37 s slower (2 cores);
 4. zero-shot evaluation on held-out images through ``runners.evaluate``: retrieval R@1/5/10, captions
-   (BLEU-4, CIDEr, share with all colour and shape words right), VQA accuracy;
+   (BLEU-4, CIDEr, share with all colour and shape words right, by object count), VQA accuracy (by answer type);
 5. a table of every metric next to its chance level, five held-out examples, and files in ``--out``:
    ``metrics.json``, ``loss_<stage>.png``, ``test_captions.png``.
 
@@ -52,7 +53,8 @@ MARKER = ".blip2_demo_output"
 # The frozen LLM (--llm): its pre-training YAML and stage-2/eval YAMLs (``<step><yaml_suffix>.yaml``), tokenizer
 # conventions, and the stage-2 model key that points at the exported weights.
 LLMS = {
-    "opt": {"label": "OPT-style decoder, next-token loss", "yaml_suffix": "", "tokenizer": "opt", "model_key": "opt_model"},
+    "opt": {"label": "OPT-style decoder, next-token loss", "yaml_suffix": "", "tokenizer": "opt",
+            "model_key": "opt_model"},
     "t5": {"label": "Flan-T5-style encoder-decoder, prefix LM", "yaml_suffix": "_t5", "tokenizer": "t5",
            "model_key": "t5_model"},
 }
@@ -73,7 +75,8 @@ def _say(msg: str) -> None:
 class Demo:
     """Runs the steps in order; every training/evaluation goes through runners.train / runners.evaluate."""
 
-    def __init__(self, out: Path, budget: dict[str, Any], seed: int, extra: Sequence[str] = (), llm: str = "opt") -> None:
+    def __init__(self, out: Path, budget: dict[str, Any], seed: int, extra: Sequence[str] = (),
+                 llm: str = "opt") -> None:
         if llm not in LLMS:
             raise ValueError(f"demo LLM must be one of {sorted(LLMS)}, got {llm!r}")
         self.out, self.budget, self.seed, self.extra = out, budget, seed, list(extra)
@@ -212,8 +215,8 @@ class Demo:
         metrics["blip2"] = {k: ret[k] for k in ret if k.startswith(("txt_r", "img_r", "itc_txt_r", "itc_img_r"))}
         for name, ckpt_path in variants.items():
             suffix = "" if name == "blip2" else f"_{name}"
-            cap = self.evaluate(f"zero-shot captioning [{name}]", self.yaml("eval_caption"), f"eval_caption{suffix}",
-                                ckpt_path, self.frozen_options(llm=True))
+            cap = self.evaluate(f"zero-shot captioning [{name}]", self.yaml("eval_caption"),
+                                f"eval_caption{suffix}", ckpt_path, self.frozen_options(llm=True))
             vqa = self.evaluate(f"zero-shot VQA [{name}]", self.yaml("eval_vqa"), f"eval_vqa{suffix}",
                                 ckpt_path, self.frozen_options(llm=True))
             captions = _read_result(self.runs / f"eval_caption{suffix}", "test")
@@ -278,11 +281,6 @@ def _read_result(job_dir: Path, split: str, dataset: str = "shapes_caption") -> 
     found = sorted(p.name for p in (job_dir / "result").glob("*.json"))
     raise FileNotFoundError(f"caption results of {dataset}/{split} not found in {job_dir / 'result'} "
                             f"(result files: {found})")
-
-
-def caption_attribute_accuracy(data_root: Path, captions: list[dict], split: str = "test") -> float:
-    """% of generated captions naming exactly the scene's (colour, shape) objects (see shapes.py)."""
-    return caption_attribute_accuracies(data_root, captions, split)["caption_attr_acc"]
 
 
 def caption_attribute_accuracies(data_root: Path, captions: list[dict], split: str = "test") -> dict[str, float]:
@@ -454,7 +452,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="shortened pipeline (fewer steps, less data; for CI)")
     parser.add_argument("--seed", type=int, default=0, help="data-set generator seed")
     parser.add_argument("--llm", choices=sorted(LLMS), default="opt",
-                        help="the frozen LLM: an OPT-style decoder (blip2_opt) or a Flan-T5-style encoder-decoder (blip2_t5)")
+                        help="the frozen LLM: an OPT-style decoder (blip2_opt) or a Flan-T5-style "
+                             "encoder-decoder (blip2_t5)")
     parser.add_argument("--max-steps", type=int, default=0, help="cap every training at this many steps (smoke runs)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--verbose", action="store_true", help="keep the runners' INFO logs")

@@ -383,7 +383,8 @@ def test_demo_runs_with_the_t5_llm(tmp_path, monkeypatch):
     from runners import demo
 
     monkeypatch.setenv("BLIP2_CACHE_ROOT", str(tmp_path / "cache"))
-    report = demo.main(["--quick", "--llm", "t5", "--max-steps", "20", "--out", str(tmp_path / "out"), "--threads", "2"])
+    report = demo.main(["--quick", "--llm", "t5", "--max-steps", "20", "--out", str(tmp_path / "out"),
+                        "--threads", "2"])
     out = tmp_path / "out"
     assert report["llm"] == "t5"
     llm_config = json.loads((out / "frozen" / "llm" / "config.json").read_text())

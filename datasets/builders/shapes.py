@@ -485,7 +485,8 @@ class ShapesTextBuilder(_ShapesMixin, BaseDatasetBuilder):
     def build_datasets(self):  # type: ignore[override]
         text_format = str(self.config.get("text_format", "causal"))
         if text_format not in self.TEXT_FORMATS:
-            raise ValueError(f"datasets.shapes_text.text_format must be one of {self.TEXT_FORMATS}, got {text_format!r}")
+            raise ValueError(f"datasets.shapes_text.text_format must be one of {self.TEXT_FORMATS}, "
+                             f"got {text_format!r}")
         root = self.ensure_generated()
         lines = lm_corpus(root, "train", seed=int((self.config.get("generator") or {}).get("seed", 0)),
                           copies=int(self.config.get("copies", 2)))
