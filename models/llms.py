@@ -105,17 +105,28 @@ class FrozenLLM(nn.Module):
         revision: str | None = None,
         local_files_only: bool | None = None,
         trust_remote_code: bool = False,
+        gguf_file: str | None = None,
     ) -> None:
-        """Load ``model_name_or_path`` (hub id or local dir).
+        """Load ``model_name_or_path`` (hub id, local dir, ``tiny:...``/``package:...`` name, or a ``.gguf`` file).
 
+        ``gguf_file``: a GGUF file (path, or file name inside the directory ``model_name_or_path``); it is
+        dequantised once and cached as a Hugging Face checkpoint with its tokenizer (``models/gguf.py``).
         ``load_weights=False`` (or building under ``torch.device("meta")``) instantiates from the
         config only: a full checkpoint is about to be loaded, or only shapes are needed.
         ``config`` overrides the config (a ``PretrainedConfig`` or a dict with ``model_type``).
         """
         super().__init__()
-        from models.tiny import resolve_asset
+        from models.assets import resolve_asset
 
-        model_name_or_path = resolve_asset(str(model_name_or_path))  # "tiny:opt" -> local dir
+        model_name_or_path = resolve_asset(str(model_name_or_path))  # "tiny:opt", "package:x/y" -> local path
+        if gguf_file is None and model_name_or_path.endswith(".gguf") and os.path.isfile(model_name_or_path):
+            gguf_file = model_name_or_path
+        self.gguf_file = None
+        if gguf_file is not None:
+            from models.gguf import gguf_checkpoint, resolve_gguf_path
+
+            self.gguf_file = str(resolve_gguf_path(resolve_asset(str(gguf_file)), model_name_or_path))
+            model_name_or_path = str(gguf_checkpoint(self.gguf_file, self._auto_class().__name__))
         self.model_name_or_path = model_name_or_path
         self.tokenizer_name_or_path = resolve_asset(str(tokenizer_name_or_path or model_name_or_path))
         self.frozen = freeze
@@ -141,6 +152,8 @@ class FrozenLLM(nn.Module):
     def _auto_class(self):
         import transformers
 
+        if self.gguf_file:  # the file names its architecture: build whatever it is (a Llama under the OPT adapter)
+            return getattr(transformers, "AutoModelForSeq2SeqLM" if self.is_encoder_decoder else "AutoModelForCausalLM")
         return getattr(transformers, self.auto_model_name)
 
     def _load_config(self, config: Any):
@@ -367,7 +380,8 @@ class FrozenLLM(nn.Module):
         return self.model.load_state_dict(state_dict, strict=strict, assign=self.device.type == "meta")
 
     def extra_repr(self) -> str:
-        return f"{self.model_name_or_path!r}, dtype={self.dtype}, frozen={self.frozen}"
+        source = f"gguf_file={self.gguf_file!r}" if self.gguf_file else repr(self.model_name_or_path)
+        return f"{source}, dtype={self.dtype}, frozen={self.frozen}"
 
 
 class FrozenSeq2SeqLM(FrozenLLM):
