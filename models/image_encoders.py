@@ -111,6 +111,11 @@ class TimmImageEncoder(nn.Module):
         final_norm: keep the timm model's final norm (BLIP-2 does not: ``ln_vision`` follows).
         position_channels: for a feature-map model (CNN), append this many fixed 2-D sin-cos position channels to
             every token, so the Q-Former knows where each token is (a ViT's tokens carry a position embedding).
+        feature_index: for a feature-map model, take the map of this stage (an index into timm's ``feature_info``,
+            as timm's ``out_indices``: for EfficientNet 3 is the stride-16 map) instead of the final one; the later
+            stages and the head are pruned after the weights are loaded.
+        key_map: the checkpoint's key layout when it is not timm's: a declared map's name (``models/key_maps.py``,
+            e.g. ``efficientnet_pytorch``) or ``{rules: [[regex, replacement], ...], flat_blocks: prefix}``.
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``embed_dim``, ``depth``, ``num_heads`` for tiny models).
     """
 
@@ -130,9 +135,16 @@ class TimmImageEncoder(nn.Module):
         model_name: str | None = None,
         final_norm: bool = False,
         position_channels: int = 0,
+        feature_index: int | None = None,
+        key_map: Any = None,
         **timm_kwargs: Any,
     ) -> None:
         super().__init__()
+        from models.assets import resolve_asset
+        from models.key_maps import KeyMap
+
+        pretrained = resolve_asset(pretrained) if isinstance(pretrained, str) else pretrained
+        self.key_map = KeyMap.parse(key_map) if key_map is not None else None
         saved = _timm_export_args(pretrained)
         model_name = model_name or saved.get("architecture") or self.default_model_name
         if saved and saved.get("architecture") not in (None, model_name):
@@ -172,6 +184,9 @@ class TimmImageEncoder(nn.Module):
                 net.norm = nn.Identity()
             self.trunk = net
             self.patch_size = None
+        self.feature_index = self._check_feature_index(feature_index, net)
+        if self.feature_index is not None:
+            self.num_features = int(net.feature_info[self.feature_index]["num_chs"])
         if position_channels and (self.is_vit or position_channels % 4):
             raise ValueError(f"image encoder: position_channels={position_channels}; expected a multiple of 4, and "
                              f"only for feature-map models ({model_name} is a ViT with its own position embedding)")
@@ -182,11 +197,27 @@ class TimmImageEncoder(nn.Module):
 
         if pretrained not in (None, "", "timm"):
             self.load_pretrained(pretrained)
+        if self.feature_index is not None:  # after loading: the checkpoint holds the whole network
+            self.trunk.prune_intermediate_layers([self.feature_index], prune_head=True)
         self.to(dtype)
         self.frozen = bool(freeze)
         if self.frozen:
             self.requires_grad_(False)
             self.eval()
+
+    def _check_feature_index(self, feature_index: int | None, net: nn.Module) -> int | None:
+        if feature_index is None:
+            return None
+        stages = getattr(net, "feature_info", None)
+        if self.is_vit or not stages or not hasattr(net, "forward_intermediates") \
+                or not hasattr(net, "prune_intermediate_layers"):
+            raise ValueError(f"image encoder: feature_index={feature_index} needs a feature-map timm model with "
+                             f"feature_info and forward_intermediates; {self.model_name} has not")
+        if not 0 <= int(feature_index) < len(stages):
+            maps = [f"{i}: {info['num_chs']} ch, stride {info['reduction']}" for i, info in enumerate(stages)]
+            raise ValueError(f"image encoder: feature_index={feature_index} is out of range for {self.model_name}; "
+                             f"its feature maps are {maps}")
+        return int(feature_index)
 
     # -- mode, precision, checkpointing ------------------------------------------------------------
     def train(self, mode: bool = True) -> "TimmImageEncoder":
@@ -258,7 +289,10 @@ class TimmImageEncoder(nn.Module):
         return self.norm(x)
 
     def _forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.trunk.forward_features(x)
+        if self.feature_index is None:
+            features = self.trunk.forward_features(x)
+        else:
+            features = self.trunk.forward_intermediates(x, indices=[self.feature_index], intermediates_only=True)[0]
         if features.ndim != 4:
             return features
         nhwc = getattr(self.trunk, "output_fmt", "NCHW") == "NHWC"
@@ -314,9 +348,25 @@ class TimmImageEncoder(nn.Module):
         """Any supported layout (timm/LAVIS, Hugging Face ``vision_model.*``, OpenAI CLIP) -> this module's names."""
         from models.checkpoints import vision_state_dict_to_timm, visual_encoder_part
 
+        if self.key_map is not None:
+            blocks = self.blocks if self.is_vit else getattr(self.trunk, "blocks", None)
+            depths = [len(stage) for stage in blocks] if blocks is not None and all(
+                isinstance(stage, nn.Sequential) for stage in blocks) else None
+            state_dict = self.key_map.apply(visual_encoder_part(state_dict), depths)
         if not self.is_vit:  # CNNs and other trunks: timm's own names, kept under ``trunk.``
-            return {k if k.startswith("trunk.") else f"trunk.{k}": v for k, v in visual_encoder_part(state_dict).items()}
+            state_dict = {k if k.startswith("trunk.") else f"trunk.{k}": v
+                          for k, v in visual_encoder_part(state_dict).items()}
+            return self._without_removed_head(state_dict)
         return vision_state_dict_to_timm(state_dict, depth=self.num_layers)
+
+    def _without_removed_head(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Drop the classifier of an ImageNet checkpoint: the encoder is built without it (``num_classes=0``)."""
+        head = (getattr(self.trunk, "pretrained_cfg", None) or {}).get("classifier")
+        if not head:
+            return state_dict
+        own = self.state_dict()
+        prefix = f"trunk.{head}."
+        return {k: v for k, v in state_dict.items() if not k.startswith(prefix) or k in own}
 
     def load_pretrained(self, source: str | Path | Mapping[str, torch.Tensor]) -> None:
         """Load weights from a path / URL / hub id or a state dict; every parameter must be covered."""
