@@ -131,7 +131,8 @@ def build_tiny_llm(kind: str, out_dir: str | Path, seed: int = 0, **config_overr
     from models.llms import untie_lm_head
 
     tokenizer = build_tokenizer(kind)
-    with torch.random.fork_rng(devices=[]):
+    # real tensors even when first asked for inside ``with torch.device("meta")`` (a model skeleton)
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.manual_seed(seed)
         if kind == "opt":
             model = OPTForCausalLM(tiny_opt_config(len(tokenizer), **config_overrides))

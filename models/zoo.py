@@ -76,6 +76,7 @@ def load_model(
     cfg = _zoo_yaml(name, model_type).model
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.create(dict(overrides)))
+    check_weight_sources(name, cfg, label=f"{name}/{model_type}")
     model = cls.from_config(cfg)
     if checkpoint is not None:
         model.load_checkpoint(checkpoint)
@@ -84,6 +85,14 @@ def load_model(
     if torch.device(device).type == "cpu":
         _cpu_safe_(model)
     return model.to(device)
+
+
+def check_weight_sources(name: str, cfg: DictConfig | Mapping[str, Any], label: str | None = None) -> None:
+    """Fail before building anything when a weight source of ``cfg`` is missing and cannot be downloaded now: one
+    ``MissingWeightsError`` lists every missing source with its size and the key that points it at a local copy."""
+    from models.weight_sources import check_sources
+
+    check_sources(name, cfg, label=label)
 
 
 def load_preprocess(config: DictConfig | Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
