@@ -49,6 +49,18 @@ def resolve_vit_precision(precision: str, freeze: bool) -> str:
     return precision
 
 
+def _local_bert(bert: str | None) -> str | None:
+    """``bert`` when it names a local checkpoint (a directory or ``package:`` name), else None (hub ids are not
+    fetched just for their sizes: a checkpoint of a hub BERT is shaped by ``qformer_config``, BERT-base by default)."""
+    import os
+
+    from models.assets import PACKAGE_PREFIX
+
+    if isinstance(bert, str) and (bert.startswith(PACKAGE_PREFIX) or os.path.isdir(os.path.expanduser(bert))):
+        return bert
+    return None
+
+
 def to_plain(cfg: DictConfig | Mapping[str, Any] | None) -> dict[str, Any]:
     if cfg is None:
         return {}
@@ -67,9 +79,10 @@ class Blip2Base(BaseModel):
 
     # -- builders ----------------------------------------------------------------------------------------------------
     @staticmethod
-    def init_tokenizer(source: str = "bert-base-uncased", truncation_side: str = "right"):
-        """bert-base-uncased + ``[DEC]`` (30523 tokens); see ``models.qformer.init_tokenizer``."""
-        return init_tokenizer(source, truncation_side)
+    def init_tokenizer(source: str | None = "bert-base-uncased", truncation_side: str = "right", bert: str | None = None):
+        """The Q-Former tokenizer + ``[DEC]``: ``source``, or when None the BERT checkpoint's own (``bert``), else
+        bert-base-uncased (30523 tokens); see ``models.qformer.init_tokenizer``."""
+        return init_tokenizer(source if source is not None else (bert or "bert-base-uncased"), truncation_side)
 
     def init_vision_encoder(
         self,
@@ -112,10 +125,13 @@ class Blip2Base(BaseModel):
         cross_attention_freq: int = 2,
         bert: str | None = None,
         qformer_config: Mapping[str, Any] | None = None,
-        vocab_size: int = 30523,
+        vocab_size: int | None = None,
         use_grad_checkpoint: bool = False,
+        bert_weights: bool = True,
     ) -> None:
-        """Build ``Qformer`` (from BERT weights when ``bert`` is a hub id/dir, else random) and ``query_tokens``."""
+        """Build ``Qformer`` (from BERT weights when ``bert`` is a hub id/dir/``package:`` name, else random) and
+        ``query_tokens``. ``vocab_size`` None: the BERT's vocabulary + [DEC], or bert-base-uncased's (30523).
+        ``bert_weights=False``: the BERT gives only the sizes (a full checkpoint follows)."""
         overrides = dict(qformer_config or {})
         if bert:
             self.Qformer = QFormer.from_bert(
@@ -124,6 +140,7 @@ class Blip2Base(BaseModel):
                 cross_attention_freq=cross_attention_freq,
                 num_query_token=num_query_token,
                 vocab_size=vocab_size,
+                load_weights=bert_weights,
                 **overrides,
             )
         else:
@@ -133,7 +150,7 @@ class Blip2Base(BaseModel):
                     encoder_width=vision_width,
                     cross_attention_freq=cross_attention_freq,
                     num_query_token=num_query_token,
-                    vocab_size=vocab_size,
+                    vocab_size=vocab_size or 30523,
                 ),
                 where="model.qformer_config",
             )
@@ -306,9 +323,11 @@ class Blip2Base(BaseModel):
         Q-Former), ``lavis`` (the original ``finetuned``/``pretrained`` .pth, chosen by ``load_finetuned`` /
         ``load_pretrained``, plus the separate ViT file ``vit_pretrained``), or ``none``. Whenever no full checkpoint
         is loaded, the ViT comes from ``vit_pretrained`` and the Q-Former from the BERT ``bert`` (random where null).
-        Returns ``{"source", "checkpoints": [...], "vit_pretrained", "bert"}``.
+        Returns ``{"source", "checkpoints": [...], "vit_pretrained", "bert", "bert_shape"}``; ``bert_shape``: a local
+        BERT checkpoint whose config gives the Q-Former's sizes when a full checkpoint brings the weights.
         """
         source = cfg.get("weights") or ("hf" if cfg.get("hf_hub_id") else "lavis")
+        shape = _local_bert(cfg.get("bert"))
         load_pretrained = bool(cfg.get("load_pretrained", True))
         load_finetuned = bool(cfg.get("load_finetuned", False))
         checkpoints: list[str] = []
@@ -317,12 +336,14 @@ class Blip2Base(BaseModel):
                 raise ValueError("model.weights=hf needs model.hf_hub_id (a hub id or a local directory), "
                                  "or load_pretrained: false")
             if load_pretrained or load_finetuned:
-                return {"source": source, "checkpoints": [cfg.get("hf_hub_id")], "vit_pretrained": None, "bert": None}
+                return {"source": source, "checkpoints": [cfg.get("hf_hub_id")], "vit_pretrained": None, "bert": None,
+                        "bert_shape": shape}
         elif source == "lavis":
             if load_finetuned and cfg.get("finetuned"):
                 checkpoints = [cfg.get("finetuned")]
                 if not cfg.get("freeze_vit", True):  # a fine-tuned trainable ViT is inside the checkpoint
-                    return {"source": source, "checkpoints": checkpoints, "vit_pretrained": None, "bert": None}
+                    return {"source": source, "checkpoints": checkpoints, "vit_pretrained": None, "bert": None,
+                            "bert_shape": shape}
             elif load_pretrained and cfg.get("pretrained"):
                 checkpoints = [cfg.get("pretrained")]
         elif source != "none":
@@ -332,4 +353,5 @@ class Blip2Base(BaseModel):
             "checkpoints": checkpoints,
             "vit_pretrained": cfg.get("vit_pretrained"),  # LAVIS checkpoints never hold the frozen ViT
             "bert": None if checkpoints else cfg.get("bert"),
+            "bert_shape": shape if checkpoints else None,
         }

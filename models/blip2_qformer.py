@@ -168,19 +168,20 @@ class Blip2Qformer(Blip2InferenceMixin, Blip2Base):
         ln_vision_eps: float = 1e-5,
         bert: str | None = None,
         qformer_config: Mapping[str, Any] | None = None,
-        tokenizer: str = "bert-base-uncased",
+        tokenizer: str | None = None,
         itm_negatives: str = "multinomial",
         itm_seed: int = 0,
         label_smoothing: float = 0.1,
+        bert_weights: bool = True,
     ) -> None:
         super().__init__()
         if itm_negatives not in ("multinomial", "hardest"):
             raise ValueError(f"model.itm_negatives must be 'multinomial' or 'hardest', got {itm_negatives!r}")
-        self.tokenizer = self.init_tokenizer(tokenizer)
+        self.tokenizer = self.init_tokenizer(tokenizer, bert=bert)
         self.init_vision_encoder(vit_model, image_size, drop_path_rate, use_grad_checkpoint, vit_precision,
                                  freeze_vit, vit_pretrained, vit_kwargs, ln_vision_eps)
         self.init_qformer(num_query_token, self.visual_encoder.num_features, cross_attention_freq, bert=bert,
-                          qformer_config=qformer_config, vocab_size=len(self.tokenizer),
+                          qformer_config=qformer_config, vocab_size=len(self.tokenizer), bert_weights=bert_weights,
                           use_grad_checkpoint=use_grad_checkpoint)
         hidden = self.Qformer.config.hidden_size
         self.vision_proj = nn.Linear(hidden, embed_dim)
@@ -210,9 +211,10 @@ class Blip2Qformer(Blip2InferenceMixin, Blip2Base):
             cross_attention_freq=int(cfg.get("cross_attention_freq", 2)),
             embed_dim=int(cfg.get("embed_dim", 256)),
             max_txt_len=int(cfg.get("max_txt_len", 32)),
-            bert=plan["bert"],
+            bert=plan["bert"] or plan["bert_shape"],
+            bert_weights=bool(plan["bert"]),
             qformer_config=to_plain(cfg.get("qformer_config")),
-            tokenizer=cfg.get("tokenizer", "bert-base-uncased"),
+            tokenizer=cfg.get("tokenizer") or cfg.get("bert") or "bert-base-uncased",
             itm_negatives=cfg.get("itm_negatives", "multinomial"),
             itm_seed=int(cfg.get("itm_seed", 0)),
             label_smoothing=float(cfg.get("label_smoothing", 0.1)),

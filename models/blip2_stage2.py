@@ -54,7 +54,8 @@ class Blip2LLMBase(Blip2Base):
         qformer_bert: str | None = None,
         qformer_config: Mapping[str, Any] | None = None,
         qformer_text_input: bool = False,
-        qformer_tokenizer: str = "bert-base-uncased",
+        qformer_tokenizer: str | None = None,
+        qformer_bert_weights: bool = True,
         prompt: str = "",
         max_txt_len: int = 32,
     ) -> None:
@@ -64,12 +65,13 @@ class Blip2LLMBase(Blip2Base):
         self.init_qformer(
             num_query_token, self.visual_encoder.num_features, cross_attention_freq, bert=qformer_bert,
             qformer_config=qformer_config, use_grad_checkpoint=bool(vision.get("use_grad_checkpoint", False)),
+            bert_weights=qformer_bert_weights,
         )
         # Stage 2 needs only the query path, unless the question also enters the Q-Former.
         self.qformer_text_input = bool(qformer_text_input)
         self.Qformer.remove_text_modules(keep_text_input=self.qformer_text_input)
-        self.tokenizer = self.init_tokenizer(qformer_tokenizer) if self.qformer_text_input else None
-        self._qformer_text_loaded = bool(qformer_bert)  # text parts from BERT, or later from a stage-1 checkpoint
+        self.tokenizer = self.init_tokenizer(qformer_tokenizer, bert=qformer_bert) if self.qformer_text_input else None
+        self._qformer_text_loaded = bool(qformer_bert) and qformer_bert_weights  # text parts from BERT, or later from a stage-1 checkpoint
         self._checkpoint_has_proj = True  # set per checkpoint read (see _state_dict_pieces)
 
         llm_cls = registry.llms.get(llm_type or self.DEFAULT_LLM_TYPE)
@@ -399,10 +401,11 @@ class Blip2LLMBase(Blip2Base):
             vision=vision,
             num_query_token=int(cfg.get("num_query_token", 32)),
             cross_attention_freq=int(cfg.get("cross_attention_freq", 2)),
-            qformer_bert=plan["bert"],
+            qformer_bert=plan["bert"] or plan["bert_shape"],
+            qformer_bert_weights=bool(plan["bert"]),
             qformer_config=to_plain(cfg.get("qformer_config")),
             qformer_text_input=bool(cfg.get("qformer_text_input", False)),
-            qformer_tokenizer=cfg.get("tokenizer", "bert-base-uncased"),
+            qformer_tokenizer=cfg.get("tokenizer") or cfg.get("bert") or "bert-base-uncased",
             prompt=cfg.get("prompt", "") or "",
             max_txt_len=int(cfg.get("max_txt_len", 32)),
         ), plan

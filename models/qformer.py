@@ -565,13 +565,13 @@ class QFormer(nn.Module):
     # -- initialisation from BERT (models/qformer_init.py) ---------------------------------------------------------
     @classmethod
     def from_bert(cls, source: str, encoder_width: int, cross_attention_freq: int = 2, num_query_token: int = 32,
-                  vocab_size: int = 30523, **overrides: Any) -> "QFormer":
+                  vocab_size: int | None = None, load_weights: bool = True, **overrides: Any) -> "QFormer":
         """A Q-Former initialised from a Hugging Face BERT (hub id or local dir): text FFN copied into the query
         FFN, cross-attention random (paper, section 3.1); see ``models.qformer_init.qformer_from_bert``."""
         from models.qformer_init import qformer_from_bert
 
         return qformer_from_bert(cls, source, encoder_width, cross_attention_freq, num_query_token, vocab_size,
-                                 **overrides)
+                                 load_weights, **overrides)
 
     def load_bert_state_dict(self, state: Mapping[str, Tensor]) -> list[str]:
         """Copy HF BERT weights (``bert.*``/``cls.*``) into this Q-Former; returns the copied keys."""

