@@ -112,6 +112,13 @@ def _hub_cached(repo_id: str, filename: str) -> Path | None:
 
 def locate(source: str, files: tuple[str, ...] = ("config.json",)) -> tuple[str, Path | None]:
     """(kind, local path or None) of one source, without downloading."""
+    from models.assets import PACKAGE_PREFIX, package_path
+
+    if source.startswith(PACKAGE_PREFIX):  # a file inside an installed wheel
+        try:
+            return "local", Path(package_path(source[len(PACKAGE_PREFIX):]))
+        except (FileNotFoundError, ValueError):
+            return "path", None
     kind = _kind(source)
     if kind == "path":
         path = Path(os.path.expanduser(source))

@@ -153,6 +153,10 @@ def test_package_asset_names(tmp_path):
     assert os.path.isdir(root) and resolve_asset("package:gguf") == root
     assert resolve_asset("package:gguf/__init__.py") == os.path.join(root, "__init__.py")
     assert resolve_asset("facebook/opt-2.7b") == "facebook/opt-2.7b"
+    from models.weight_sources import locate  # the weight planner finds package: names offline
+
+    assert locate("package:gguf/__init__.py") == ("local", Path(root) / "__init__.py")
+    assert locate("package:no_such_pkg_xyz/model.gguf") == ("path", None)
     with pytest.raises(FileNotFoundError, match="no installed package 'no_such_pkg_xyz'"):
         resolve_asset("package:no_such_pkg_xyz/model.gguf")
     with pytest.raises(FileNotFoundError, match="does not exist; the package holds"):
