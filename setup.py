@@ -12,7 +12,7 @@ import os
 from setuptools import find_namespace_packages, find_packages, setup
 
 TOP_LEVEL = ["registry", "models", "tasks", "datasets", "processors", "runners", "benchmarks"]
-DATA_SUFFIXES = (".yaml", ".yml", ".json", ".txt")
+DATA_SUFFIXES = (".yaml", ".yml", ".json", ".txt", ".html")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -71,5 +71,7 @@ setup(
     #   entry_points={"blip2.plugins": ["my_plugin = my_package.my_module"]}
     entry_points={"console_scripts": [
         "blip2-predict = runners.predict:main",
+        "blip2-serve = runners.serve:main",
+        "blip2-fetch = models.fetch:main",
     ]},
 )
