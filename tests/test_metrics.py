@@ -77,7 +77,7 @@ def test_vqa_accuracy_leave_one_out(n_match: int, expected: float) -> None:
 
 
 def test_vqa_accuracy_normalises_prediction_and_disagreeing_references() -> None:
-    refs = ["yes!"] * 3 + ["no"] * 7  # humans disagree -> references get the punctuation step
+    refs = ["yes."] * 3 + ["no"] * 7  # humans disagree -> references get the punctuation step
     assert vqa_accuracy("Yes.", refs) == pytest.approx(0.9)
     # Official behaviour: unanimous references are compared as written.
     assert vqa_accuracy("2", ["Two"] * 10) == 0.0
@@ -87,6 +87,33 @@ def test_vqa_accuracy_normalises_prediction_and_disagreeing_references() -> None
     assert vqa_accuracy("dog", ["cat"]) == 0.0
     with pytest.raises(ValueError, match="no reference answers"):
         vqa_accuracy("x", [])
+
+
+def official_vqa_accuracy(prediction: str, human_answers: list[str]) -> float:
+    """The official VQA evaluation (LAVIS ``vqa_eval.py``, ``VQAEval.evaluate``) written out for one question."""
+    res = normalize_answer(prediction)  # processPunctuation + processDigitArticle of the prediction
+    gts = [{"answer": a, "answer_id": i} for i, a in enumerate(human_answers)]
+    if len({g["answer"] for g in gts}) > 1:
+        for g in gts:
+            g["answer"] = normalize_punctuation(g["answer"])  # punctuation only, nothing else
+    accs = []
+    for g in gts:
+        others = [o for o in gts if o != g]
+        accs.append(min(1.0, len([o for o in others if o["answer"] == res]) / 3))
+    return sum(accs) / len(accs)
+
+
+@pytest.mark.parametrize("prediction, humans, expected", [
+    ("2", ["two"] * 8 + ["2"] * 2, 0.6),  # number words in human answers are not mapped to digits
+    ("dog", ["the dog"] * 5 + ["dog"] * 5, 1.0),  # articles stay in human answers: 5 exact matches
+    ("cat", ["a cat"] * 9 + ["cat"], 0.3),
+    ("dont know", ["dont know"] * 6 + ["no"] * 4, 0.0),  # the prediction becomes "don't know"; humans do not
+    ("yes", ["yes."] * 2 + ["no"] * 8, 0.6),  # punctuation is stripped from disagreeing human answers
+    ("yes", ["yes!"] * 2 + ["no"] * 8, 0.0),  # ... as the official script does: "yes!" -> "yes " (a space)
+])
+def test_vqa_accuracy_human_answers_get_punctuation_only(prediction, humans, expected) -> None:
+    assert vqa_accuracy(prediction, humans) == pytest.approx(expected, abs=1e-12)
+    assert official_vqa_accuracy(prediction, humans) == pytest.approx(expected, abs=1e-12)
 
 
 def test_vqa_scores_overall_and_per_answer_type() -> None:

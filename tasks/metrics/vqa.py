@@ -3,8 +3,9 @@
 The VQAv2 protocol scores a predicted answer against the (usually 10) human answers: for every
 leave-one-out subset of the references, ``min(#references equal to the prediction / 3, 1)``,
 averaged over the subsets. Before comparing, answers are normalised the way the official
-evaluation script does it: punctuation is removed or turned into spaces, number words become
-digits, articles are dropped and missing apostrophes in contractions are restored.
+evaluation script does it: predictions get the full normalisation (punctuation removed or turned
+into spaces, number words become digits, articles dropped, missing apostrophes in contractions
+restored); the human answers only get the punctuation step, and only when they disagree.
 
 Written from the protocol's description (https://visualqa.org/evaluation.html); the behaviour
 of the official script is kept where it matters for parity (see ``vqa_accuracy``).
@@ -105,10 +106,13 @@ def normalize_answer(text: str) -> str:
 def vqa_accuracy(prediction: str, references: Sequence[str], normalize_references: bool = False) -> float:
     """VQAv2 accuracy of one prediction against the human answers, in [0, 1].
 
-    The prediction is always fully normalised. References are normalised only when the humans
-    disagree, as in the official script (whose annotation files are already normalised; LAVIS's
-    copy applies the full normalisation there, and so do we); ``normalize_references=True``
-    normalises them always, for user data whose answers were never normalised.
+    As the official evaluation (and LAVIS's copy of it, ``vqa_eval.py``): the prediction is fully
+    normalised (``normalize_answer``); the human answers are compared as they are when they all
+    agree, and with punctuation stripped only (``normalize_punctuation``, no number words, articles or
+    contractions) when they disagree: the official annotation files are already normalised.
+    ``normalize_references=True`` applies the full normalisation to them always, for user data whose
+    answers were never normalised (this departs from the official numbers; e.g. prediction "2" against
+    8 x "two" and 2 x "2" scores 0.6 officially and 1.0 with it).
 
     With n >= 2 references the score is the mean over the n leave-one-out subsets of
     ``min(matches / 3, 1)``; with a single reference it is plain exact match.
@@ -116,9 +120,11 @@ def vqa_accuracy(prediction: str, references: Sequence[str], normalize_reference
     if len(references) == 0:
         raise ValueError("vqa_accuracy: a question has no reference answers")
     pred = normalize_answer(prediction)
-    refs = [r.replace("\n", " ").replace("\t", " ").strip() for r in references]
-    if normalize_references or len(set(refs)) > 1:
+    refs = list(references)
+    if normalize_references:
         refs = [normalize_answer(r) for r in refs]
+    elif len(set(refs)) > 1:
+        refs = [normalize_punctuation(r) for r in refs]
     if len(refs) == 1:
         return float(refs[0] == pred)
     matches = [r == pred for r in refs]
