@@ -2,7 +2,9 @@
 
 The projected queries are a soft prompt in front of the text: ``[Z (Q tokens) | prompt | target | pad]``.
 Captioning (LAVIS): ``text_input`` already begins with the prompt (``blip_caption`` prepends it); the prompt
-tokens (and BOS) are masked out of the loss. Question answering: ``text_input`` is the question (formatted with
+tokens (BOS included) are masked out of the loss. With an empty prompt (stage-2 pre-training) every text token is
+scored, the first one (OPT's BOS ``</s>``) predicted from the last query, as LAVIS and ``transformers``'
+``Blip2ForConditionalGeneration`` do; ``mask_bos: true`` leaves that token out of the loss. Question answering: ``text_input`` is the question (formatted with
 ``prompt`` when it has a ``{}``) and ``text_output`` the answer, or ``answers``/``weights`` for weighted answers.
 """
 from __future__ import annotations
@@ -34,12 +36,25 @@ class Blip2OPT(Blip2LLMBase):
         "caption_coco_opt6.7b": "configs/blip2_caption_opt6.7b.yaml",
         "tiny": "configs/blip2_opt_tiny.yaml",
     }
-    EXTRA_CONFIG_KEYS = STAGE2_EXTRA_KEYS + ("opt_model",)
+    EXTRA_CONFIG_KEYS = STAGE2_EXTRA_KEYS + ("opt_model", "mask_bos")
     LLM_ATTR = "opt_model"
     PROJ_ATTR = "opt_proj"
     LLM_NAME_KEY = "opt_model"
     DEFAULT_LLM_TYPE = "opt"
     EXPECT_ENCODER_DECODER = False
+    #: config ``mask_bos``: with an empty prompt, keep the first text token (BOS) out of the caption loss. False (the
+    #: released code) scores it; True is an option: BOS is the same token after every image, so scoring it only
+    #: teaches the last query to predict a constant.
+    mask_bos: bool = False
+
+    @classmethod
+    def from_config(cls, cfg) -> "Blip2OPT":
+        model = super().from_config(cfg)
+        value = cfg.get("mask_bos", False) if hasattr(cfg, "get") else False
+        if not isinstance(value, bool):
+            raise ValueError(f"model.mask_bos must be true or false, got {value!r}")
+        model.mask_bos = value
+        return model
 
     # -- token layout ---------------------------------------------------------------------------------------------
     @property
@@ -95,13 +110,14 @@ class Blip2OPT(Blip2LLMBase):
 
     # -- training ------------------------------------------------------------------------------------------------------
     def caption_inputs(self, soft: Tensor, texts: Sequence[str]) -> dict[str, Tensor]:
-        """LAVIS captioning layout: ``text + end`` scored, the first ``len(prompt tokens)`` (BOS included) not."""
+        """LAVIS captioning layout: ``text + end`` scored, the first ``len(prompt tokens)`` (BOS included) not; with
+        no prompt everything is scored, BOS too (unless ``mask_bos``)."""
         tok = self.llm.tokenizer
         num_prompt = len(self._prompt_ids(self.prompt)) if self.prompt else 0
         rows, labels = [], []
         for text in texts:
             ids = tok(text, truncation=True, max_length=self.max_txt_len).input_ids + [self.end_token_id]
-            masked = num_prompt if self.prompt else int(bool(ids) and ids[0] == tok.bos_token_id)
+            masked = num_prompt if self.prompt else int(self.mask_bos and bool(ids) and ids[0] == tok.bos_token_id)
             rows.append(ids)
             labels.append([-100] * masked + ids[masked:])
         embeds, atts, targets = self._sequence(soft, rows, labels, left=False)

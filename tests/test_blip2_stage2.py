@@ -118,6 +118,20 @@ def test_opt_prompt_tokens_masked(opt_model):
         model.prompt = ""
 
 
+def test_opt_empty_prompt_scores_bos_unless_mask_bos(opt_model):
+    """No prompt: the caption's BOS is a target (LAVIS, transformers); ``mask_bos: true`` leaves it out."""
+    soft = torch.zeros(1, 8, opt_model.llm.hidden_size)
+    tok = opt_model.llm.tokenizer
+    ids = tok("a red circle").input_ids + [opt_model.llm.newline_token_id]
+    assert ids[0] == tok.bos_token_id
+    assert opt_model.caption_inputs(soft, ["a red circle"])["labels"][0, 8:].tolist() == ids
+    masked = build(Blip2OPT, mask_bos=True)
+    assert masked.mask_bos is True
+    assert masked.caption_inputs(soft, ["a red circle"])["labels"][0, 8:].tolist() == [-100] + ids[1:]
+    with pytest.raises(ValueError, match="mask_bos"):
+        build(Blip2OPT, mask_bos="yes")
+
+
 def test_t5_prefix_split_and_text_output(t5_model):
     model = t5_model
     model.prompt = "a photo of"

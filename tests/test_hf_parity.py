@@ -165,6 +165,36 @@ def test_opt_logits_and_generation(opt_case):
     opt_generation_match(hf, ours, tok)
 
 
+def opt_caption_losses(hf, ours, tok) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ours, transformers) stage-2 caption loss, empty prompt: transformers gets input_ids = image tokens + the
+    caption's tokens (BOS first) + "\n" and labels = the same ids with the image tokens and padding set to -100."""
+    image_id, newline = hf.config.image_token_index, ours.llm.newline_token_id
+    rows = [[image_id] * NUM_QUERY + tok(t).input_ids + [newline] for t in TEXTS]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    labels = ids.masked_fill((ids == image_id) | (mask == 0), -100)
+    with torch.no_grad():
+        expected = hf(pixel_values=pixels(), input_ids=ids, attention_mask=mask, labels=labels).loss
+        got = ours({"image": pixels(), "text_input": TEXTS})["loss"]
+    return got, expected
+
+
+def test_opt_caption_loss_equals_transformers_loss_with_labels(opt_case):
+    """Stage-2 pre-training loss (no prompt) = Blip2ForConditionalGeneration's loss with labels (1e-5): the first
+    text token (BOS) is scored, predicted from the last query. ``mask_bos`` is the documented departure."""
+    hf, ours, tok, _ = opt_case
+    assert ours.prompt == "" and ours.mask_bos is False
+    got, expected = opt_caption_losses(hf, ours, tok)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    ours.mask_bos = True
+    try:
+        masked, _ = opt_caption_losses(hf, ours, tok)
+    finally:
+        ours.mask_bos = False
+    assert (masked - expected).abs() > 1e-3  # the option really changes the objective
+
+
 def test_opt_export_reloads_in_transformers(opt_case):
     from transformers import Blip2ForConditionalGeneration
 
