@@ -2,8 +2,10 @@
 
 Every encoder returns all tokens of the last block it keeps, ``[B, 1 + (S/p)^2, num_features]`` for ViTs,
 *without* a final LayerNorm: BLIP-2 applies its own ``ln_vision`` (owned by the BLIP-2 model) on top.
-BLIP-2 uses the penultimate block of each original network, hence ``depth=39`` for EVA ViT-g (40 blocks) and
-``depth=23`` for CLIP ViT-L (24 blocks).
+BLIP-2 drops the end of each original network: ``depth=39`` for EVA ViT-g (40 blocks, the penultimate block's
+output) and ``depth=21`` for CLIP ViT-L (24 blocks), as the released code builds it (LAVIS 1.0.2
+``create_clip_vit_L``: ``layers=22`` and ``Transformer(width, layers - 1, heads)``) and the released ViT-L
+checkpoints were trained; ``depth=23`` (the paper's "second last layer") is an option.
 
 ViT-style timm models are *adopted*: their patch embedding, class token, position embedding and blocks become
 direct children of the encoder, so parameter names equal timm's (``blocks.3.attn.qkv.weight``), which for EVA are
@@ -406,12 +408,16 @@ class EvaViTG(TimmImageEncoder):
 
 @registry.image_encoders.register("clip_vit_l", "clip_L")
 class ClipViTL(TimmImageEncoder):
-    """OpenAI CLIP ViT-L/14 as in BLIP-2: width 1024, 23 of 24 blocks, QuickGELU, ln_pre, no patch bias.
+    """OpenAI CLIP ViT-L/14 as in BLIP-2: width 1024, the first 21 of 24 blocks, QuickGELU, ln_pre, no patch bias.
+
+    21 blocks is what the released code builds and what the released ViT-L Q-Formers (``pretrain_vitL``,
+    ``pretrain_flant5xl_vitL``) were trained on; ``depth=23`` (``vit_kwargs: {depth: 23}``) gives the paper's
+    "second last layer" (later LAVIS versions), for Q-Formers trained that way.
 
     OpenAI/LAVIS names (``conv1``, ``transformer.resblocks.i.attn.in_proj_weight``, ...) are converted to timm's
     on load; pass ``pretrained=CLIP_VIT_L_URL`` for the original weights.
     """
 
     default_model_name = "vit_large_patch14_clip_quickgelu_224"
-    default_timm_kwargs = {"depth": 23}
+    default_timm_kwargs = {"depth": 21}
     pos_embed_align_corners = True

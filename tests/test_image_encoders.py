@@ -59,7 +59,8 @@ def test_token_shapes(builder, size):
 
 
 def test_full_size_architectures_on_meta():
-    """The real EVA ViT-g (39 blocks) and CLIP ViT-L (23 blocks) build on meta with the published sizes."""
+    """The real EVA ViT-g (39 blocks) and CLIP ViT-L (21 blocks, as LAVIS builds it) build on meta with the
+    published sizes."""
     with torch.device("meta"):
         eva = EvaViTG(image_size=224)
         clip = ClipViTL(image_size=224)
@@ -68,7 +69,9 @@ def test_full_size_architectures_on_meta():
     assert eva.pos_embed.shape == (1, 257, 1408)
     assert not any("k_bias" in k for k in eva.state_dict())  # q/v bias only
     assert sum(p.numel() for p in eva.parameters()) == pytest.approx(985.9e6, rel=2e-3)
-    assert clip.num_features == 1024 and len(clip.blocks) == 23
+    assert clip.num_features == 1024 and len(clip.blocks) == 21
+    # LAVIS's VisionTransformer(layers=22): conv1 + class + positional (257) + ln_pre + 21 resblocks of 12,596,224
+    assert sum(p.numel() for p in clip.parameters()) == 3 * 14 * 14 * 1024 + 1024 + 257 * 1024 + 2048 + 21 * 12_596_224
     assert clip.patch_embed.proj.bias is None and isinstance(clip.norm_pre, nn.LayerNorm)
     assert type(clip.blocks[0].mlp.act).__name__ == "QuickGELU"
     with torch.device("meta"):
@@ -321,6 +324,42 @@ def test_openai_clip_weights_load(tmp_path, prefix):
     with torch.no_grad():
         expected = openai_clip_reference(sd, images(), heads=2, depth=2)
         torch.testing.assert_close(enc(images()), expected, rtol=1e-4, atol=1e-4)
+
+
+def lavis_clip_vit_l_state_dict(width: int, layers: int = 22, grid: int = 2) -> dict:
+    """The state dict of LAVIS 1.0.2's ``create_clip_vit_L`` module, key names written out: ``VisionTransformer(...,
+    layers=22)`` holds ``Transformer(width, layers - 1, heads)``, i.e. resblocks 0..20, and no ln_post / proj."""
+    g = torch.Generator().manual_seed(3)
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
+    sd = {"conv1.weight": r(width, 3, 14, 14), "class_embedding": r(width),
+          "positional_embedding": r(1 + grid * grid, width), "ln_pre.weight": 1 + r(width), "ln_pre.bias": r(width)}
+    for i in range(layers - 1):
+        p = f"transformer.resblocks.{i}."
+        sd.update({p + "attn.in_proj_weight": r(3 * width, width), p + "attn.in_proj_bias": r(3 * width),
+                   p + "attn.out_proj.weight": r(width, width), p + "attn.out_proj.bias": r(width),
+                   p + "ln_1.weight": 1 + r(width), p + "ln_1.bias": r(width), p + "mlp.c_fc.weight": r(4 * width, width),
+                   p + "mlp.c_fc.bias": r(4 * width), p + "mlp.c_proj.weight": r(width, 4 * width),
+                   p + "mlp.c_proj.bias": r(width), p + "ln_2.weight": 1 + r(width), p + "ln_2.bias": r(width)})
+    return sd
+
+
+def test_clip_vit_l_has_lavis_depth_and_loads_lavis_layout_strictly(tmp_path):
+    """``clip_vit_l`` keeps 21 blocks by default; a LAVIS-layout ``clip_vit_L.pth`` of the 21-block module loads with
+    every tensor used and nothing missing, and the tokens equal OpenAI CLIP's forward through block 21 (1e-5)."""
+    sd = lavis_clip_vit_l_state_dict(width=32)
+    torch.save(sd, tmp_path / "clip_vit_L.pth")
+    enc = ClipViTL(image_size=28, embed_dim=32, num_heads=2, pretrained=str(tmp_path / "clip_vit_L.pth"))
+    assert len(enc.blocks) == 21 and enc.num_layers == 21
+    assert len(enc.state_dict()) == len(sd)  # one tensor of ours per LAVIS tensor, both ways
+    with torch.no_grad():
+        expected = openai_clip_reference(sd, images(), heads=2, depth=21)
+        torch.testing.assert_close(enc(images()), expected, rtol=1e-5, atol=1e-5)
+    short = {k: v for k, v in sd.items() if not k.startswith("transformer.resblocks.20.")}
+    torch.save(short, tmp_path / "short.pth")
+    with pytest.raises(KeyError, match="missing"):
+        ClipViTL(image_size=28, embed_dim=32, num_heads=2, pretrained=str(tmp_path / "short.pth"))
+    deeper = ClipViTL(image_size=28, embed_dim=32, num_heads=2, depth=23)  # the paper's "second last layer" option
+    assert len(deeper.blocks) == 23
 
 
 def test_lavis_eva_layout_and_bad_keys(tmp_path):
