@@ -148,7 +148,10 @@ class Blip2Qformer(Blip2InferenceMixin, Blip2Base):
 
     PRETRAINED_MODEL_CONFIG_DICT = ZOO
     DEFAULT_MODEL_TYPE = "pretrain"
-    EXTRA_CONFIG_KEYS = BLIP2_BASE_CONFIG_KEYS + ("embed_dim", "itm_negatives", "itm_seed", "label_smoothing")
+    EXTRA_CONFIG_KEYS = BLIP2_BASE_CONFIG_KEYS + (
+        "embed_dim", "itm_negatives", "itm_seed", "label_smoothing", "loss_weights", "itc_gather_grad",
+    )
+    LOSSES = ("itc", "itm", "itg")
 
     def __init__(
         self,
@@ -173,10 +176,21 @@ class Blip2Qformer(Blip2InferenceMixin, Blip2Base):
         itm_seed: int = 0,
         label_smoothing: float = 0.1,
         bert_weights: bool = True,
+        loss_weights: Mapping[str, float] | None = None,
+        itc_gather_grad: bool = False,
     ) -> None:
+        """``loss_weights``: weight of each stage-1 objective in ``loss`` (``{itc: 1, itm: 1, itg: 1}``; a missing key
+        is 1, a weight of 0 switches that objective off and it is not computed, e.g. the paper's Table 6 ablation
+        without ITG). ``itc_gather_grad``: False (the released code, whose ``concat_all_gather`` carries no
+        gradient) lets each ITC similarity row back-propagate through its own feature only, the batch's other
+        features (the gathered side) being constants; True also back-propagates through the gathered side."""
         super().__init__()
         if itm_negatives not in ("multinomial", "hardest"):
             raise ValueError(f"model.itm_negatives must be 'multinomial' or 'hardest', got {itm_negatives!r}")
+        self.loss_weights = self._check_loss_weights(loss_weights)
+        if not isinstance(itc_gather_grad, bool):
+            raise ValueError(f"model.itc_gather_grad must be true or false, got {itc_gather_grad!r}")
+        self.itc_gather_grad = itc_gather_grad
         self.tokenizer = self.init_tokenizer(tokenizer, bert=bert)
         self.init_vision_encoder(vit_model, image_size, drop_path_rate, use_grad_checkpoint, vit_precision,
                                  freeze_vit, vit_pretrained, vit_kwargs, ln_vision_eps)
@@ -218,7 +232,25 @@ class Blip2Qformer(Blip2InferenceMixin, Blip2Base):
             itm_negatives=cfg.get("itm_negatives", "multinomial"),
             itm_seed=int(cfg.get("itm_seed", 0)),
             label_smoothing=float(cfg.get("label_smoothing", 0.1)),
+            loss_weights=to_plain(cfg.get("loss_weights")),
+            itc_gather_grad=cfg.get("itc_gather_grad", False),
         )
+
+    @classmethod
+    def _check_loss_weights(cls, weights: Mapping[str, float] | None) -> dict[str, float]:
+        weights = dict(weights or {})
+        unknown = sorted(set(weights) - set(cls.LOSSES))
+        if unknown:
+            raise ValueError(f"model.loss_weights: unknown objective(s) {unknown}; valid: {list(cls.LOSSES)}")
+        out = {}
+        for name in cls.LOSSES:
+            value = weights.get(name, 1.0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"model.loss_weights.{name} must be a number >= 0, got {value!r}")
+            out[name] = float(value)
+        if not any(out.values()):
+            raise ValueError(f"model.loss_weights: at least one of {list(cls.LOSSES)} needs a weight > 0, got {out}")
+        return out
 
     def _missing_key_is_expected(self, key: str) -> bool:
         # Hugging Face retrieval checkpoints have no temperature and no Q-Former LM head.
@@ -240,23 +272,50 @@ class Blip2Qformer(Blip2InferenceMixin, Blip2Base):
 
     # -- training ----------------------------------------------------------------------------------------------------
     def forward(self, samples: Mapping[str, Any]) -> dict[str, Tensor]:
+        """``{"loss", "loss_itc", "loss_itm", "loss_itg"}``: ``loss`` is the ``loss_weights``-weighted sum; an
+        objective with weight 0 is not computed and its ``loss_<name>`` is absent."""
+        weights = self.loss_weights
         image_embeds = self.image_embeds_from_samples(samples)  # [B, N, W]
         batch = image_embeds.shape[0]
-        query_out = self.query_features(image_embeds, use_cache=True)
-        image_feats = F.normalize(self.vision_proj(query_out.last_hidden_state), dim=-1)  # [B, Q, E]
+        query_out = self.query_features(image_embeds, use_cache=weights["itg"] > 0)
         text_ids, text_atts = self.tokenize(samples["text_input"])
         text_ids, text_atts = _pad_to_global_length(text_ids, text_atts, self.tokenizer.pad_token_id)
-        text_feat = self.text_features(text_ids, text_atts)  # [B, E]
+        rank = dist.get_rank()
+        losses: dict[str, Tensor] = {}
 
-        # ITC: max over queries; in-batch negatives from every rank (gathered with gradients so that
-        # 2 ranks x b and 1 rank x 2b give the same update).
+        if weights["itc"] > 0 or weights["itm"] > 0:  # ITM picks its negatives from the ITC similarities
+            image_feats = F.normalize(self.vision_proj(query_out.last_hidden_state), dim=-1)  # [B, Q, E]
+            text_feat = self.text_features(text_ids, text_atts)  # [B, E]
+            sim_i2t, sim_t2i, positives = self._itc_similarities(image_feats, text_feat, samples, rank, batch)
+            if weights["itc"] > 0:
+                targets = positives.float() / positives.sum(1, keepdim=True)  # soft targets for duplicates
+                losses["itc"] = (
+                    F.cross_entropy(sim_i2t, targets, label_smoothing=self.label_smoothing)
+                    + F.cross_entropy(sim_t2i, targets, label_smoothing=self.label_smoothing)
+                ) / 2
+            if weights["itm"] > 0:
+                losses["itm"] = self._itm_loss(
+                    image_embeds, query_out, text_ids, text_atts, sim_i2t, sim_t2i, positives, samples, rank, batch
+                )
+        if weights["itg"] > 0:
+            losses["itg"] = self._itg_loss(query_out, text_ids, text_atts, batch)
+        self._step += 1
+        total = sum(weights[name] * value for name, value in losses.items())
+        return {"loss": total, **{f"loss_{name}": value for name, value in losses.items()}}
+
+    def _itc_similarities(self, image_feats: Tensor, text_feat: Tensor, samples, rank: int, batch: int):
+        """(sim_i2t [B, G], sim_t2i [B, G], positives [B, G]): max over queries, divided by the temperature, against
+        the features of every rank (G = world x B). The gathered side is a constant unless ``itc_gather_grad``."""
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
-        image_feats_all = dist.all_gather_with_grad(image_feats)  # [G, Q, E]
-        text_feat_all = dist.all_gather_with_grad(text_feat)  # [G, E]
+        if self.itc_gather_grad:
+            image_feats_all = dist.all_gather_with_grad(image_feats)  # [G, Q, E]
+            text_feat_all = dist.all_gather_with_grad(text_feat)  # [G, E]
+        else:  # LAVIS concat_all_gather: no gradient through the gathered copies, local ones included
+            image_feats_all = dist.all_gather(image_feats).detach()
+            text_feat_all = dist.all_gather(text_feat).detach()
         sim_i2t = torch.einsum("bqe,ge->bgq", image_feats, text_feat_all).amax(-1) / self.temp  # [B, G]
         sim_t2i = torch.einsum("be,gqe->bgq", text_feat, image_feats_all).amax(-1) / self.temp  # [B, G]
-        rank = dist.get_rank()
         image_ids = samples.get("image_id")
         if image_ids is not None:
             image_ids = torch.as_tensor(image_ids, device=image_feats.device).view(-1, 1)  # [B, 1]
@@ -264,13 +323,11 @@ class Blip2Qformer(Blip2InferenceMixin, Blip2Base):
         else:
             positives = torch.zeros_like(sim_i2t, dtype=torch.bool)
             positives[:, rank * batch : (rank + 1) * batch].fill_diagonal_(True)
-        targets = positives.float() / positives.sum(1, keepdim=True)  # soft targets for duplicates
-        loss_itc = (
-            F.cross_entropy(sim_i2t, targets, label_smoothing=self.label_smoothing)
-            + F.cross_entropy(sim_t2i, targets, label_smoothing=self.label_smoothing)
-        ) / 2
+        return sim_i2t, sim_t2i, positives
 
-        # ITM: one hard negative text per image and one hard negative image per text.
+    def _itm_loss(self, image_embeds, query_out, text_ids, text_atts, sim_i2t, sim_t2i, positives, samples,
+                  rank: int, batch: int) -> Tensor:
+        """ITM: the positive pair, one hard negative text per image and one hard negative image per text."""
         neg_image_idx, neg_text_idx = self._itm_negatives(sim_i2t, sim_t2i, positives, samples, rank, batch)
         text_ids_all, text_atts_all = dist.all_gather(text_ids), dist.all_gather(text_atts)
         itm_text_ids = torch.cat([text_ids, text_ids, text_ids_all[neg_text_idx]])  # [3B, T]
@@ -287,12 +344,14 @@ class Blip2Qformer(Blip2InferenceMixin, Blip2Base):
         num_query = self.query_tokens.shape[1]
         itm_logits = self.itm_head(itm_out.last_hidden_state[:, :num_query]).mean(1)  # [3B, 2]
         itm_labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(itm_logits.device)
-        loss_itm = F.cross_entropy(itm_logits.float(), itm_labels)
+        return F.cross_entropy(itm_logits.float(), itm_labels)
 
-        # ITG: [DEC] first, multimodal causal mask, queries from the KV cache of the query pass.
+    def _itg_loss(self, query_out, text_ids: Tensor, text_atts: Tensor, batch: int) -> Tensor:
+        """ITG: [DEC] first, multimodal causal mask, queries from the KV cache of the query pass."""
         decoder_ids = text_ids.clone()
         decoder_ids[:, 0] = self.tokenizer.bos_token_id
         labels = decoder_ids.masked_fill(decoder_ids == self.tokenizer.pad_token_id, -100)
+        num_query = self.query_tokens.shape[1]
         query_atts = torch.ones(batch, num_query, dtype=text_atts.dtype, device=text_atts.device)
         lm_out = self.Qformer(
             decoder_ids,
@@ -303,10 +362,7 @@ class Blip2Qformer(Blip2InferenceMixin, Blip2Base):
             reduction="sum",
             return_logits=False,  # vocabulary projection on target tokens only
         )
-        loss_itg = lm_out.loss / _mean_tokens_per_rank(labels[:, 1:] != -100)
-        self._step += 1
-        return {"loss": loss_itc + loss_itm + loss_itg, "loss_itc": loss_itc, "loss_itm": loss_itm,
-                "loss_itg": loss_itg}
+        return lm_out.loss / _mean_tokens_per_rank(labels[:, 1:] != -100)
 
     @torch.no_grad()
     def _itm_negatives(self, sim_i2t, sim_t2i, positives, samples, rank: int, batch: int) -> tuple[Tensor, Tensor]:
