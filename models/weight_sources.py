@@ -48,7 +48,7 @@ class WeightSource:
     role: str  # what the weights are for, e.g. "image encoder"
     source: str  # URL, hub id, path, "tiny:..." or "bundled"
     key: str  # the model config key that names it (override it to point at a local copy)
-    kind: str  # "url" | "hub" | "path" | "package" (inside an installed wheel) | "local" (built or bundled offline)
+    kind: str  # "url" | "hub" | "path" | "local" (built or bundled offline)
     local: Path | None  # where it is on disk now, None when missing
     files: tuple[str, ...] = ()  # which files of a hub repo are needed
 
@@ -90,8 +90,6 @@ def _kind(source: str) -> str:
 
     if source.startswith("tiny:") or source == "bundled":
         return "local"
-    if source.startswith("package:"):
-        return "package"
     if os.path.exists(os.path.expanduser(source)):
         return "path"
     if source.startswith(("http://", "https://")):
@@ -122,13 +120,6 @@ def locate(source: str, files: tuple[str, ...] = ("config.json",)) -> tuple[str,
         except (FileNotFoundError, ValueError):
             return "path", None
     kind = _kind(source)
-    if kind == "package":  # a file inside an installed wheel (found without importing it)
-        from models.assets import PACKAGE_PREFIX, package_path
-
-        try:
-            return kind, Path(package_path(source[len(PACKAGE_PREFIX):]))
-        except (FileNotFoundError, ValueError):
-            return kind, None
     if kind == "path":
         path = Path(os.path.expanduser(source))
         return kind, path if path.exists() else None
@@ -217,7 +208,7 @@ def missing_message(label: str, missing: list[WeightSource], reason: str) -> str
     lines = [f"{label}: {len(missing)} weight source{'s' if len(missing) > 1 else ''} not available ({reason}):"]
     for s in missing:
         where = {"hub": "not in the Hugging Face cache", "url": "not in the torch hub download cache",
-                 "path": "no such file or directory", "package": "no such installed package or file in it"}.get(s.kind, "missing")
+                 "path": "no such file or directory"}.get(s.kind, "missing")
         lines.append(f"  - {s.role}: {s.source!r} [{s.size_text}] {where}")
         lines.append(f"      point it at a local copy: {s.key}=/path/to/local/copy   "
                      f"(Python: load_model(..., {s.key.split('.')[0]}=...); YAML/--options: model.{s.key}=...)")
@@ -233,7 +224,7 @@ def check_sources(arch: str, cfg: Mapping[str, Any], label: str | None = None) -
     if not missing:
         return sources
     label = label or arch
-    if any(s.kind in ("path", "package") for s in missing):
+    if any(s.kind == "path" for s in missing):
         raise MissingWeightsError(missing_message(label, missing, "local paths do not exist"))
     if offline_env():
         raise MissingWeightsError(missing_message(label, missing, "HF_HUB_OFFLINE is set"))
