@@ -1,6 +1,6 @@
 """Install the BLIP-2 framework: ``pip install -e .`` (extras: ``video`` for decord, ``dev`` for the tests).
 
-Every top-level package (registry, models, tasks, datasets, processors, runners, benchmarks) and its
+Every top-level package (common, registry, models, tasks, datasets, processors, runners, benchmarks) and its
 subpackages is found automatically; YAML/JSON files next to the code (model zoo and dataset default
 configs) ship as package data. ``projects/`` (the recipes) is installed too, as data inside a
 namespace package, so ``python -m runners.demo`` finds its YAMLs after a non-editable install.
@@ -11,7 +11,7 @@ import os
 
 from setuptools import find_namespace_packages, find_packages, setup
 
-TOP_LEVEL = ["registry", "models", "tasks", "datasets", "processors", "runners", "benchmarks"]
+TOP_LEVEL = ["common", "registry", "models", "tasks", "datasets", "processors", "runners", "benchmarks"]
 DATA_SUFFIXES = (".yaml", ".yml", ".json", ".txt", ".html")
 HERE = os.path.dirname(os.path.abspath(__file__))
 

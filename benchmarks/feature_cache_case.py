@@ -23,7 +23,7 @@ def setup_epoch(model, dims: dict, precision: str, work_dir: str, cached: bool) 
         for i in range(BATCHES_PER_EPOCH)
     ]
     if cached:
-        model.enable_feature_cache(work_dir, size)
+        model.enable_feature_cache(work_dir)
     optimizer = torch.optim.AdamW(model.get_optimizer_params(weight_decay=0.05, lr_layer_decay=1.0), lr=1e-5)
 
     def epoch() -> float:

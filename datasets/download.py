@@ -25,6 +25,8 @@ from typing import Callable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from common.paths import cache_root
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 USER_AGENT = "Mozilla/5.0 (blip2-framework dataset downloader)"
 
@@ -270,7 +272,7 @@ def run_plan(plan: Plan, root: str, dry_run: bool = False) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m datasets.download", description=__doc__.split("\n\n")[0])
     parser.add_argument("name", choices=DATASETS)
-    parser.add_argument("--root", default=os.environ.get("BLIP2_CACHE_ROOT", "~/.cache/blip2"),
+    parser.add_argument("--root", default=str(cache_root()),
                         help="cache root (the builders' cache_root)")
     parser.add_argument("--dry-run", action="store_true", help="print what would be fetched and where")
     parser.add_argument("--annotations-only", action="store_true", help="skip images/videos")

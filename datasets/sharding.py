@@ -12,15 +12,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-import torch.distributed as dist
 from torch.utils.data import get_worker_info
 
-
-def dist_rank_world() -> tuple[int, int]:
-    """(rank, world size), or (0, 1) outside torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from common.dist import get_rank, get_world_size
 
 
 @dataclass(frozen=True)
@@ -52,7 +46,7 @@ class StreamPosition:
 
 def stream_position(resume_step: int = 0) -> StreamPosition:
     """The calling iterator's position, with worker roles rotated for a resume at ``resume_step``."""
-    rank, world = dist_rank_world()
+    rank, world = get_rank(), get_world_size()
     info = get_worker_info()
     worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
     return StreamPosition(rank, world, (worker + resume_step) % num_workers, num_workers)

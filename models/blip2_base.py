@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 import registry
+from common.precision import PRECISIONS, autocast, compute_dtype, cpu_safe_, resolve_precision
 from models.base_model import BaseModel, block_index
 from models.qformer import QFormer, QFormerConfig, QFormerOutput, init_tokenizer
 
@@ -24,8 +25,6 @@ logger = logging.getLogger(__name__)
 
 # LAVIS spellings of the encoder names -> our registry names.
 VIT_ALIASES = {"eva_clip_g": "eva_vit_g", "clip_L": "clip_vit_l"}
-_PRECISIONS = ("fp32", "bf16", "fp16")
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ``model:`` keys every BLIP-2 model reads through Blip2Base (for config validation: EXTRA_CONFIG_KEYS).
@@ -37,12 +36,9 @@ BLIP2_BASE_CONFIG_KEYS = (
 
 
 def resolve_vit_precision(precision: str, freeze: bool) -> str:
-    """Validate ``vit_precision``; fp16 without CUDA falls back to bf16 (fp16 on CPU is pathologically slow)."""
-    if precision not in _PRECISIONS:
-        raise ValueError(f"model.vit_precision must be one of {_PRECISIONS}, got {precision!r}")
-    if precision == "fp16" and not torch.cuda.is_available():
-        logger.warning("vit_precision=fp16 requested but no CUDA device: using bf16 for the image encoder")
-        precision = "bf16"
+    """Validate ``vit_precision`` and apply ``common.precision``'s rule (fp16 without CUDA becomes fp32)."""
+    dtype = resolve_precision(precision, what="model.vit_precision")
+    precision = next(name for name, value in PRECISIONS.items() if value == dtype)
     if precision != "fp32" and not freeze:
         logger.warning("vit_precision=%s with a trainable ViT: half-precision weights are not trained well; "
                        "LAVIS fine-tuning configs use fp32", precision)
@@ -174,13 +170,10 @@ class Blip2Base(BaseModel):
         return [self.visual_encoder] if getattr(self, "vit_frozen", False) else []
 
     def maybe_autocast(self, dtype: torch.dtype | None = None) -> contextlib.AbstractContextManager:
-        """Autocast on CUDA (default fp16); on CPU only when bf16 is asked (never fp16 on CPU)."""
-        device = self.device
-        if device.type == "cuda":
-            return torch.autocast("cuda", dtype=dtype or torch.float16)
-        if device.type == "cpu" and dtype == torch.bfloat16:
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        """Autocast on CUDA (default fp16); elsewhere only when bf16 is asked (``common.precision``'s rule)."""
+        on_cuda = self.device.type == "cuda"
+        dtype = compute_dtype(dtype or (torch.float16 if on_cuda else torch.float32), on_cuda, warn=False)
+        return autocast(self.device, dtype)
 
     # -- the shared image path ---------------------------------------------------------------------------------------
     def frozen_image_features(self, images: Tensor) -> Tensor:
@@ -189,10 +182,8 @@ class Blip2Base(BaseModel):
         This is what a frozen-feature cache stores (``ln_vision`` is trainable, so it is applied afterwards).
         """
         encoder = self.visual_encoder
-        weight = next(encoder.parameters())
-        if weight.dtype == torch.float16 and images.device.type == "cpu":
-            logger.warning("image encoder has fp16 weights on CPU: converting it to bf16 (fp16 is slow on CPU)")
-            encoder.to(torch.bfloat16)
+        if images.device.type == "cpu":
+            cpu_safe_(encoder, "image encoder")  # the precision rule: fp16 never computes on CPU
         cache = getattr(self, "feature_cache", None)
         if cache is not None and self.vit_frozen:
             # Frozen-feature cache (run.cache_image_features): the encoder runs only on unseen images.
@@ -202,7 +193,7 @@ class Blip2Base(BaseModel):
             features = encoder(images)  # [B, N, W]
         return features.float()
 
-    def enable_feature_cache(self, root: str, image_size: int, rank: int = 0) -> None:
+    def enable_feature_cache(self, root: str, rank: int = 0) -> None:
         """Reuse the frozen encoder's output across epochs from a disk cache under ``root``.
 
         Valid only with deterministic image preprocessing (see ``models/feature_cache.py``).
@@ -212,7 +203,7 @@ class Blip2Base(BaseModel):
         if not self.vit_frozen:
             raise ValueError("cache_image_features needs a frozen image encoder (freeze_vit: true)")
         dtype = str(next(self.visual_encoder.parameters()).dtype)
-        fingerprint = encoder_fingerprint(self.visual_encoder, image_size, extra=dtype)
+        fingerprint = encoder_fingerprint(self.visual_encoder, self.visual_encoder.image_size, extra=dtype)
         self.feature_cache = FrozenFeatureCache(root, fingerprint, rank=rank)
 
     def encode_image(self, images: Tensor) -> Tensor:

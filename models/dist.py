@@ -1,25 +1,14 @@
-"""Distributed helpers used inside models (ITC/ITM gathers). A non-distributed run never calls torch.distributed."""
+"""Collectives used inside models (ITC/ITM gathers). A non-distributed run never calls torch.distributed.
+
+The rank queries are ``common.dist``'s (re-exported here for the models).
+"""
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-
-def is_dist_avail_and_initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def get_rank() -> int:
-    return dist.get_rank() if is_dist_avail_and_initialized() else 0
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
+from common.dist import get_rank, get_world_size  # noqa: F401 (re-exported for the models)
 
 
 @torch.no_grad()

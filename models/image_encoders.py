@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import registry
+from common.precision import compute_dtype, cpu_safe_, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -33,16 +34,13 @@ LAVIS_URL_ROOT = "https://storage.googleapis.com/sfr-vision-language-research/LA
 EVA_VIT_G_URL = f"{LAVIS_URL_ROOT}/eva_vit_g.pth"
 CLIP_VIT_L_URL = f"{LAVIS_URL_ROOT}/clip_vit_L.pth"
 
-PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 def precision_to_dtype(precision: str | torch.dtype) -> torch.dtype:
-    """Map ``"fp32" | "fp16" | "bf16"`` (or a dtype) to a torch dtype, with a clear error otherwise."""
+    """``"fp32" | "fp16" | "bf16"`` (or a dtype) -> the dtype the weights are built in (``common.precision``'s rule:
+    fp16 without CUDA becomes fp32)."""
     if isinstance(precision, torch.dtype):
-        return precision
-    if precision not in PRECISIONS:
-        raise ValueError(f"image encoder precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    return PRECISIONS[precision]
+        return compute_dtype(precision, torch.cuda.is_available(), "image encoder precision")
+    return resolve_precision(precision, what="image encoder precision")
 
 
 def _is_plain_vit(net: nn.Module) -> bool:
@@ -259,12 +257,9 @@ class TimmImageEncoder(nn.Module):
         """
         if images.ndim != 4:
             raise ValueError(f"image encoder expects images [B, 3, H, W], got shape {tuple(images.shape)}")
+        if images.device.type == "cpu" and self.dtype == torch.float16:
+            cpu_safe_(self, "image encoder")  # the precision rule: fp16 never computes on CPU
         weight_dtype = self.dtype
-        if weight_dtype == torch.float16 and images.device.type == "cpu":
-            raise RuntimeError(
-                "image encoder has fp16 weights but runs on CPU, where fp16 matmuls are pathologically slow; "
-                "use precision='bf16' or 'fp32' on CPU (load_model(device='cpu') converts fp16 to fp32)"
-            )
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             x = images.to(weight_dtype)
             tokens = self._forward_vit(x) if self.is_vit else self._forward_trunk(x)

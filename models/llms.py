@@ -28,26 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import registry
+from common.precision import cpu_safe_, resolve_precision
 
 logger = logging.getLogger(__name__)
-
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def resolve_precision(precision: str | None, gpu_default: str) -> torch.dtype:
-    """Map a precision name to a dtype. ``auto``: ``gpu_default`` when CUDA exists, else fp32.
-
-    fp16 is never used without CUDA (CPU fp16 kernels are pathologically slow): it falls back to fp32.
-    """
-    if precision in (None, "auto"):
-        return PRECISIONS[gpu_default] if torch.cuda.is_available() else torch.float32
-    if precision not in PRECISIONS:
-        raise ValueError(f"LLM precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}")
-    if precision == "fp16" and not torch.cuda.is_available():
-        logger.warning("LLM precision fp16 requested but CUDA is unavailable: using fp32 on CPU")
-        return torch.float32
-    return PRECISIONS[precision]
-
 
 def _building_on_meta() -> bool:
     """True inside ``with torch.device("meta"):`` (instantiate without weights)."""
@@ -140,7 +123,7 @@ class FrozenLLM(nn.Module):
             if v is not None
         }
         self._tokenizer = None
-        dtype = resolve_precision(precision, self.gpu_precision)
+        dtype = resolve_precision(precision, self.gpu_precision, what="LLM precision")
         hf_config = self._load_config(config)
         self.model = self._build_model(hf_config, dtype, load_weights and not _building_on_meta(), attn_implementation)
         self._after_build()
@@ -261,8 +244,7 @@ class FrozenLLM(nn.Module):
     def _cpu_safe(self) -> None:
         """Never compute in fp16 on CPU: upcast once if fp16 weights ended up there."""
         if self.device.type == "cpu" and self.dtype == torch.float16:
-            logger.warning("fp16 LLM weights on CPU: converting %s to fp32", self.model_name_or_path)
-            self.model.float()
+            cpu_safe_(self.model, f"LLM {self.model_name_or_path}")
 
     def _cast(self, embeds: torch.Tensor) -> torch.Tensor:
         return embeds.to(self.dtype) if embeds.is_floating_point() else embeds

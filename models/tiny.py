@@ -18,6 +18,8 @@ from typing import Iterable
 
 import torch
 
+from common.paths import cache_root
+
 TINY_PREFIX = "tiny:"
 TINY_FORMAT_VERSION = 2  # bump when the built assets change (part of the cache key)
 
@@ -40,11 +42,6 @@ TEMPLATES = (
     "there is a {c} {s} on the {p}\n",
     "the {s} is {c}.",
 )
-
-
-def cache_root() -> Path:
-    """Storage root for built assets: ``$BLIP2_CACHE_ROOT`` or ``~/.cache/blip2``."""
-    return Path(os.path.expanduser(os.environ.get("BLIP2_CACHE_ROOT", "~/.cache/blip2")))
 
 
 def tiny_corpus(words: Iterable[str] = TINY_WORDS) -> list[str]:

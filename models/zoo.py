@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import registry
+from common.precision import cpu_safe_
 
 logger = logging.getLogger(__name__)
 
@@ -48,17 +49,6 @@ def _zoo_yaml(name: str, model_type: str) -> DictConfig:
     return cfg
 
 
-def _cpu_safe_(model: nn.Module) -> None:
-    """Like LAVIS's ``model.float()`` on CPU, but only for fp16 tensors (bf16 is fast on CPU, fp16 is not)."""
-    for module in model.modules():
-        for name, param in list(module.named_parameters(recurse=False)):
-            if param.dtype == torch.float16:
-                param.data = param.data.float()
-        for name, buf in list(module.named_buffers(recurse=False)):
-            if buf is not None and buf.dtype == torch.float16:
-                module._buffers[name] = buf.float()
-
-
 def load_model(
     name: str,
     model_type: str,
@@ -83,7 +73,7 @@ def load_model(
     if is_eval:
         model.eval()
     if torch.device(device).type == "cpu":
-        _cpu_safe_(model)
+        cpu_safe_(model, name)
     return model.to(device)
 
 
@@ -206,7 +196,7 @@ def load_hf_blip2(
     if is_eval:
         model.eval()
     if torch.device(device).type == "cpu":
-        _cpu_safe_(model)
+        cpu_safe_(model, source)
     return model.to(device)
 
 

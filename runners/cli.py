@@ -19,7 +19,8 @@ import torch
 
 import registry
 from runners import checkpointing as ckpt
-from runners import distributed as dist_utils
+from common import dist as dist_utils
+from runners.distributed import cleanup, init_distributed
 from runners.config import Config, ConfigError, add_config_arguments
 from runners.run_logging import new_job_id, setup_logging
 
@@ -128,7 +129,7 @@ def run(argv: Sequence[str] | None, training: bool, description: str = "") -> di
                   file=sys.stderr)
             raise SystemExit(2)
 
-    info = dist_utils.init_distributed(str(run_cfg.get("device", "cpu")),
+    info = init_distributed(str(run_cfg.get("device", "cpu")),
                                        float(run_cfg.get("dist_timeout_minutes", 30) or 30))
     setup_logging(info.is_main)
     if args.print_config and info.is_main:
@@ -144,4 +145,4 @@ def run(argv: Sequence[str] | None, training: bool, description: str = "") -> di
             print(json.dumps({"job_dir": str(runner.job_dir), "results": results}, default=str))
         return results
     finally:
-        dist_utils.cleanup()
+        cleanup()

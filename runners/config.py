@@ -26,10 +26,9 @@ import omegaconf
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import registry
+from common.paths import cache_root, resolve_storage_path  # noqa: F401 (resolve_storage_path: part of this module's API)
 from registry import RegistryError
 
-CACHE_ROOT_ENV = "BLIP2_CACHE_ROOT"
-DEFAULT_CACHE_ROOT = "~/.cache/blip2"
 _omegaconf_version = tuple(int(p) for p in omegaconf.__version__.split(".")[:2])
 TOP_LEVEL_KEYS = ("run", "model", "datasets", "preprocess", "plugins")
 
@@ -37,17 +36,6 @@ TOP_LEVEL_KEYS = ("run", "model", "datasets", "preprocess", "plugins")
 # --------------------------------------------------------------------------------------------------
 # Storage paths
 # --------------------------------------------------------------------------------------------------
-def cache_root() -> Path:
-    """Root of downloaded data and weights: ``$BLIP2_CACHE_ROOT``, else ``~/.cache/blip2`` (``~`` expanded)."""
-    return Path(os.path.expanduser(os.environ.get(CACHE_ROOT_ENV) or DEFAULT_CACHE_ROOT))
-
-
-def resolve_storage_path(path: str | os.PathLike) -> Path:
-    """``~`` is expanded; a relative storage path is taken relative to ``cache_root()``."""
-    expanded = Path(os.path.expanduser(os.fspath(path)))
-    return expanded if expanded.is_absolute() else cache_root() / expanded
-
-
 def _cache_root_resolver(*parts: Any) -> str:
     return str(cache_root().joinpath(*map(str, parts)))
 

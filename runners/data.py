@@ -155,14 +155,3 @@ def eval_loader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
         collate_fn=collate_fn_of(dataset), pin_memory=pin_memory, drop_last=False,
     )
-
-
-def move_to_device(samples: Any, device: torch.device) -> Any:
-    """Tensors in (nested) dicts/lists moved to ``device``; everything else unchanged."""
-    if isinstance(samples, torch.Tensor):
-        return samples.to(device, non_blocking=True)
-    if isinstance(samples, dict):
-        return {k: move_to_device(v, device) for k, v in samples.items()}
-    if isinstance(samples, list):
-        return [move_to_device(v, device) for v in samples]
-    return samples

@@ -1,4 +1,4 @@
-"""Process-group setup (torchrun, SLURM) and rank helpers that are safe without torch.distributed.
+"""Process-group setup (torchrun, SLURM); the rank queries and collectives it pairs with live in ``common.dist``.
 
 A run is distributed only when the launcher says there is more than one process
 (``WORLD_SIZE`` from torchrun, ``SLURM_NTASKS`` under srun); otherwise torch.distributed is
@@ -10,9 +10,10 @@ import os
 import re
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 import torch
+
+from common.dist import is_dist
 
 
 @dataclass(frozen=True)
@@ -86,50 +87,6 @@ def init_distributed(device: str, timeout_minutes: float = 30.0) -> DistInfo:
             timeout=timedelta(minutes=timeout_minutes),
         )
     return DistInfo(info["rank"], info["world_size"], info["local_rank"], backend)
-
-
-def is_dist() -> bool:
-    """True only inside an initialised process group."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def get_rank() -> int:
-    return torch.distributed.get_rank() if is_dist() else 0
-
-
-def get_world_size() -> int:
-    return torch.distributed.get_world_size() if is_dist() else 1
-
-
-def barrier() -> None:
-    if is_dist():
-        torch.distributed.barrier()
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s object on every rank (identity when not distributed)."""
-    if not is_dist():
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def gather_objects(obj: Any) -> list[Any]:
-    """Every rank's object, in rank order, on every rank."""
-    if not is_dist():
-        return [obj]
-    out: list[Any] = [None] * get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum a small float tensor over ranks (identity when not distributed)."""
-    if is_dist():
-        values = values.clone()
-        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
-    return values
 
 
 def cleanup() -> None:

@@ -1,8 +1,6 @@
 """AdamW over trainable parameters only, with per-group weight decay and ``lr_scale``."""
 from __future__ import annotations
 
-import contextlib
-import warnings
 from typing import Any
 
 import torch
@@ -67,40 +65,3 @@ def count_trainable(model: torch.nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
-
-
-# -- mixed precision ---------------------------------------------------------------------------
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has native bf16 matmul (AVX512-BF16 or AMX); on AVX2-only CPUs bf16 is emulated."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = handle.read()
-    except OSError:  # not Linux: trust torch's own dispatch level
-        return "AVX512" in torch.backends.cpu.get_cpu_capability()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_amp(amp: Any, device: torch.device) -> torch.dtype | None:
-    """``run.amp`` (bf16 | fp16 | off, or LAVIS's True/False) -> autocast dtype or None."""
-    if amp is None or amp is False or str(amp).lower() in ("off", "false", "none", "fp32", "no"):
-        return None
-    value = str(amp).lower()
-    if value == "true":  # LAVIS YAMLs say amp: True (fp16 on GPU); bf16 is the fast path on CPU
-        value = "fp16" if device.type == "cuda" else "bf16"
-    if value == "bf16":
-        if device.type == "cpu" and not cpu_has_fast_bf16():
-            warnings.warn(
-                "run.amp=bf16 on a CPU without AVX512-BF16/AMX: bf16 matmuls are emulated and much slower than "
-                "fp32 here; use amp: off on this machine", RuntimeWarning, stacklevel=2)
-        return torch.bfloat16
-    if value == "fp16":
-        if device.type != "cuda":
-            raise ValueError("run.amp=fp16 needs a CUDA device (fp16 on CPU is pathologically slow); use bf16")
-        return torch.float16
-    raise ValueError(f"run.amp must be one of bf16, fp16, off; got {amp!r}")
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -20,12 +20,15 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 import registry
+from common import dist as dist_utils
+from common.device import move_to_device
+from common.paths import cache_root
+from common.precision import autocast, resolve_amp
 from runners import checkpointing as ckpt
-from runners import distributed as dist_utils
 from runners.batch_stream import BatchStream
-from runners.data import eval_loader, merge_train_datasets, move_to_device, train_loader
+from runners.data import eval_loader, merge_train_datasets, train_loader
 from runners.lr_schedulers import build_lr_scheduler
-from runners.optim import autocast, build_optimizer, count_trainable, resolve_amp
+from runners.optim import build_optimizer, count_trainable
 from runners.run_logging import MetricsLog, create_job_dir
 from runners.wrapping import wrap_model
 
@@ -308,14 +311,10 @@ class RunnerBase:
 
     def _enable_feature_cache(self) -> None:
         """run.cache_image_features: reuse the frozen encoder's output across epochs (see models/feature_cache.py)."""
-        from runners.config import cache_root
-
         if not hasattr(self.raw_model, "enable_feature_cache"):
             raise ValueError(f"run.cache_image_features: {type(self.raw_model).__name__} has no frozen image encoder")
-        model_cfg = getattr(self.cfg, "model", None) or self.cfg["model"]
-        image_size = int(model_cfg.get("image_size", 224))
         root = os.path.expanduser(self.run_cfg.get("feature_cache_dir") or os.path.join(cache_root(), "feature_cache"))
-        self.raw_model.enable_feature_cache(root, image_size, rank=self.rank)
+        self.raw_model.enable_feature_cache(root, rank=self.rank)
         logger.info("frozen-feature cache on under %s (valid only with deterministic image preprocessing)", root)
 
     def evaluate(self) -> dict[str, Any]:

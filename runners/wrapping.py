@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from runners import distributed as dist_utils
+from common import dist as dist_utils
 
 
 def wrap_model(model: torch.nn.Module, run_cfg: Any, device: torch.device) -> torch.nn.Module:

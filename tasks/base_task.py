@@ -19,40 +19,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import registry
+from common.device import module_device, move_to_device
+from common.dist import barrier, broadcast_object, get_rank, get_world_size, is_main_process
 
 logger = logging.getLogger(__name__)
-
-
-# -- process-group helpers (safe without torch.distributed) ------------------------------------
-def dist_ready() -> bool:
-    """True only inside an initialised process group."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def get_rank() -> int:
-    return torch.distributed.get_rank() if dist_ready() else 0
-
-
-def get_world_size() -> int:
-    return torch.distributed.get_world_size() if dist_ready() else 1
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
-
-
-def barrier() -> None:
-    if dist_ready():
-        torch.distributed.barrier()
-
-
-def broadcast_from_main(obj: Any) -> Any:
-    """Rank 0's object on every rank (identity when not distributed)."""
-    if not dist_ready():
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # -- small helpers -----------------------------------------------------------------------------
@@ -72,24 +42,6 @@ def _section(cfg: Any, name: str) -> Any:
     if section is None:
         raise KeyError(f"config has no '{name}:' section (needed to build the {name.rstrip('s')})")
     return section
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """Device of the model's first parameter or buffer (CPU for a parameterless model)."""
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
-def move_to_device(samples: Any, device: torch.device) -> Any:
-    """Tensors in nested dicts / lists moved to ``device``; everything else unchanged."""
-    if isinstance(samples, torch.Tensor):
-        return samples.to(device)
-    if isinstance(samples, dict):
-        return {k: move_to_device(v, device) for k, v in samples.items()}
-    if isinstance(samples, (list, tuple)):
-        return type(samples)(move_to_device(v, device) for v in samples)
-    return samples
 
 
 def to_jsonable(value: Any) -> Any:
@@ -219,7 +171,7 @@ class BaseTask:
         self.eval_dataset = getattr(data_loader, "dataset", self.eval_dataset)
         was_training = model.training
         model.eval()
-        device = model_device(model)
+        device = module_device(model)
         results: list[dict] = []
         try:
             for samples in data_loader:
@@ -280,7 +232,7 @@ class BaseTask:
             write_json(metrics, self.result_dir / f"{self.result_name(split, epoch, '_metrics')}.json")
             logger.info("%s %s epoch %s: %s", type(self).__name__, split, epoch,
                         {k: v for k, v in metrics.items() if not isinstance(v, dict)})
-        return broadcast_from_main(metrics)
+        return broadcast_object(metrics)
 
 
 def write_json(obj: Any, path: Path) -> None:

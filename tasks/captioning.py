@@ -15,7 +15,8 @@ from typing import Any, Mapping
 import torch
 
 import registry
-from tasks.base_task import BaseTask, call_with_supported_kwargs, id_value, is_main_process
+from common.dist import is_main_process
+from tasks.base_task import BaseTask, call_with_supported_kwargs, id_value
 from tasks.metrics.caption import caption_scores, load_coco_caption_gt, write_coco_caption_gt
 
 

@@ -23,16 +23,9 @@ import torch
 from torch.utils.data import DataLoader, SequentialSampler
 
 import registry
-from tasks.base_task import (
-    BaseTask,
-    dist_ready,
-    get_rank,
-    get_world_size,
-    is_main_process,
-    model_device,
-    move_to_device,
-    write_json,
-)
+from common.device import module_device, move_to_device
+from common.dist import all_reduce_sum, get_rank, get_world_size, is_main_process
+from tasks.base_task import BaseTask, write_json
 from tasks.metrics.retrieval import retrieval_metrics
 
 OUTSIDE_TOP_K = -100.0  # score of pairs that were not re-ranked (as in LAVIS)
@@ -179,9 +172,7 @@ def rerank_scores(
     score_i2t[img_rows.unsqueeze(1), txt_top] = itm_i2t + sim_i2t_top
     score_t2i[txt_rows.unsqueeze(1), img_top] = itm_t2i + sim_t2i_top
 
-    if dist_ready():
-        torch.distributed.all_reduce(score_i2t, op=torch.distributed.ReduceOp.SUM)
-        torch.distributed.all_reduce(score_t2i, op=torch.distributed.ReduceOp.SUM)
+    score_i2t, score_t2i = all_reduce_sum(score_i2t), all_reduce_sum(score_t2i)
     return score_i2t.cpu().numpy(), score_t2i.cpu().numpy()
 
 
@@ -218,7 +209,7 @@ class RetrievalTask(BaseTask):
         was_training = model.training
         model.eval()
         try:
-            device = model_device(model)
+            device = module_device(model)
             text_feat, text_ids, text_atts = encode_texts(model, list(dataset.text), self.text_batch_size, device)
             loader = _sequential_loader(data_loader)
             image_feats, image_embeds = encode_images(model, loader, len(dataset.img2txt), device)

@@ -16,7 +16,8 @@ from typing import Any, Mapping
 import torch
 
 import registry
-from tasks.base_task import BaseTask, call_with_supported_kwargs, id_value, is_main_process
+from common.dist import is_main_process
+from tasks.base_task import BaseTask, call_with_supported_kwargs, id_value
 from tasks.metrics.vqa import AnswerLemmatizer, gqa_exact_match, vqa_scores
 
 INFERENCE_METHODS = ("generate", "rank")

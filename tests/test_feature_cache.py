@@ -69,7 +69,7 @@ def test_tiny_blip2_with_cache_gives_the_uncached_loss(tmp_path):
     samples = {"image": torch.randn(2, 3, size, size), "text_input": ["a red circle", "two blue squares"]}
     with torch.no_grad():
         uncached = model(samples)["loss"]
-        model.enable_feature_cache(str(tmp_path), size)
+        model.enable_feature_cache(str(tmp_path))
         first = model(samples)["loss"]
         second = model(samples)["loss"]
     assert model.feature_cache.hits == 2 and model.feature_cache.misses == 2

@@ -203,7 +203,7 @@ def test_trainable_with_grad_checkpointing_matches():
     assert ckpt.layer_id("pos_embed") == 0 and ckpt.layer_id("blocks.1.attn.proj.weight") == 2
 
 
-def test_precision_bf16_and_fp16_refused_on_cpu():
+def test_precision_bf16_kept_and_fp16_upcast_on_cpu(monkeypatch):
     ref = tiny_eva()
     enc = tiny_eva(precision="bf16")
     assert all(p.dtype == torch.bfloat16 for p in enc.parameters())
@@ -211,10 +211,12 @@ def test_precision_bf16_and_fp16_refused_on_cpu():
     assert out.dtype == torch.float32  # returned in the caller's dtype
     torch.testing.assert_close(out, ref(images()), rtol=0.1, atol=0.1)
     assert enc(images().bfloat16()).dtype == torch.bfloat16
-    half = tiny_eva(precision="fp16")
-    assert all(p.dtype == torch.float16 for p in half.parameters())
-    with pytest.raises(RuntimeError, match="fp16"):
-        half(images())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert all(p.dtype == torch.float32 for p in tiny_eva(precision="fp16").parameters())  # fp16 off CUDA -> fp32
+    half = tiny_eva().half()  # fp16 weights that reached the CPU compute in fp32
+    out = half(images())
+    assert half.dtype == torch.float32 and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref(images()), rtol=1e-2, atol=1e-2)
     with pytest.raises(ValueError, match="precision"):
         tiny_eva(precision="int8")
 

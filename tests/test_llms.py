@@ -10,7 +10,8 @@ import torch
 
 import registry
 from models import tiny
-from models.llms import FlanT5LLM, HFCausalLM, HFSeq2SeqLM, OPTLLM, resolve_precision, untie_lm_head
+from common.precision import resolve_precision
+from models.llms import FlanT5LLM, HFCausalLM, HFSeq2SeqLM, OPTLLM, untie_lm_head
 
 
 @pytest.fixture(scope="module")

@@ -321,9 +321,12 @@ def test_bf16_autocast_and_grad_clip_on_cpu(tmp_path, fake_plugin_dir):
     assert all(r["grad_norm"] > 0 for r in steps) and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
 
 
-def test_fp16_on_cpu_is_refused(tmp_path, fake_plugin_dir):
-    with pytest.raises(ValueError, match="bf16"):
-        build_runner(tmp_path, fake_plugin_dir, amp="fp16")
+def test_fp16_amp_on_cpu_computes_in_fp32(tmp_path, fake_plugin_dir, caplog):
+    with caplog.at_level("WARNING"):
+        runner = build_runner(tmp_path, fake_plugin_dir, amp="fp16")
+    assert runner.amp_dtype is None and "fp16 without CUDA" in caplog.text
+    with pytest.raises(ValueError, match="bf16, fp16, off"):
+        build_runner(tmp_path, fake_plugin_dir, amp="fp8")
 
 
 def test_runner_iter_counts_iterations(tmp_path, fake_plugin_dir):

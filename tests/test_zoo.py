@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from models import build_model_skeleton, load_model, load_model_and_preprocess, load_preprocess, model_zoo
-from models.zoo import _cpu_safe_, model_config_from_hf
+from common.precision import cpu_safe_
+from models.zoo import model_config_from_hf
 
 ISSUE_TYPES = {
     "blip2": {"pretrain", "pretrain_vitL", "coco", "tiny"},
@@ -93,7 +94,7 @@ def test_weights_switch_selects_lavis_checkpoint(tmp_path):
 def test_cpu_safe_upcasts_only_fp16():
     module = torch.nn.Sequential(torch.nn.Linear(2, 2).half(), torch.nn.Linear(2, 2).to(torch.bfloat16),
                                  torch.nn.BatchNorm1d(2).half())
-    _cpu_safe_(module)
+    cpu_safe_(module)
     assert module[0].weight.dtype == torch.float32 and module[2].running_mean.dtype == torch.float32
     assert module[1].weight.dtype == torch.bfloat16
 

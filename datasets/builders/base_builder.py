@@ -27,9 +27,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import Dataset
 
 import registry
+from common.paths import cache_root, resolve_storage_path
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-DEFAULT_CACHE_ROOT = "~/.cache/blip2"
 SPLITS = ("train", "val", "test")
 
 
@@ -96,12 +96,11 @@ class BaseDatasetBuilder:
 
     @property
     def cache_root(self) -> str:
-        return os.path.expanduser(str(self.config.get("cache_root", None) or DEFAULT_CACHE_ROOT))
+        return os.path.expanduser(str(self.config.get("cache_root", None) or cache_root()))
 
     def resolve_path(self, path: str) -> str:
         """Absolute paths as given (after ``~``); relative ones under ``cache_root``."""
-        path = os.path.expanduser(str(path))
-        return path if os.path.isabs(path) else os.path.join(self.cache_root, path)
+        return str(resolve_storage_path(path, self.cache_root))
 
     def _how_to_get(self, what: str) -> str:
         if self.download_name:

@@ -20,6 +20,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from common.paths import cache_root
+
 logger = logging.getLogger(__name__)
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -36,11 +38,6 @@ NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 COUNT_WEIGHTS = (0.15, 0.5, 0.35)
 DEFAULT_SPLITS = {"train": 4000, "val": 100, "test": 200}
 FORMAT_VERSION = 2
-
-
-def cache_root() -> Path:
-    """Storage root: $BLIP2_CACHE_ROOT, else ~/.cache/blip2 (the same rule as the dataset YAMLs)."""
-    return Path(os.environ.get("BLIP2_CACHE_ROOT", "~/.cache/blip2")).expanduser()
 
 
 # ---------------------------------------------------------------------------------------------
