@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from common.paths import cache_root
+
 logger = logging.getLogger(__name__)
 
 GGUF_FORMAT_VERSION = 1  # bump when what the cache directory holds changes
@@ -27,8 +29,6 @@ _CHUNK = 1 << 20
 
 
 def gguf_cache_root() -> Path:
-    from models.tiny import cache_root
-
     return cache_root() / "gguf"
 
 

@@ -14,7 +14,6 @@ decoder, score image-text pairs and give features.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import nn
 
+from common.precision import autocast, compute_dtype, cpu_safe_, precision_dtype
+
 logger = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEMO_JOBS = ("output/demo/runs/stage2", "output/demo/runs/stage1")  # what runners.demo trains, by default
 
 
@@ -48,12 +48,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 def check_precision(precision: str, device: torch.device) -> torch.dtype:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision fp16 needs a CUDA device (fp16 on CPU is pathologically slow); "
-                         "use fp32 or bf16 on CPU")
-    return PRECISIONS[precision]
+    """``--precision`` -> dtype under ``common.precision``'s rule (fp16 off CUDA computes in fp32, with a warning)."""
+    return compute_dtype(precision_dtype(precision, "--precision"), device.type == "cuda", "--precision")
 
 
 def _job_checkpoint(job_dir: Path) -> Path:
@@ -105,7 +101,7 @@ def load_spec(
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = check_precision(precision, device)
     overrides = dict(overrides or {})
-    if precision != "fp32":  # frozen parts stored in half precision; the rest runs under autocast
+    if dtype != torch.float32:  # frozen parts stored in half precision; the rest runs under autocast
         overrides.setdefault("vit_precision", precision)
         overrides.setdefault("llm_precision", precision)
     path = Path(spec).expanduser()
@@ -147,7 +143,7 @@ def load_spec(
         model.load_checkpoint(checkpoint)
     model.eval()
     if device.type == "cpu":
-        zoo._cpu_safe_(model)
+        cpu_safe_(model, name)
     return Predictor(model.to(device), vis, device, dtype, name)
 
 
@@ -191,9 +187,7 @@ class Predictor:
                              f"({type(self.model).__name__}) is not one")
 
     def _autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return autocast(self.device, self.dtype)
 
     def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images -> [B, 3, S, S] on the model's device."""

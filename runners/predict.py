@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-b", "--batch-size", type=int, default=8)
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     g.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
-                   help="frozen parts stored and computed in this precision (fp16: CUDA only)")
+                   help="frozen parts stored and computed in this precision (fp16 without CUDA computes in fp32)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     d = common.add_argument_group("decoding (caption, vqa)")
     d.add_argument("--num-beams", type=int, default=5)

@@ -108,7 +108,7 @@ def find_cycles(edges: dict[str, dict[str, list[int]]]) -> list[list[str]]:
 # Known, being removed: the demo's task reaching into the runners (it moves to projects/blip2/demo) and the three
 # cycles inside models/ (split in the next commits). Each entry is checked to still exist, so none outlives its fix.
 PENDING_UPWARD = {("tasks.frozen_pretrain", "runners"), ("tasks.frozen_pretrain", "runners.checkpointing")}
-PENDING_CYCLES = [["models.llms", "models.tiny"], ["models.checkpoints", "models.hf_export", "models.image_encoders"],
+PENDING_CYCLES = [["models.assets", "models.llms", "models.tiny"], ["models.checkpoints", "models.hf_export", "models.image_encoders"],
                   ["models.qformer", "models.qformer_init"]]
 
 
