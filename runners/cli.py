@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 import registry
-from runners import checkpointing as ckpt
 from common import dist as dist_utils
-from runners.distributed import cleanup, init_distributed
+from runners import checkpointing as ckpt
+from runners import distributed
 from runners.config import Config, ConfigError, add_config_arguments
 from runners.run_logging import new_job_id, setup_logging
 
@@ -129,8 +129,8 @@ def run(argv: Sequence[str] | None, training: bool, description: str = "") -> di
                   file=sys.stderr)
             raise SystemExit(2)
 
-    info = init_distributed(str(run_cfg.get("device", "cpu")),
-                                       float(run_cfg.get("dist_timeout_minutes", 30) or 30))
+    info = distributed.init_distributed(str(run_cfg.get("device", "cpu")),
+                                        float(run_cfg.get("dist_timeout_minutes", 30) or 30))
     setup_logging(info.is_main)
     if args.print_config and info.is_main:
         print(cfg)
@@ -145,4 +145,4 @@ def run(argv: Sequence[str] | None, training: bool, description: str = "") -> di
             print(json.dumps({"job_dir": str(runner.job_dir), "results": results}, default=str))
         return results
     finally:
-        cleanup()
+        distributed.cleanup()
