@@ -31,7 +31,7 @@ VIT_ALIASES = {"eva_clip_g": "eva_vit_g", "clip_L": "clip_vit_l"}
 BLIP2_BASE_CONFIG_KEYS = (
     "vit_model", "image_size", "drop_path_rate", "use_grad_checkpoint", "vit_precision", "freeze_vit",
     "vit_pretrained", "vit_kwargs", "ln_vision_eps", "num_query_token", "cross_attention_freq", "bert",
-    "qformer_config", "tokenizer", "weights", "hf_hub_id", "max_txt_len",
+    "qformer_config", "qformer", "tokenizer", "weights", "hf_hub_id", "max_txt_len",
 )
 
 
@@ -124,13 +124,16 @@ class Blip2Base(BaseModel):
         vocab_size: int | None = None,
         use_grad_checkpoint: bool = False,
         bert_weights: bool = True,
+        qformer: str = "bert_qformer",
     ) -> None:
-        """Build ``Qformer`` (from BERT weights when ``bert`` is a hub id/dir/``package:`` name, else random) and
-        ``query_tokens``. ``vocab_size`` None: the BERT's vocabulary + [DEC], or bert-base-uncased's (30523).
-        ``bert_weights=False``: the BERT gives only the sizes (a full checkpoint follows)."""
+        """Build ``Qformer``, the ``registry.qformers`` entry named ``qformer`` (from BERT weights when ``bert`` is a
+        hub id/dir/``package:`` name, else random), and ``query_tokens``. ``vocab_size`` None: the BERT's vocabulary
+        + [DEC], or bert-base-uncased's (30523). ``bert_weights=False``: the BERT gives only the sizes (a full
+        checkpoint follows). ``qformer_config`` is checked against that class's ``config_class``."""
+        qformer_cls = registry.qformers.get(qformer)
         overrides = dict(qformer_config or {})
         if bert:
-            self.Qformer = QFormer.from_bert(
+            self.Qformer = qformer_cls.from_bert(
                 bert,
                 encoder_width=vision_width,
                 cross_attention_freq=cross_attention_freq,
@@ -140,7 +143,8 @@ class Blip2Base(BaseModel):
                 **overrides,
             )
         else:
-            cfg = QFormerConfig.from_dict(
+            config_class = getattr(qformer_cls, "config_class", QFormerConfig)
+            cfg = config_class.from_dict(
                 dict(
                     overrides,
                     encoder_width=vision_width,
@@ -148,9 +152,9 @@ class Blip2Base(BaseModel):
                     num_query_token=num_query_token,
                     vocab_size=vocab_size or 30523,
                 ),
-                where="model.qformer_config",
+                where=f"model.qformer_config (qformer: {qformer})",
             )
-            self.Qformer = QFormer(cfg)
+            self.Qformer = qformer_cls(cfg)
         if use_grad_checkpoint:
             self.Qformer.set_gradient_checkpointing(True)
         hidden = self.Qformer.config.hidden_size

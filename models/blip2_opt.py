@@ -19,7 +19,7 @@ from models.blip2_stage2 import Blip2LLMBase
 
 STAGE2_EXTRA_KEYS = (
     "hf_hub_id", "weights", "vit_pretrained", "vit_kwargs", "ln_vision_eps", "cross_attention_freq",
-    "bert", "qformer_config", "qformer_text_input", "qformer_text_checkpoint", "tokenizer", "llm_type", "llm_precision",
+    "bert", "qformer", "qformer_config", "qformer_text_input", "qformer_text_checkpoint", "tokenizer", "llm_type", "llm_precision",
     "load_llm_weights", "llm_kwargs", "prompt", "max_txt_len", "num_query_token", "image_size", "vit_model",
     "drop_path_rate", "use_grad_checkpoint", "vit_precision", "freeze_vit",
 )
@@ -118,6 +118,7 @@ class Blip2OPT(Blip2LLMBase):
         for text in texts:
             ids = tok(text, truncation=True, max_length=self.max_txt_len).input_ids + [self.end_token_id]
             masked = num_prompt if self.prompt else int(self.mask_bos and bool(ids) and ids[0] == tok.bos_token_id)
+            masked = min(masked, len(ids))  # a caption shorter than the prompt: nothing left to score
             rows.append(ids)
             labels.append([-100] * masked + ids[masked:])
         embeds, atts, targets = self._sequence(soft, rows, labels, left=False)

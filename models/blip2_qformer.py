@@ -172,6 +172,7 @@ class Blip2Qformer(Blip2InferenceMixin, Blip2Base):
         bert: str | None = None,
         qformer_config: Mapping[str, Any] | None = None,
         tokenizer: str | None = None,
+        qformer: str = "bert_qformer",
         itm_negatives: str = "multinomial",
         itm_seed: int = 0,
         label_smoothing: float = 0.1,
@@ -196,7 +197,7 @@ class Blip2Qformer(Blip2InferenceMixin, Blip2Base):
                                  freeze_vit, vit_pretrained, vit_kwargs, ln_vision_eps)
         self.init_qformer(num_query_token, self.visual_encoder.num_features, cross_attention_freq, bert=bert,
                           qformer_config=qformer_config, vocab_size=len(self.tokenizer), bert_weights=bert_weights,
-                          use_grad_checkpoint=use_grad_checkpoint)
+                          use_grad_checkpoint=use_grad_checkpoint, qformer=qformer)
         hidden = self.Qformer.config.hidden_size
         self.vision_proj = nn.Linear(hidden, embed_dim)
         self.text_proj = nn.Linear(hidden, embed_dim)
@@ -228,6 +229,7 @@ class Blip2Qformer(Blip2InferenceMixin, Blip2Base):
             bert=plan["bert"] or plan["bert_shape"],
             bert_weights=bool(plan["bert"]),
             qformer_config=to_plain(cfg.get("qformer_config")),
+            qformer=cfg.get("qformer") or "bert_qformer",
             tokenizer=cfg.get("tokenizer") or cfg.get("bert") or "bert-base-uncased",
             itm_negatives=cfg.get("itm_negatives", "multinomial"),
             itm_seed=int(cfg.get("itm_seed", 0)),

@@ -39,6 +39,7 @@ class Blip2LLMBase(Blip2Base):
     LLM_NAME_KEY: ClassVar[str] = "llm_model"  # config key naming the LLM checkpoint
     DEFAULT_LLM_TYPE: ClassVar[str] = "hf_causal_lm"
     EXPECT_ENCODER_DECODER: ClassVar[bool] = False
+    DEFAULT_QFORMER: ClassVar[str] = "bert_qformer"  # registry.qformers name used when model.qformer is unset
 
     def __init__(
         self,
@@ -58,6 +59,7 @@ class Blip2LLMBase(Blip2Base):
         qformer_bert_weights: bool = True,
         prompt: str = "",
         max_txt_len: int = 32,
+        qformer: str = "bert_qformer",
     ) -> None:
         super().__init__()
         vision = dict(vision or {})
@@ -66,9 +68,11 @@ class Blip2LLMBase(Blip2Base):
             num_query_token, self.visual_encoder.num_features, cross_attention_freq, bert=qformer_bert,
             qformer_config=qformer_config, use_grad_checkpoint=bool(vision.get("use_grad_checkpoint", False)),
             bert_weights=qformer_bert_weights,
+            qformer=qformer,
         )
-        # Stage 2 needs only the query path, unless the question also enters the Q-Former.
-        self.qformer_text_input = bool(qformer_text_input)
+        # Stage 2 needs only the query path, unless the question (or, for an instruction-aware Q-Former, the
+        # instruction) also enters the Q-Former.
+        self.qformer_text_input = bool(qformer_text_input) or bool(getattr(self.Qformer, "instruction_aware", False))
         self.Qformer.remove_text_modules(keep_text_input=self.qformer_text_input)
         self.tokenizer = self.init_tokenizer(qformer_tokenizer, bert=qformer_bert) if self.qformer_text_input else None
         self._qformer_text_loaded = bool(qformer_bert) and qformer_bert_weights  # text parts from BERT, or later from a stage-1 checkpoint
@@ -92,11 +96,11 @@ class Blip2LLMBase(Blip2Base):
     # -- parts ---------------------------------------------------------------------------------------------------
     @property
     def llm(self) -> FrozenLLM:
-        return getattr(self, self.LLM_ATTR)
+        return self._modules[self.LLM_ATTR]
 
     @property
     def llm_proj(self) -> nn.Linear:
-        return getattr(self, self.PROJ_ATTR)
+        return self._modules[self.PROJ_ATTR]  # (the LAVIS name may be this property's own: llm_proj)
 
     def frozen_modules(self) -> list[nn.Module]:
         return super().frozen_modules() + [self.llm]
@@ -204,7 +208,18 @@ class Blip2LLMBase(Blip2Base):
 
     def soft_prompt(self, samples: Mapping[str, Any], qformer_texts: Sequence[str] | None = None) -> Tensor:
         """Projected query outputs [B, Q, H_llm] (fp32). With ``qformer_text_input`` the Q-Former also reads
-        ``qformer_texts`` (the questions) in the same bidirectional pass; only the query outputs are used."""
+        ``qformer_texts`` (the questions) in the same bidirectional pass; only the query outputs are used.
+
+        A video ``samples["image"]`` [B, 3, T, H, W] goes frame by frame through the encoder and the Q-Former (the
+        text repeated per frame), and the frames' projected queries are concatenated in frame order: [B, T*Q, H_llm]
+        (LAVIS InstructBLIP on video, ``InstructBlipVideoForConditionalGeneration``)."""
+        image = samples.get("image") if hasattr(samples, "get") else None
+        if image is not None and image.ndim == 5:
+            batch, frames = image.shape[0], image.shape[2]
+            flat = image.transpose(1, 2).flatten(0, 1)  # [B*T, 3, H, W], a clip's frames adjacent
+            texts = None if qformer_texts is None else [t for t in qformer_texts for _ in range(frames)]
+            soft = self.soft_prompt({"image": flat}, texts)  # [B*T, Q, H_llm]
+            return soft.reshape(batch, frames * soft.shape[1], soft.shape[2])
         image_embeds = self.image_embeds_from_samples(samples)  # [B, N, W]
         text_ids, text_atts = (None, None)
         if self.qformer_text_input:
@@ -294,10 +309,7 @@ class Blip2LLMBase(Blip2Base):
         """
         batch = self._batch_size(samples)
         prompts = self._texts(samples.get("prompt") or self.prompt, batch, "samples['prompt']")
-        qformer_texts = samples.get("text_input", prompts) if self.qformer_text_input else None
-        if isinstance(qformer_texts, str):
-            qformer_texts = [qformer_texts] * batch
-        soft = self.soft_prompt(samples, qformer_texts)
+        soft = self.soft_prompt(samples, self.generation_qformer_texts(samples, prompts))
         embeds, atts = self.generation_inputs(soft, prompts)
         ids = self.llm.generate(
             embeds, atts, num_beams=num_beams, max_new_tokens=max_length, min_new_tokens=min_length,
@@ -305,6 +317,13 @@ class Blip2LLMBase(Blip2Base):
             repetition_penalty=repetition_penalty, length_penalty=length_penalty, num_return_sequences=num_captions,
         )
         return self.llm.decode(ids)
+
+    def generation_qformer_texts(self, samples: Mapping[str, Any], prompts: list[str]) -> list[str] | None:
+        """What the Q-Former reads when captioning: the questions (``text_input``) if it reads text, else None."""
+        if not self.qformer_text_input:
+            return None
+        texts = samples.get("text_input", prompts)
+        return [texts] * len(prompts) if isinstance(texts, str) else texts
 
     @torch.no_grad()
     def predict_answers(
@@ -404,6 +423,7 @@ class Blip2LLMBase(Blip2Base):
             qformer_bert=plan["bert"] or plan["bert_shape"],
             qformer_bert_weights=bool(plan["bert"]),
             qformer_config=to_plain(cfg.get("qformer_config")),
+            qformer=cfg.get("qformer") or cls.DEFAULT_QFORMER,
             qformer_text_input=bool(cfg.get("qformer_text_input", False)),
             qformer_tokenizer=cfg.get("tokenizer") or cfg.get("bert") or "bert-base-uncased",
             prompt=cfg.get("prompt", "") or "",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -436,12 +436,21 @@ class QFormerOnlyMLMHead(nn.Module):
 
 @registry.qformers.register("bert_qformer", "qformer")
 class QFormer(nn.Module):
-    """Q-Former with LM head (LAVIS ``Qformer``): ``bert`` body + ``cls`` head tied to the word embeddings."""
+    """Q-Former with LM head (LAVIS ``Qformer``): ``bert`` body + ``cls`` head tied to the word embeddings.
+
+    The built-in entry of ``registry.qformers``; variants subclass it (see ARCHITECTURE.md, Q-Former contract).
+    """
+
+    #: dataclass of this variant's sizes; ``model.qformer_config`` is validated against its fields
+    config_class: ClassVar[type] = QFormerConfig
+    #: True when the instruction (prompt / question) enters the Q-Former with the queries in every stage-2 pass
+    #: (InstructBLIP); stage-2 models then keep the text path and feed it the prompt
+    instruction_aware: ClassVar[bool] = False
 
     def __init__(self, cfg: QFormerConfig | Mapping[str, Any] | None = None) -> None:
         super().__init__()
-        if not isinstance(cfg, QFormerConfig):
-            cfg = QFormerConfig.from_dict(cfg)
+        if not isinstance(cfg, self.config_class):
+            cfg = self.config_class.from_dict(cfg)
         self.config = cfg
         self.bert = QFormerModel(cfg)
         self.cls = QFormerOnlyMLMHead(cfg)
@@ -578,6 +587,17 @@ class QFormer(nn.Module):
         from models.qformer_init import load_bert_state_dict
 
         return load_bert_state_dict(self, state)
+
+
+@registry.qformers.register("instruct_qformer")
+class InstructQFormer(QFormer):
+    """InstructBLIP's instruction-aware Q-Former (LAVIS ``blip2_*_instruct``, HF ``InstructBlipQFormerModel``).
+
+    The same network as BLIP-2's; the instruction's tokens enter the self-attention with the queries
+    (bidirectional mask, one pass), so the query outputs depend on the instruction. Only the query outputs go on.
+    """
+
+    instruction_aware = True
 
 
 # Re-exported: the tokenizer belongs with the Q-Former for callers.

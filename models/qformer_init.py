@@ -31,8 +31,6 @@ def qformer_from_bert(
     from transformers import BertConfig, BertForMaskedLM
 
     from models.assets import resolve_asset
-    from models.qformer import QFormerConfig
-
     source = resolve_asset(source)
     bert_cfg = BertConfig.from_pretrained(source)
     if vocab_size is None:
@@ -64,7 +62,7 @@ def qformer_from_bert(
         raise ValueError(f"model.qformer_config sets {conflicts}, which come from BERT checkpoint '{source}' (or from "
                          f"model.num_query_token / cross_attention_freq); remove them (a project YAML over a zoo "
                          f"config that sets them: model.qformer_config: null)")
-    cfg = QFormerConfig.from_dict({**from_bert, **overrides}, where=f"Q-Former from BERT '{source}'")
+    cfg = cls.config_class.from_dict({**from_bert, **overrides}, where=f"Q-Former from BERT '{source}'")
     model = cls(cfg)
     if not load_weights:
         return model
