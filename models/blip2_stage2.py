@@ -192,6 +192,7 @@ class Blip2LLMBase(Blip2Base):
                 for name in names:
                     owner, _, leaf = name.rpartition(".")
                     setattr(self.llm.get_submodule(owner), leaf, loaded[0])
+            self.llm.materialize_computed_buffers(self.query_tokens.device)
             left = [name for name, t in [*self.llm.named_parameters(), *self.llm.named_buffers()] if t.is_meta]
             if left:
                 raise ValueError(f"checkpoint {path_or_url} holds no weights for {len(left)} LLM tensors "

@@ -7,7 +7,8 @@ EVA ViT keys are timm's, which equal LAVIS's ``eva_vit_g.pth``). This module kno
   ``clip_vit_L.pth``, the LLM on the hub). Their names are ours; a trained CLIP ViT-L inside one is renamed to timm's.
   Our LLM weights sit at ``<opt_model|t5_model>.model.*`` (the frozen adapter wraps the HF model as ``.model``).
 * Hugging Face BLIP-2 (``Blip2ForConditionalGeneration`` / ``Blip2ForImageTextRetrieval``; safetensors, sharded or
-  not, or ``pytorch_model.bin``): ``vision_model.*``, ``qformer.*``, ``language_projection``, ``language_model.*``.
+  not, or ``pytorch_model.bin``): ``vision_model.*``, ``qformer.*``, ``language_projection``, ``language_model.*``;
+  Hugging Face InstructBLIP (image and video) differs only in its Q-Former embeddings (``models/instructblip_layout.py``).
 * OpenAI CLIP visual towers (``conv1``, ``transformer.resblocks.i.*``) for the CLIP ViT-L encoder.
 
 Sources are local files or directories, ``http(s)://`` URLs (cached in the torch hub cache) or Hugging Face hub
@@ -25,6 +26,8 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
+
+from models.instructblip_layout import instructblip_to_blip2, is_instructblip_layout
 
 logger = logging.getLogger(__name__)
 
@@ -468,6 +471,7 @@ class _ToOurNames:
     def __init__(self, names: list[str], source: str | os.PathLike | Mapping[str, Tensor], model: nn.Module | None):
         self.format = detect_format(names)
         self.layout = None
+        self.instructblip = self.format == "hf" and is_instructblip_layout(names)
         if self.format == "hf":
             text_type = None if isinstance(source, Mapping) else _hf_text_model_type(source)
             self.layout = model_layout(model, text_type)
@@ -478,7 +482,7 @@ class _ToOurNames:
 
     def __call__(self, raw: StateDict) -> StateDict:
         if self.layout is not None:
-            raw = hf_to_ours(raw, self.layout)
+            raw = hf_to_ours(instructblip_to_blip2(raw) if self.instructblip else raw, self.layout)
         elif self.lavis_clip:
             vision = openai_clip_to_timm({k.removeprefix("visual_encoder."): v for k, v in raw.items()
                                           if k.startswith("visual_encoder.")})
@@ -530,8 +534,8 @@ def iter_state_dict_any(
     to_ours.report()
 
 
-def export_to_hf(model: nn.Module, out_dir: str | os.PathLike, save_processor: bool = True) -> Path:
-    """Write ``model`` as a Hugging Face BLIP-2 checkpoint directory (see ``models.hf_export.export_to_hf``)."""
+def export_to_hf(model: nn.Module, out_dir: str | os.PathLike, save_processor: bool = True, video: bool = False) -> Path:
+    """Write ``model`` as a Hugging Face BLIP-2 / InstructBLIP checkpoint directory (``models.hf_export``)."""
     from models.hf_export import export_to_hf as _export
 
-    return _export(model, out_dir, save_processor=save_processor)
+    return _export(model, out_dir, save_processor=save_processor, video=video)

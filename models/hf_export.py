@@ -16,16 +16,24 @@ import torch
 from torch import Tensor, nn
 
 from models.checkpoints import StateDict, model_layout, ours_to_hf
+from models.instructblip_layout import blip2_to_instructblip
 
 logger = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"
 
 
-def hf_blip2_config(model: nn.Module, image_token_index: int | None = None) -> Any:
-    """The ``transformers.Blip2Config`` describing ``model`` (EVA-style encoders only: HF's vision tower has no
-    ln_pre/QuickGELU, so CLIP ViT-L models cannot be expressed)."""
-    from transformers import Blip2Config
+def is_instruct(model: nn.Module) -> bool:
+    """Whether ``model`` has InstructBLIP's instruction-aware Q-Former (exported as Hugging Face InstructBLIP)."""
+    return bool(getattr(getattr(model, "Qformer", None), "instruction_aware", False))
+
+
+def hf_blip2_config(model: nn.Module, image_token_index: int | None = None, video: bool = False) -> Any:
+    """The ``transformers`` config describing ``model``: ``Blip2Config``, or for an instruction-aware Q-Former
+    ``InstructBlipConfig`` (``InstructBlipVideoConfig`` when ``video``). EVA-style encoders only: HF's vision tower
+    has no ln_pre/QuickGELU, so CLIP ViT-L models cannot be expressed."""
+    from transformers import Blip2Config, InstructBlipConfig, InstructBlipVideoConfig
 
     layout = model_layout(model)
     encoder = model.get_submodule(layout["vision"].rstrip("."))
@@ -58,6 +66,18 @@ def hf_blip2_config(model: nn.Module, image_token_index: int | None = None) -> A
     )
     kwargs: dict[str, Any] = dict(vision_config=vision, qformer_config=qformer_cfg,
                                   num_query_tokens=int(model.query_tokens.shape[1]))
+    if is_instruct(model):
+        if not layout["llm"]:
+            raise ValueError("an instruction-aware Q-Former exports only with an LLM (InstructBLIP)")
+        del qformer_cfg["use_qformer_text_input"]
+        llm_model = model.get_submodule(layout["llm"].rstrip("."))
+        kwargs["text_config"] = llm_model.config.to_dict()
+        kwargs["video_token_index" if video else "image_token_index"] = image_token_index
+        kwargs["architectures"] = ["InstructBlipVideoForConditionalGeneration" if video
+                                   else "InstructBlipForConditionalGeneration"]
+        return (InstructBlipVideoConfig if video else InstructBlipConfig)(**kwargs)
+    if video:
+        raise ValueError("video export needs an InstructBLIP model (Hugging Face has no BLIP-2 video class)")
     if layout["llm"]:
         llm_model = model.get_submodule(layout["llm"].rstrip(".")) if layout["llm"].endswith(".model.") else None
         kwargs["text_config"] = llm_model.config.to_dict()
@@ -102,16 +122,21 @@ def _dedupe_shared(state_dict: Mapping[str, Tensor]) -> StateDict:
     return out
 
 
-def export_to_hf(model: nn.Module, out_dir: str | os.PathLike, save_processor: bool = True) -> Path:
+def export_to_hf(model: nn.Module, out_dir: str | os.PathLike, save_processor: bool = True, video: bool = False) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (+ tokenizer/processor when available) so that
-    ``transformers`` loads ``model`` as ``Blip2ForConditionalGeneration`` (models with an LLM) or
-    ``Blip2ForImageTextRetrieval`` (stage 1). The LLM tokenizer gets an ``<image>`` token (transformers 5 needs
-    ``num_query_tokens`` of them in ``input_ids``); it takes a spare embedding row when the vocabulary has one
-    (as OPT and Flan-T5 do), otherwise the embedding grows by a row that generation is told to suppress."""
+    ``transformers`` loads ``model`` as ``Blip2ForConditionalGeneration`` (models with an LLM),
+    ``Blip2ForImageTextRetrieval`` (stage 1) or, for InstructBLIP, ``InstructBlipForConditionalGeneration``
+    (``InstructBlipVideoForConditionalGeneration`` when ``video``). The LLM tokenizer gets an ``<image>`` (``<video>``)
+    token (transformers 5 needs ``num_query_tokens`` (times frames) of them in ``input_ids``); it takes a spare
+    embedding row when the vocabulary has one (as OPT and Flan-T5 do), otherwise the embedding grows by a row that
+    generation is told to suppress."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     layout = model_layout(model)
     state = ours_to_hf(model.state_dict(), layout)
+    if is_instruct(model):
+        state = blip2_to_instructblip(state)
+    media_token = VIDEO_TOKEN if video else IMAGE_TOKEN
     if any(v.is_meta for v in state.values()):
         raise ValueError("cannot export a model on the meta device: load its weights first")
     image_token_index, tokenizer, suppress = None, None, []
@@ -120,19 +145,19 @@ def export_to_hf(model: nn.Module, out_dir: str | os.PathLike, save_processor: b
         llm_model = model.get_submodule(layout["llm"].rstrip("."))
         tokenizer = getattr(adapter, "tokenizer", None)
         rows = llm_model.get_input_embeddings().weight.shape[0]
-        if tokenizer is not None and IMAGE_TOKEN in tokenizer.get_vocab():
-            image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if tokenizer is not None and media_token in tokenizer.get_vocab():
+            image_token_index = tokenizer.convert_tokens_to_ids(media_token)
         else:
             if tokenizer is not None:
                 tokenizer = _copy_tokenizer(tokenizer)
-                tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-                image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+                tokenizer.add_special_tokens({"additional_special_tokens": [media_token]})
+                image_token_index = tokenizer.convert_tokens_to_ids(media_token)
             else:
                 image_token_index = rows
             if image_token_index >= rows:
                 state = _grow_vocab(state, rows, image_token_index + 1)
                 suppress = [image_token_index]
-    config = hf_blip2_config(model, image_token_index)
+    config = hf_blip2_config(model, image_token_index, video=video)
     if suppress:
         config.text_config.vocab_size = image_token_index + 1
     from safetensors.torch import save_file
@@ -147,7 +172,7 @@ def export_to_hf(model: nn.Module, out_dir: str | os.PathLike, save_processor: b
             gen.suppress_tokens = suppress
         gen.save_pretrained(out)
     if tokenizer is not None and save_processor:
-        _save_processor(model, tokenizer, config, out)
+        _save_processor(model, tokenizer, config, out, media_token)
     logger.info("exported %s to %s as %s", type(model).__name__, out, config.architectures[0])
     return out
 
@@ -170,8 +195,9 @@ def _grow_vocab(state: StateDict, rows: int, new_rows: int) -> StateDict:
     return out
 
 
-def _save_processor(model: nn.Module, tokenizer: Any, config: Any, out: Path) -> None:
-    """Tokenizer + BLIP image processor (bicubic resize, CLIP mean/std) as a ``Blip2Processor``."""
+def _save_processor(model: nn.Module, tokenizer: Any, config: Any, out: Path, media_token: str = IMAGE_TOKEN) -> None:
+    """Tokenizer + BLIP image processor (bicubic resize, CLIP mean/std) as a ``Blip2Processor``; InstructBLIP adds
+    the Q-Former's tokenizer (``InstructBlipProcessor``, saved under ``qformer_tokenizer/``)."""
     from transformers import Blip2Processor, BlipImageProcessor
 
     size = config.vision_config.image_size
@@ -182,7 +208,18 @@ def _save_processor(model: nn.Module, tokenizer: Any, config: Any, out: Path) ->
         do_convert_rgb=True,
     )
     tokenizer.image_token = IMAGE_TOKEN if not hasattr(tokenizer, "image_token") else tokenizer.image_token
+    if is_instruct(model):
+        model.tokenizer.save_pretrained(out / "qformer_tokenizer")  # where InstructBlipProcessor keeps it
+        if media_token == VIDEO_TOKEN:  # the tokenizers only (a video processor needs its own frame settings)
+            tokenizer.save_pretrained(out)
+            return
     try:
+        if is_instruct(model):
+            from transformers import InstructBlipProcessor
+
+            InstructBlipProcessor(image_processor, tokenizer, model.tokenizer,
+                                  num_query_tokens=config.num_query_tokens).save_pretrained(out)
+            return
         Blip2Processor(image_processor, tokenizer, num_query_tokens=config.num_query_tokens).save_pretrained(out)
     except Exception as err:  # noqa: BLE001 - the weights are written already; the processor is a convenience
         logger.warning("could not save a Blip2Processor to %s (%s); saving the tokenizer alone", out, err)

@@ -357,6 +357,23 @@ class FrozenLLM(nn.Module):
         """Token ids -> stripped strings (special tokens removed)."""
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
+    def materialize_computed_buffers(self, device: torch.device | str = "cpu") -> list[str]:
+        """After a meta-device build took its weights from a checkpoint: buffers no checkpoint holds (non-persistent,
+        e.g. Llama's rotary ``inv_freq``) are computed on ``device`` by the model's own initialisation of the module
+        that owns them. Returns their names."""
+        done = []
+        for prefix, module in self.model.named_modules():
+            names = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
+            if not names:
+                continue
+            if any(p.is_meta for p in module.parameters(recurse=False)):
+                continue  # a module whose weights are missing too: reported by the caller
+            for name in names:
+                module._buffers[name] = torch.empty_like(module._buffers[name], device=device)
+            self.model._init_weights(module)
+            done += [f"{prefix}.{n}" if prefix else n for n in names]
+        return done
+
     def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True):
         """Load a Hugging Face state dict of the wrapped model (keys as in ``self.model.state_dict()``)."""
         return self.model.load_state_dict(state_dict, strict=strict, assign=self.device.type == "meta")

@@ -21,6 +21,7 @@ from torch import nn
 
 import registry
 from common.precision import cpu_safe_
+from models.instructblip_layout import INSTRUCTBLIP_MODEL_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -130,10 +131,12 @@ def build_model_skeleton(name: str, model_type: str, **overrides: Any) -> nn.Mod
 
 
 def model_config_from_hf(source: str) -> tuple[str, dict[str, Any]]:
-    """(arch, ``model:`` config) that rebuilds a Hugging Face BLIP-2 checkpoint (dir, file's dir or hub id) as ours.
+    """(arch, ``model:`` config) that rebuilds a Hugging Face BLIP-2 or InstructBLIP checkpoint (dir, file's dir or
+    hub id) as ours.
 
     ``Blip2ForConditionalGeneration`` with an OPT (or other causal) LM -> ``blip2_opt``; with T5 (or another
-    seq2seq LM) -> ``blip2_t5``; ``Blip2ForImageTextRetrieval`` -> ``blip2_image_text_matching``. The LLM is built
+    seq2seq LM) -> ``blip2_t5``; ``Blip2ForImageTextRetrieval`` -> ``blip2_image_text_matching``; InstructBLIP (image
+    or video) -> ``blip2_vicuna_instruct`` / ``blip2_t5_instruct``. The LLM is built
     from the checkpoint's ``text_config`` (no separate download) and its tokenizer read from the same directory.
     """
     import json
@@ -146,8 +149,10 @@ def model_config_from_hf(source: str) -> tuple[str, dict[str, Any]]:
     if not config_path.exists():
         raise FileNotFoundError(f"{root} has no config.json: not a Hugging Face BLIP-2 checkpoint directory")
     hf = json.loads(config_path.read_text())
-    if hf.get("model_type") != "blip-2":
-        raise ValueError(f"{config_path}: model_type is {hf.get('model_type')!r}, expected 'blip-2'")
+    instruct = hf.get("model_type") in INSTRUCTBLIP_MODEL_TYPES
+    if hf.get("model_type") != "blip-2" and not instruct:
+        raise ValueError(f"{config_path}: model_type is {hf.get('model_type')!r}, expected one of "
+                         f"{('blip-2', *INSTRUCTBLIP_MODEL_TYPES)}")
     vision, qformer = hf.get("vision_config", {}), hf.get("qformer_config", {})
     width, heads = vision.get("hidden_size", 1408), vision.get("num_attention_heads", 16)
     cfg: dict[str, Any] = {
@@ -178,6 +183,13 @@ def model_config_from_hf(source: str) -> tuple[str, dict[str, Any]]:
     seq2seq = bool(text.get("is_encoder_decoder")) or text.get("model_type") in ("t5", "mt5", "umt5", "bart")
     arch = "blip2_t5" if seq2seq else "blip2_opt"
     llm_key = "t5_model" if seq2seq else "opt_model"
+    if instruct:  # InstructBLIP: instruction-aware Q-Former, its BERT tokenizer saved by InstructBlipProcessor
+        arch = "blip2_t5_instruct" if seq2seq else "blip2_vicuna_instruct"
+        llm_key = "t5_model" if seq2seq else "llm_model"
+        cfg["qformer"] = "instruct_qformer"
+        cfg["qformer_config"]["vocab_size"] = qformer.get("vocab_size", 30523)
+        if (root / "qformer_tokenizer").is_dir():
+            cfg["tokenizer"] = str(root / "qformer_tokenizer")
     llm_type = {"t5": "flan_t5", "opt": "opt"}.get(text.get("model_type"), "hf_seq2seq_lm" if seq2seq else "hf_causal_lm")
     cfg.update({
         llm_key: str(root), "llm_type": llm_type, "llm_precision": "fp32", "load_llm_weights": False,
