@@ -13,7 +13,7 @@ from runners.data import collate_fn_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROJECTS = sorted((REPO_ROOT / "projects").rglob("*.yaml"))
-PAPER_PROJECTS = [p for p in PROJECTS if "demo" not in p.relative_to(REPO_ROOT / "projects").parts]
+PAPER_PROJECTS = [p for p in PROJECTS if not {"demo", "examples"} & set(p.relative_to(REPO_ROOT / "projects").parts)]
 REQUIRED = ["stage1.yaml", "stage1_vitL.yaml", "stage2.yaml", "stage2_opt6.7b.yaml", "stage2_flant5xl.yaml",
             "stage2_flant5xxl.yaml", "caption_coco_ft.yaml", "vqav2_ft.yaml", "retrieval_coco_ft.yaml"]
 
@@ -56,7 +56,7 @@ def test_project_loads_merges_and_validates(path):
 def fixture_tree(tmp_path_factory):
     from tests.fixtures_data import make_lavis_tree
 
-    return make_lavis_tree(tmp_path_factory.mktemp("lavis_tree"), with_video=False)
+    return make_lavis_tree(tmp_path_factory.mktemp("lavis_tree"), with_video=True)  # MSR-VTT projects too
 
 
 def _first_batch(datasets: dict, splits: list[str]) -> tuple[str, dict]:
@@ -83,7 +83,7 @@ def test_project_builds_on_tiny_model_and_fixture_data(path, fixture_tree, monke
     run = cfg.run
     splits = list(run.get("train_splits") or []) if not run.get("evaluate") else list(run.get("test_splits"))
     split, batch = _first_batch(datasets, splits)
-    assert batch["image"].shape[0] == 2 and batch["image"].shape[1] == 3
+    assert batch["image"].shape[0] == 2 and batch["image"].shape[1] == 3  # video: [B, 3, T, H, W]
     if run.get("evaluate"):
         return  # evaluation configs use the same tiny models as the training configs below (built there)
     model = task.build_model(cfg)

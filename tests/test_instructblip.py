@@ -1,0 +1,148 @@
+"""Q-Former variants through ``registry.qformers`` and InstructBLIP's LAVIS behaviour, on tiny offline models:
+the LAVIS-layout checkpoint (keys written out here as LAVIS names them) loads strictly and round-trips; the
+instruction's truncation and scored positions follow LAVIS's formulas; a video soft prompt is the per-frame query
+outputs concatenated (LAVIS's frame loop written out)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import registry
+from models import load_model
+
+NUM_LAYERS = 2  # the tiny zoo Q-Former
+
+
+@pytest.fixture(scope="module")
+def vicuna():
+    torch.manual_seed(0)
+    return load_model("blip2_vicuna_instruct", "tiny", is_eval=True)
+
+
+@pytest.fixture(scope="module")
+def t5():
+    torch.manual_seed(1)
+    return load_model("blip2_t5_instruct", "tiny", is_eval=True)
+
+
+def lavis_instruct_keys(proj: str) -> set[str]:
+    """What a released LAVIS InstructBLIP ``*_trimmed.pth`` holds: the trainable parameters (Q-Former with its
+    text path, query tokens, ln_vision, the projection) and the Q-Former's position-id buffer; no ViT, no LLM."""
+    keys = {"query_tokens", "ln_vision.weight", "ln_vision.bias", f"{proj}.weight", f"{proj}.bias",
+            "Qformer.bert.embeddings.position_ids", "Qformer.bert.embeddings.word_embeddings.weight",
+            "Qformer.bert.embeddings.position_embeddings.weight", "Qformer.bert.embeddings.LayerNorm.weight",
+            "Qformer.bert.embeddings.LayerNorm.bias"}
+    for i in range(NUM_LAYERS):
+        layer = f"Qformer.bert.encoder.layer.{i}."
+        attentions = ["attention"] + (["crossattention"] if i % 2 == 0 else [])  # cross_attention_freq 2
+        for attn in attentions:
+            for part in ("self.query", "self.key", "self.value", "output.dense", "output.LayerNorm"):
+                keys |= {f"{layer}{attn}.{part}.weight", f"{layer}{attn}.{part}.bias"}
+        for part in ("intermediate.dense", "output.dense", "output.LayerNorm", "intermediate_query.dense",
+                     "output_query.dense", "output_query.LayerNorm"):
+            keys |= {f"{layer}{part}.weight", f"{layer}{part}.bias"}
+    return keys
+
+
+@pytest.mark.parametrize("arch, proj", [("blip2_vicuna_instruct", "llm_proj"), ("blip2_t5_instruct", "t5_proj")])
+def test_lavis_layout_checkpoint_loads_strictly_and_round_trips(arch, proj, tmp_path):
+    torch.manual_seed(2)
+    source = load_model(arch, "tiny", is_eval=True)
+    expected = lavis_instruct_keys(proj)
+    trainable = {n for n, p in source.named_parameters() if p.requires_grad}
+    assert trainable == expected - {"Qformer.bert.embeddings.position_ids"}  # what LAVIS trains is what we train
+    state = source.state_dict()
+    torch.save({"model": {k: state[k].clone() for k in sorted(expected)}}, tmp_path / "instruct_trimmed.pth")
+    torch.manual_seed(3)
+    target = load_model(arch, "tiny", is_eval=True)
+    assert not torch.equal(target.query_tokens, source.query_tokens)
+    target.load_checkpoint(str(tmp_path / "instruct_trimmed.pth"), strict=True)
+    for key in expected:
+        assert torch.equal(target.state_dict()[key], state[key]), key
+    assert set(target.trainable_state_dict()) == expected  # and back out under the same names
+    samples = {"image": torch.randn(2, 3, 64, 64), "text_input": ["what is it?", "where?"],
+               "text_output": ["a cat", "left"]}
+    target.visual_encoder.load_state_dict(source.visual_encoder.state_dict())  # LAVIS: from eva_vit_g.pth
+    with torch.no_grad():
+        torch.testing.assert_close(target(samples)["loss"], source(samples)["loss"], rtol=0, atol=0)
+
+
+def test_lavis_checkpoint_missing_a_qformer_text_tensor_is_refused(vicuna, tmp_path):
+    state = {k: v for k, v in vicuna.state_dict().items() if k in lavis_instruct_keys("llm_proj")}
+    del state["Qformer.bert.encoder.layer.1.output.dense.weight"]
+    torch.save({"model": state}, tmp_path / "broken.pth")
+    with pytest.raises(Exception, match="layer.1.output.dense.weight"):
+        vicuna.load_checkpoint(str(tmp_path / "broken.pth"), strict=True)
+
+
+def test_qformer_is_selected_through_the_registry(vicuna):
+    from models.qformer import InstructQFormer, QFormer
+
+    assert registry.qformers.get("instruct_qformer") is InstructQFormer
+    assert registry.qformers.get("bert_qformer") is QFormer
+    assert type(vicuna.Qformer) is InstructQFormer and vicuna.qformer_text_input
+    opt = load_model("blip2_opt", "tiny", qformer="instruct_qformer")  # any stage-2 model takes the variant
+    assert type(opt.Qformer) is InstructQFormer and opt.qformer_text_input
+    assert opt.Qformer.bert.embeddings.word_embeddings is not None
+    with pytest.raises(Exception, match="instruct_qformer"):  # close match named
+        load_model("blip2_opt", "tiny", qformer="instruct_qformr")
+    with pytest.raises(KeyError, match="query_intermediate_size.*Valid keys"):
+        load_model("blip2_opt", "tiny", qformer_config={"query_intermediate_size": 8})
+
+
+def test_plugin_qformer_with_its_own_config_key():
+    import importlib
+
+    plugin = importlib.import_module("projects.examples.slim_query_ffn_qformer")
+    for arch in ("blip2", "blip2_opt"):
+        model = load_model(arch, "tiny", qformer="slim_query_ffn_qformer", qformer_config={"query_intermediate_size": 16})
+        assert isinstance(model.Qformer, plugin.SlimQueryFFNQFormer)
+        assert model.Qformer.bert.encoder.layer[1].intermediate_query.dense.out_features == 16
+        loss = model({"image": torch.randn(2, 3, 64, 64), "text_input": ["a red circle", "a blue star"]})["loss"]
+        loss.backward()
+        assert model.Qformer.bert.encoder.layer[1].output_query.dense.weight.grad.abs().sum() > 0
+
+
+def test_decoder_only_instruction_layout_is_lavis(vicuna):
+    """LAVIS ``concat_text_input_output``: instruction (left-truncated at max_txt_len, BOS first) + target + eos
+    (right-truncated at max_output_txt_len, BOS dropped); only the target is scored."""
+    tok = vicuna.llm.tokenizer
+    long_instruction = "question: " + "the red circle is on the left of the blue star " * 6 + "what color?"
+    target = "a small red circle to the left of a large blue star " * 4
+    soft = torch.zeros(1, 8, vicuna.llm.hidden_size)
+    inputs = vicuna.lm_inputs(soft, [long_instruction], [target])
+    full_in = tok(long_instruction).input_ids
+    instruction = [full_in[0]] + full_in[len(full_in) - vicuna.max_txt_len + 1:]  # left truncation keeps BOS
+    assert len(full_in) > vicuna.max_txt_len
+    answer = tok(target + tok.eos_token).input_ids[1 : vicuna.max_output_txt_len]  # right truncation, no BOS
+    labels = inputs["labels"][0, 8:].tolist()
+    assert labels == [-100] * len(instruction) + answer
+    ids = [i for i, m in zip(inputs["labels"][0, 8:].tolist(), inputs["attention_mask"][0, 8:].tolist()) if m]
+    assert len(ids) == len(instruction) + len(answer)
+    q = vicuna.tokenizer([long_instruction * 3], truncation=True, max_length=vicuna.max_txt_len).input_ids[0]
+    assert q[0] == vicuna.tokenizer.cls_token_id and q[-1] == vicuna.tokenizer.sep_token_id  # left-truncated
+
+
+def test_t5_instruction_layout_is_lavis(t5):
+    tok = t5.llm.tokenizer
+    instruction = "question: " + "the red circle is on the left " * 8 + "what color?"
+    soft = torch.zeros(1, 8, t5.llm.hidden_size)
+    inputs = t5.lm_inputs(soft, [instruction], ["red"])
+    encoder_ids = tok(instruction).input_ids[-t5.max_txt_len:]  # left truncation keeps the end (and eos)
+    embedded = t5.llm.embed_tokens(torch.tensor([encoder_ids]))
+    torch.testing.assert_close(inputs["inputs_embeds"][:, 8:], embedded, rtol=0, atol=0)
+    assert inputs["labels"][0].tolist() == tok("red").input_ids
+
+
+def test_video_soft_prompt_is_the_frames_concatenated(vicuna):
+    """LAVIS's frame loop: each frame through ln_vision(encoder), the Q-Former with the instruction, the projection;
+    the per-frame outputs concatenated in frame order."""
+    clip = torch.randn(2, 3, 4, 64, 64, generator=torch.Generator().manual_seed(5))
+    prompts = ["what happens?", "describe the video"]
+    with torch.no_grad():
+        got = vicuna.soft_prompt({"image": clip}, prompts)
+        frames = [vicuna.soft_prompt({"image": clip[:, :, j]}, prompts) for j in range(clip.shape[2])]
+    assert got.shape == (2, 4 * 8, vicuna.llm.hidden_size)
+    torch.testing.assert_close(got, torch.cat(frames, dim=1), rtol=0, atol=1e-6)
+    out = vicuna.generate({"image": clip, "prompt": prompts}, num_beams=2, max_length=3)
+    assert len(out) == 2 and all(isinstance(t, str) for t in out)
