@@ -132,7 +132,7 @@ class Blip2Base(BaseModel):
         checkpoint follows). ``qformer_config`` is checked against that class's ``config_class``."""
         qformer_cls = registry.qformers.get(qformer)
         overrides = dict(qformer_config or {})
-        vocab_size = int(overrides.pop("vocab_size", vocab_size))
+        vocab_size = overrides.pop("vocab_size", vocab_size)
         if bert:
             self.Qformer = qformer_cls.from_bert(
                 bert,

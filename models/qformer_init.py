@@ -31,6 +31,7 @@ def qformer_from_bert(
     from transformers import BertConfig, BertForMaskedLM
 
     from models.assets import resolve_asset
+
     source = resolve_asset(source)
     bert_cfg = BertConfig.from_pretrained(source)
     if vocab_size is None:
