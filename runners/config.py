@@ -16,6 +16,7 @@ or touches data: it is pure config work, so errors surface before anything expen
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import os
 from dataclasses import dataclass
@@ -268,6 +269,7 @@ class Config:
 
         self._validate_run(errors)
         self._validate_section("model", model_keys, errors)
+        self._validate_qformer(errors)
         for name, valid in dataset_keys.items():
             self._validate_section(f"datasets.{name}", valid, errors)
         self._validate_processors(errors)
@@ -428,6 +430,22 @@ class Config:
         for key in _keys(node):
             if key not in valid:
                 errors.append(_unknown_key_message(f"{dotted}.{key}", key, valid, self._source_of(*keys, key)))
+
+    def _validate_qformer(self, errors: list[str]) -> None:
+        """``model.qformer`` names a registered Q-Former; ``model.qformer_config`` holds only its config's keys."""
+        model = _node(self.config, "model")
+        if not isinstance(model, DictConfig) or not ({"qformer", "qformer_config"} & set(_keys(model))):
+            return
+        try:
+            model_cls = registry.models.get(model.get("arch"))
+            name = model.get("qformer") or getattr(model_cls, "DEFAULT_QFORMER", "bert_qformer")
+            qformer_cls = registry.qformers.get(name)
+        except RegistryError as err:
+            errors.append(f"model.qformer (from {self._source_of('model', 'qformer')}): {err}")
+            return
+        config_class = getattr(qformer_cls, "config_class", None)
+        if config_class is not None and dataclasses.is_dataclass(config_class):
+            self._validate_section("model.qformer_config", {f.name for f in dataclasses.fields(config_class)}, errors)
 
     def _validate_processors(self, errors: list[str]) -> None:
         """Processor nodes (datasets.*.{vis,text}_processor.{train,eval}, preprocess.*) name real processors."""

@@ -146,3 +146,53 @@ def test_video_soft_prompt_is_the_frames_concatenated(vicuna):
     torch.testing.assert_close(got, torch.cat(frames, dim=1), rtol=0, atol=1e-6)
     out = vicuna.generate({"image": clip, "prompt": prompts}, num_beams=2, max_length=3)
     assert len(out) == 2 and all(isinstance(t, str) for t in out)
+
+
+# Released LLM sizes (Vicuna-7B with LAVIS's added [PAD] row, as Salesforce/instructblip-vicuna-7b; Flan-T5-XL).
+VICUNA7B = dict(model_type="llama", vocab_size=32001, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False)
+FLANT5XL = dict(model_type="t5", vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=24,
+                num_decoder_layers=24, num_heads=32, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+
+
+def instructblip_trainable(llm_width: int) -> int:
+    """InstructBLIP's trainable parameters written out: bert-base Q-Former with its text path (12 layers, cross-
+    attention to 1408-wide ViT-g features every 2nd layer, query and text FFNs), 32 queries, ln_vision, projection."""
+    h, f, w, vocab, positions = 768, 3072, 1408, 30523, 512
+    embeddings = vocab * h + positions * h + 2 * h
+    self_attention = 4 * (h * h + h) + 2 * h
+    cross_attention = 2 * (h * h + h) + 2 * (w * h + h) + 2 * h
+    ffn = (h * f + f) + (f * h + h) + 2 * h
+    qformer = embeddings + 12 * (self_attention + 2 * ffn) + 6 * cross_attention
+    return qformer + 32 * h + 2 * w + (h * llm_width + llm_width)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, model_type, llm, width", [
+    ("blip2_vicuna_instruct", "vicuna7b", VICUNA7B, 4096), ("blip2_t5_instruct", "flant5xl", FLANT5XL, 2048)])
+def test_full_size_parameter_counts_on_meta(arch, model_type, llm, width):
+    """Table 2-style counts of the released InstructBLIP models, built on the meta device offline (the LLM from its
+    config): trainable = the formula above (~188M, as the InstructBLIP paper states); frozen = ViT-g + LLM."""
+    from models import build_model_skeleton
+
+    model = build_model_skeleton(arch, model_type, llm_kwargs={"config": llm})
+    counts = model.parameter_counts()
+    assert counts["trainable"] == instructblip_trainable(width)
+    frozen = sum(p.numel() for p in model.visual_encoder.parameters()) + sum(p.numel() for p in model.llm.parameters())
+    assert counts["total"] == counts["trainable"] + frozen
+    assert model.visual_encoder.num_features == 1408 and len(model.visual_encoder.blocks) == 39
+
+
+def test_config_checks_the_qformer_name_and_its_keys_before_building(tmp_path):
+    from omegaconf import OmegaConf
+
+    from runners.config import Config, ConfigError
+
+    path = tmp_path / "cfg.yaml"
+    base = {"model": {"arch": "blip2_opt", "model_type": "tiny"}, "run": {"task": "captioning"}}
+    OmegaConf.save(OmegaConf.create(base), path)
+    with pytest.raises(ConfigError, match="instruct_qformer"):
+        Config(path, options=["model.qformer=instruct_qformr"])
+    with pytest.raises(ConfigError, match="model.qformer_config.query_intermediate_size"):
+        Config(path, options=["model.qformer_config.query_intermediate_size=8"])
+    Config(path, options=["model.qformer=instruct_qformer"])

@@ -1,6 +1,6 @@
 """``python -m runners.train`` end to end (train, evaluate, metrics) on tiny models and the fixture tree:
 an InstructBLIP project YAML (OK-VQA, instruction template), a video captioning YAML (MSR-VTT clips of 4 frames
-through BLIP-2 OPT) and the Q-Former plugin example YAML."""
+through BLIP-2 OPT), InstructBLIP on MSR-VTT QA clips, and the Q-Former plugin example YAML."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,6 +27,7 @@ CASES = {
                        TINY + image_size_64("ok_vqa") + ["run.apply_lemmatizer=False"]),  # spaCy not needed
     "video_caption_opt": ("projects/instructblip/msrvtt_caption_ft_flant5xl.yaml",
                           TINY + image_size_64("msrvtt_caption") + ["model.arch=blip2_opt", "run.min_len=1"]),
+    "video_qa_instruct": ("projects/instructblip/msrvtt_qa_ft_vicuna7b.yaml", TINY + image_size_64("msrvtt_qa")),
     "qformer_plugin": ("projects/examples/qformer_plugin_tiny.yaml", []),
 }
 
@@ -58,13 +59,13 @@ def test_runners_train_end_to_end(case, tmp_path, tree):
     assert steps and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
     metrics = summary["results"]["test"]
     assert "agg_metrics" in metrics
-    if case == "instruct_okvqa":
+    if case in ("instruct_okvqa", "video_qa_instruct"):
         assert metrics["num_questions"] > 0 and 0.0 <= metrics["agg_metrics"] <= 100.0
     else:
         assert {"Bleu_4", "CIDEr"} <= set(metrics)
     weights = load_file(sorted((job / "checkpoints").iterdir())[-1] / "model.safetensors")
-    assert "query_tokens" in weights and not any(k.startswith(("visual_encoder.", "opt_model.", "t5_model."))
-                                                 for k in weights)
+    assert "query_tokens" in weights and not any(
+        k.startswith(("visual_encoder.", "opt_model.", "t5_model.", "llm_model.")) for k in weights)
     if case == "instruct_okvqa":  # the instruction-aware Q-Former trains its text path too
         assert "Qformer.bert.embeddings.word_embeddings.weight" in weights and "t5_proj.weight" in weights
     if case == "qformer_plugin":  # the plugin's narrow query FFN is what was trained
