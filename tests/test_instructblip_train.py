@@ -27,7 +27,8 @@ CASES = {
                        TINY + image_size_64("ok_vqa") + ["run.apply_lemmatizer=False"]),  # spaCy not needed
     "video_caption_opt": ("projects/instructblip/msrvtt_caption_ft_flant5xl.yaml",
                           TINY + image_size_64("msrvtt_caption") + ["model.arch=blip2_opt", "run.min_len=1"]),
-    "video_qa_instruct": ("projects/instructblip/msrvtt_qa_ft_vicuna7b.yaml", TINY + image_size_64("msrvtt_qa")),
+    "video_qa_instruct": ("projects/instructblip/msrvtt_qa_ft_vicuna7b.yaml",
+                          TINY + image_size_64("msrvtt_qa") + ["run.batch_size_train=2"]),  # 3 fixture clips
     "qformer_plugin": ("projects/examples/qformer_plugin_tiny.yaml", []),
 }
 
