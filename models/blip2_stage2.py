@@ -117,8 +117,11 @@ class Blip2LLMBase(Blip2Base):
         return super()._missing_key_is_expected(key)
 
     def _unexpected_key_is_expected(self, key: str) -> bool:
-        """Stage-1 heads (ITC/ITM/ITG) and, without question conditioning, the Q-Former text path."""
+        """Stage-1 heads (ITC/ITM/ITG), without question conditioning the Q-Former text path, and an LLM's computed
+        constants that an older checkpoint saved (LAVIS's vendored Llama kept its rotary ``inv_freq`` persistent)."""
         if STAGE1_ONLY_PARTS.match(key):
+            return True
+        if key.startswith(self.LLM_ATTR + ".") and key.endswith("rotary_emb.inv_freq"):
             return True
         if QFORMER_TEXT_PARTS.match(key):
             return not self.qformer_text_input

@@ -67,6 +67,22 @@ def test_lavis_layout_checkpoint_loads_strictly_and_round_trips(arch, proj, tmp_
         torch.testing.assert_close(target(samples)["loss"], source(samples)["loss"], rtol=0, atol=0)
 
 
+def test_lavis_checkpoint_with_saved_rotary_constants_loads(vicuna, tmp_path):
+    """LAVIS's vendored Llama saved ``rotary_emb.inv_freq`` as a persistent buffer: such a constant is not an error."""
+    state = {k: v for k, v in vicuna.state_dict().items() if k in lavis_instruct_keys("llm_proj")}
+    state["llm_model.model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    torch.save({"model": state}, tmp_path / "with_rotary.pth")
+    vicuna.load_checkpoint(str(tmp_path / "with_rotary.pth"), strict=True)
+
+
+def test_llm_special_tokens_grow_the_vocabulary_as_lavis_vicuna():
+    model = load_model("blip2_vicuna_instruct", "tiny", llm_special_tokens={"pad_token": "[PAD]"})
+    tok = model.llm.tokenizer
+    assert tok.pad_token == "[PAD]" and tok.pad_token_id == len(tok) - 1
+    assert model.llm.model.get_input_embeddings().num_embeddings == len(tok)
+    assert not any(p.requires_grad for p in model.llm.parameters())
+
+
 def test_lavis_checkpoint_missing_a_qformer_text_tensor_is_refused(vicuna, tmp_path):
     state = {k: v for k, v in vicuna.state_dict().items() if k in lavis_instruct_keys("llm_proj")}
     del state["Qformer.bert.encoder.layer.1.output.dense.weight"]
