@@ -81,6 +81,7 @@ class FrozenLLM(nn.Module):
         *,
         load_weights: bool = True,
         config: Any = None,
+        config_overrides: dict[str, Any] | None = None,
         tokenizer_name_or_path: str | None = None,
         attn_implementation: str | None = "sdpa",
         stop_at_newline: bool = False,
@@ -96,7 +97,9 @@ class FrozenLLM(nn.Module):
         dequantised once and cached as a Hugging Face checkpoint with its tokenizer (``models/gguf.py``).
         ``load_weights=False`` (or building under ``torch.device("meta")``) instantiates from the
         config only: a full checkpoint is about to be loaded, or only shapes are needed.
-        ``config`` overrides the config (a ``PretrainedConfig`` or a dict with ``model_type``).
+        ``config`` overrides the config (a ``PretrainedConfig`` or a dict with ``model_type``);
+        ``config_overrides`` sets single attributes of it before the model is built (e.g. LAVIS's Flan-T5
+        ``dense_act_fn: gelu``); an attribute the config does not have is an error.
         """
         super().__init__()
         from models.assets import resolve_asset
@@ -125,6 +128,11 @@ class FrozenLLM(nn.Module):
         self._tokenizer = None
         dtype = resolve_precision(precision, self.gpu_precision, what="LLM precision")
         hf_config = self._load_config(config)
+        for key, value in dict(config_overrides or {}).items():
+            if not hasattr(hf_config, key):
+                raise ValueError(f"llm_kwargs.config_overrides: {type(hf_config).__name__} of {model_name_or_path!r} "
+                                 f"has no attribute {key!r}")
+            setattr(hf_config, key, value)
         self.model = self._build_model(hf_config, dtype, load_weights and not _building_on_meta(), attn_implementation)
         self._after_build()
         if freeze:

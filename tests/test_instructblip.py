@@ -212,3 +212,18 @@ def test_config_checks_the_qformer_name_and_its_keys_before_building(tmp_path):
     with pytest.raises(ConfigError, match="model.qformer_config.query_intermediate_size"):
         Config(path, options=["model.qformer_config.query_intermediate_size=8"])
     Config(path, options=["model.qformer=instruct_qformer"])
+
+
+def test_t5_config_overrides_reach_the_llm():
+    """LAVIS's Flan-T5 runs exact GELU in its gated FFN (the InstructBLIP Flan-T5 zoo YAMLs ask for it)."""
+    from omegaconf import OmegaConf
+
+    from models.zoo import _zoo_yaml
+
+    assert OmegaConf.to_container(_zoo_yaml("blip2_t5_instruct", "flant5xl").model.llm_kwargs) == {
+        "config_overrides": {"dense_act_fn": "gelu"}}
+    model = load_model("blip2_t5_instruct", "tiny", llm_kwargs={"config_overrides": {"dense_act_fn": "gelu"}})
+    act = model.llm.model.encoder.block[0].layer[1].DenseReluDense.act
+    assert model.llm.model.config.dense_act_fn == "gelu" and type(act).__name__ == "GELUActivation"
+    with pytest.raises(ValueError, match="no attribute 'dense_act_fnn'"):
+        load_model("blip2_t5_instruct", "tiny", llm_kwargs={"config_overrides": {"dense_act_fnn": "gelu"}})
