@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 import registry
+from models import dist
 from models.blip2_stage2 import Blip2LLMBase
 
 STAGE2_EXTRA_KEYS = (
@@ -139,7 +140,7 @@ class Blip2OPT(Blip2LLMBase):
             soft = self.soft_prompt(samples, [self.prompt] * batch if self.qformer_text_input else None)
             inputs = self.caption_inputs(soft, texts)
         out = self.llm(**inputs, return_logits=return_logits)
-        result = {"loss": out.loss}
+        result = {"loss": dist.global_token_mean(out.loss, out.num_tokens.sum())}  # global-batch token mean
         if return_logits:
             result["logits"] = out.logits
         return result

@@ -142,6 +142,9 @@ class Blip2InferenceMixin:
         return [text.strip() for text in tok.batch_decode(ids, skip_special_tokens=True)]
 
 
+ITM_NEGATIVES = ("multinomial", "hardest")  # sampled from the ITC similarities (paper) | the most similar one
+
+
 @registry.models.register("blip2", "blip2_feature_extractor")
 class Blip2Qformer(Blip2InferenceMixin, Blip2Base):
     """BLIP-2 stage 1: ``forward`` returns loss, loss_itc, loss_itm, loss_itg."""
@@ -152,6 +155,7 @@ class Blip2Qformer(Blip2InferenceMixin, Blip2Base):
         "embed_dim", "itm_negatives", "itm_seed", "label_smoothing", "loss_weights", "itc_gather_grad",
     )
     LOSSES = ("itc", "itm", "itg")
+    CONFIG_CHOICES = {"itm_negatives": ITM_NEGATIVES}  # checked by config validation and by __init__
 
     def __init__(
         self,
@@ -186,8 +190,8 @@ class Blip2Qformer(Blip2InferenceMixin, Blip2Base):
         gradient) lets each ITC similarity row back-propagate through its own feature only, the batch's other
         features (the gathered side) being constants; True also back-propagates through the gathered side."""
         super().__init__()
-        if itm_negatives not in ("multinomial", "hardest"):
-            raise ValueError(f"model.itm_negatives must be 'multinomial' or 'hardest', got {itm_negatives!r}")
+        if itm_negatives not in ITM_NEGATIVES:
+            raise ValueError(f"model.itm_negatives must be one of {ITM_NEGATIVES}, got {itm_negatives!r}")
         self.loss_weights = self._check_loss_weights(loss_weights)
         if not isinstance(itc_gather_grad, bool):
             raise ValueError(f"model.itc_gather_grad must be true or false, got {itc_gather_grad!r}")
@@ -408,12 +412,7 @@ def _mean_tokens_per_rank(target_mask: Tensor) -> Tensor:
 
     One process: the local count (a plain mean). Distributed: global count / world size.
     """
-    count = target_mask.sum().float()
-    if dist.get_world_size() > 1:
-        count = count.detach().clone()
-        torch.distributed.all_reduce(count)
-        count = count / dist.get_world_size()
-    return count.clamp(min=1.0)
+    return dist.mean_tokens_per_rank(target_mask.sum())
 
 
 def _pad_to_global_length(ids: Tensor, atts: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:

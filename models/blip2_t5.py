@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 import registry
+from models import dist
 from models.blip2_opt import STAGE2_EXTRA_KEYS
 from models.blip2_stage2 import Blip2LLMBase
 
@@ -106,7 +107,7 @@ class Blip2T5(Blip2LLMBase):
             prompts, targets = map(list, zip(*(self.split_caption(t) for t in texts)))
             soft = self.soft_prompt(samples, prompts if self.qformer_text_input else None)
         out = self.llm(**self.lm_inputs(soft, prompts, targets), return_logits=return_logits)
-        result = {"loss": out.loss}
+        result = {"loss": dist.global_token_mean(out.loss, out.num_tokens.sum())}  # global-batch token mean
         if return_logits:
             result["logits"] = out.logits
         return result

@@ -11,6 +11,30 @@ from torch import Tensor
 from common.dist import get_rank, get_world_size  # noqa: F401 (re-exported for the models)
 
 
+def mean_tokens_per_rank(count: Tensor) -> Tensor:
+    """The token count that makes per-rank token sums, averaged over ranks by DDP, equal the global token mean.
+
+    One process: the local count (a plain mean). Distributed: global count / world size (no gradient).
+    """
+    count = count.detach().float()
+    if get_world_size() > 1:
+        count = count.clone()
+        dist.all_reduce(count)
+        count = count / get_world_size()
+    return count.clamp(min=1.0)
+
+
+def global_token_mean(local_mean: Tensor, local_count: Tensor) -> Tensor:
+    """A rank's share of the global batch's token-mean loss, from its own token mean and token count.
+
+    DDP averages gradients over ranks, so rank r contributes sum_r / (sum_all counts / world): with texts of
+    different lengths on different ranks, 2 ranks x b then equal 1 process x 2b. Unchanged without DDP.
+    """
+    if get_world_size() == 1:
+        return local_mean
+    return local_mean * local_count.detach().float().clamp(min=1.0) / mean_tokens_per_rank(local_count)
+
+
 @torch.no_grad()
 def all_gather(tensor: Tensor) -> Tensor:
     """Concatenate ``tensor`` from every rank along dim 0, without gradient ([B, ...] -> [world*B, ...])."""

@@ -52,14 +52,47 @@ _register("cache_root", _cache_root_resolver, replace=True)
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RunKey:
-    """Documentation and (optional) checks for one ``run:`` key."""
+    """Documentation and checks for one ``run:`` key (null is accepted only when ``types`` allows NoneType)."""
 
     help: str
     types: tuple[type, ...] | None = None  # allowed Python types of the value (None: anything)
     choices: tuple[Any, ...] | None = None  # allowed values (strings compared case-insensitively)
+    low: float | None = None  # smallest allowed value (numbers)
+    high: float | None = None  # largest allowed value (numbers)
+    open_low: bool = False  # exclude ``low`` itself (e.g. a learning rate must be > 0)
+    items: tuple[Any, ...] | None = None  # allowed elements of a list value
 
 
 _NUM, _INT, _BOOL, _STR, _LIST = (int, float), (int,), (bool,), (str,), (list, ListConfig, str)
+_NONE = (type(None),)
+
+
+def _count(help: str, low: int = 1) -> RunKey:
+    return RunKey(help, _INT, low=low)
+
+
+def _rate(help: str) -> RunKey:
+    return RunKey(help, _NUM, low=0.0, open_low=True)
+
+
+def _fraction(help: str, **kw: Any) -> RunKey:
+    return RunKey(help, _NUM, low=0.0, high=1.0, **kw)
+
+
+# Keys LAVIS configs carry that nothing here reads: refused with the reason instead of accepted and ignored.
+NOT_READ_RUN_KEYS = {
+    "itm_negatives": "the ITM negatives are a model option: set model.itm_negatives (multinomial | hardest)",
+    "distributed": "a run is distributed when torchrun or srun launch more than one process",
+    "world_size": "the launcher (torchrun, SLURM) sets the number of processes",
+    "dist_url": "the process group is initialised from the launcher's variables (MASTER_ADDR/MASTER_PORT)",
+    "dist_backend": "the backend is nccl on GPU and gloo on CPU",
+    "rank": "the launcher sets each process's rank",
+    "gpu": "the launcher's LOCAL_RANK picks the GPU",
+    "save_last": "the last step checkpoint is always kept (run.keep_last_ckpts)",
+    "compile": "torch.compile is not applied by the runner",
+    "num_captions": "captioning returns one caption per image",
+    "img_ids": "evaluation runs on the whole split",
+}
 
 RUN_SCHEMA: dict[str, RunKey] = {
     # what runs
@@ -72,68 +105,62 @@ RUN_SCHEMA: dict[str, RunKey] = {
     "test_splits": RunKey("splits evaluated at the end with the best checkpoint", _LIST),
     # optimisation
     "lr_sched": RunKey("registered LR schedule (registry.lr_schedulers)", _STR),
-    "init_lr": RunKey("peak learning rate", _NUM),
-    "min_lr": RunKey("final learning rate of the cosine decay", _NUM),
-    "warmup_lr": RunKey("learning rate at step 0 of the warmup (-1: init_lr)", _NUM),
-    "warmup_steps": RunKey("linear warmup length in optimizer steps", _INT),
-    "lr_decay_rate": RunKey("decay per epoch of linear_warmup_step_lr", _NUM),
-    "weight_decay": RunKey("AdamW weight decay (not applied to biases, norms, 1-d params)", _NUM),
-    "lr_layer_decay": RunKey("layer-wise LR decay for a trainable ViT (1: off)", _NUM),
-    "beta1": RunKey("AdamW beta1", _NUM),
-    "beta2": RunKey("AdamW beta2", _NUM),
-    "grad_clip": RunKey("max gradient norm (null/0: no clipping)", _NUM + (type(None),)),
-    "accum_grad_iters": RunKey("gradient accumulation micro-steps per optimizer step", _INT),
+    "init_lr": _rate("peak learning rate"),
+    "min_lr": RunKey("final learning rate of the cosine decay", _NUM, low=0.0),
+    "warmup_lr": RunKey("learning rate at step 0 of the warmup (-1: init_lr)", _NUM, low=-1.0),
+    "warmup_steps": _count("linear warmup length in optimizer steps", low=0),
+    "lr_decay_rate": _rate("decay per epoch of linear_warmup_step_lr"),
+    "weight_decay": RunKey("AdamW weight decay (not applied to biases, norms, 1-d params)", _NUM, low=0.0),
+    "lr_layer_decay": _fraction("layer-wise LR decay for a trainable ViT (1: off)", open_low=True),
+    "beta1": _fraction("AdamW beta1"),
+    "beta2": _fraction("AdamW beta2"),
+    "grad_clip": RunKey("max gradient norm (null/0: no clipping)", _NUM + _NONE, low=0.0),
+    "accum_grad_iters": _count("gradient accumulation micro-steps per optimizer step"),
     "amp": RunKey("mixed precision", (str, bool), ("bf16", "fp16", "off", "true", "false", True, False)),
-    "max_epoch": RunKey("epochs (runner_base)", _INT),
-    "max_iters": RunKey("total iterations (runner_iter)", _INT),
-    "iters_per_inner_epoch": RunKey("iterations between evaluations/checkpoints (runner_iter)", _INT),
+    "max_epoch": _count("epochs (runner_base)"),
+    "max_iters": _count("total iterations (runner_iter)"),
+    "iters_per_inner_epoch": _count("iterations between evaluations/checkpoints (runner_iter)"),
     "train_dataset_ratios": RunKey("sampling weight per training dataset {name: ratio}"),
-    "itm_negatives": RunKey("ITM hard-negative choice", _STR, ("random", "hardest")),
-    "compile": RunKey("torch.compile the model", _BOOL),
     "cache_image_features": RunKey("cache frozen image-encoder outputs between epochs", _BOOL),
     "feature_cache_dir": RunKey("directory of that cache (default: <cache root>/feature_cache)", _STR),
     # data loading
-    "batch_size_train": RunKey("per-process training batch size", _INT),
-    "batch_size_eval": RunKey("per-process evaluation batch size", _INT),
-    "num_workers": RunKey("DataLoader workers per process", _INT),
+    "batch_size_train": _count("per-process training batch size"),
+    "batch_size_eval": _count("per-process evaluation batch size"),
+    "num_workers": _count("DataLoader workers per process", low=0),
     "use_dist_eval_sampler": RunKey("split evaluation data across ranks", _BOOL),
     # reproducibility, resume, output
-    "seed": RunKey("random seed (each rank adds its rank)", _INT),
+    "seed": _count("random seed (each rank adds its rank)", low=0),
     "output_dir": RunKey("root of job directories (relative paths: relative to the working dir)", _STR),
-    "resume_ckpt_path": RunKey("checkpoint to resume from ('auto': latest in the job dir)", _STR + (type(None),)),
+    "resume_ckpt_path": RunKey("checkpoint to resume from ('auto': latest in the job dir)", _STR + _NONE),
     "save_freq": RunKey("save a checkpoint every N epochs (<=0: off)", _INT),
-    "save_last": RunKey("save the last checkpoint", _BOOL),
-    "val_freq": RunKey("evaluate valid_splits every N epochs", _INT),
-    "log_freq": RunKey("log every N steps", _INT),
+    "val_freq": _count("evaluate valid_splits every N epochs"),
+    "log_freq": _count("log every N steps"),
     "tensorboard": RunKey("also write TensorBoard events", _BOOL),
-    # devices and distribution
-    "device": RunKey("cuda | cpu | cuda:N", _STR),
-    "distributed": RunKey("use torch.distributed when launched by torchrun/SLURM", _BOOL),
-    "world_size": RunKey("number of processes (set by the launcher)", _INT),
-    "dist_url": RunKey("torch.distributed init method", _STR),
-    "dist_backend": RunKey("nccl | gloo (default: nccl on GPU, gloo on CPU)", _STR),
-    "rank": RunKey("process rank (set at runtime)", _INT),
-    "gpu": RunKey("local device index (set at runtime)", _INT),
-    "fsdp": RunKey("shard the model with torch FSDP (bool or an options mapping)"),
-    # decoding and task options
-    "num_beams": RunKey("beam width", _INT),
-    "max_len": RunKey("max generated tokens", _INT),
-    "min_len": RunKey("min generated tokens", _INT),
-    "length_penalty": RunKey("beam-search length penalty", _NUM),
-    "repetition_penalty": RunKey("generation repetition penalty", _NUM),
-    "use_nucleus_sampling": RunKey("sample instead of beam search", _BOOL),
-    "top_p": RunKey("nucleus sampling p", _NUM),
-    "temperature": RunKey("sampling temperature", _NUM),
-    "num_captions": RunKey("captions generated per image", _INT),
-    "prompt": RunKey("text prompt; VQA prompts contain '{}' for the question", _STR),
-    "inference_method": RunKey("VQA answer inference", _STR, ("generate", "rank")),
-    "num_ans_candidates": RunKey("candidates kept for answer ranking", _INT),
-    "answer_list": RunKey("file with the candidate answers for ranking", _STR + (type(None),)),
-    "apply_lemmatizer": RunKey("lemmatise predicted answers (OK-VQA)", _BOOL),
-    "k_test": RunKey("retrieval: top-k candidates re-ranked by ITM", _INT),
-    "annotation_file": RunKey("ground-truth file for caption scoring", _STR + (type(None),)),
-    "img_ids": RunKey("restrict evaluation to these image ids", _LIST),
+    "stop_signals": RunKey("signals that stop a run gracefully: finish the step, checkpoint, exit with status 75",
+                           (list, ListConfig), items=("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGQUIT")),
     "report_metric": RunKey("compute metrics (false: only write results)", _BOOL),
+    # devices and distribution
+    "device": RunKey("cuda | cpu | cuda:N | auto", _STR),
+    "fsdp": RunKey("shard the model with torch FSDP (bool or an options mapping)"),
+}
+
+# Types and ranges of keys that only the tasks declaring them in RUN_KEYS accept.
+TASK_KEY_CHECKS: dict[str, RunKey] = {
+    "num_beams": _count("beam width"),
+    "max_len": _count("max generated tokens"),
+    "min_len": _count("min generated tokens", low=0),
+    "length_penalty": RunKey("beam-search length penalty", _NUM),
+    "repetition_penalty": _rate("generation repetition penalty"),
+    "use_nucleus_sampling": RunKey("sample instead of beam search", _BOOL),
+    "top_p": _fraction("nucleus sampling p", open_low=True),
+    "temperature": _rate("sampling temperature"),
+    "prompt": RunKey("text prompt; VQA prompts contain '{}' for the question", _STR + _NONE),
+    "inference_method": RunKey("VQA answer inference", _STR, ("generate", "rank")),
+    "num_ans_candidates": _count("candidates kept for answer ranking"),
+    "answer_list": RunKey("file with the candidate answers for ranking", _STR + _NONE),
+    "apply_lemmatizer": RunKey("lemmatise predicted answers (OK-VQA)", _BOOL),
+    "k_test": _count("retrieval: top-k candidates re-ranked by ITM"),
+    "annotation_file": RunKey("ground-truth file for caption scoring", _STR + _NONE),
 }
 
 GENERIC_MODEL_KEYS = ("arch", "model_type", "load_pretrained", "load_finetuned", "pretrained", "finetuned")
@@ -251,6 +278,7 @@ class Config:
 
         user = OmegaConf.merge(project.cfg, user_options.cfg)
         self.model_type: str | None = None  # set by _model_layers (the project's or the class default)
+        self.model_cls: type | None = None  # set by _model_layers
         user_layers = [project, user_options]
         errors: list[str] = []
         model_layers, model_keys = self._model_layers(user, errors)
@@ -270,9 +298,11 @@ class Config:
         self._validate_run(errors)
         self._validate_section("model", model_keys, errors)
         self._validate_qformer(errors)
+        self._validate_model_choices(errors)
         for name, valid in dataset_keys.items():
             self._validate_section(f"datasets.{name}", valid, errors)
         self._validate_processors(errors)
+        self._validate_null_splits(errors)
         if errors:
             raise ConfigError(self._format_errors(errors))
 
@@ -310,6 +340,7 @@ class Config:
         except RegistryError as err:
             errors.append(f"model.arch: {err}")
             return [], None
+        self.model_cls = model_cls
         valid = set(GENERIC_MODEL_KEYS) | set(getattr(model_cls, "EXTRA_CONFIG_KEYS", ()))
         zoo = dict(getattr(model_cls, "PRETRAINED_MODEL_CONFIG_DICT", {}) or {})
         if not zoo:
@@ -395,7 +426,10 @@ class Config:
                     raise
                 continue  # the default runner is not registered: nothing to add
             for key, spec in dict(getattr(cls, "RUN_KEYS", {}) or {}).items():
-                schema[key] = spec if isinstance(spec, RunKey) else RunKey(str(spec))
+                if not isinstance(spec, RunKey):
+                    checks = TASK_KEY_CHECKS.get(key)
+                    spec = dataclasses.replace(checks, help=str(spec)) if checks else RunKey(str(spec))
+                schema[key] = spec
         return schema
 
     def _validate_run(self, errors: list[str]) -> None:
@@ -417,7 +451,11 @@ class Config:
         for key in _keys(run):
             source = self._source_of("run", key)
             if key not in schema:
-                errors.append(_unknown_key_message(f"run.{key}", key, schema, source))
+                if key in NOT_READ_RUN_KEYS:
+                    errors.append(f"run.{key} (from {source}) is not read by anything here: {NOT_READ_RUN_KEYS[key]}; "
+                                  f"remove it")
+                else:
+                    errors.append(_unknown_key_message(f"run.{key}", key, schema, source))
                 continue
             value = _node(run, key)
             errors.extend(_check_run_value(key, value, schema[key], source))
@@ -446,6 +484,34 @@ class Config:
         config_class = getattr(qformer_cls, "config_class", None)
         if config_class is not None and dataclasses.is_dataclass(config_class):
             self._validate_section("model.qformer_config", {f.name for f in dataclasses.fields(config_class)}, errors)
+
+    def _validate_model_choices(self, errors: list[str]) -> None:
+        """Values the model class restricts: ``CONFIG_CHOICES`` {key: allowed values} (one definition, also
+        checked by its constructor)."""
+        model = _node(self.config, "model")
+        if self.model_cls is None or not isinstance(model, DictConfig):
+            return
+        for key, allowed in dict(getattr(self.model_cls, "CONFIG_CHOICES", {}) or {}).items():
+            value = _node(model, key)
+            if value is not None and value not in allowed:
+                errors.append(f"model.{key} (from {self._source_of('model', key)}) must be one of "
+                              f"{', '.join(map(str, allowed))}, got {value!r}")
+
+    def _validate_null_splits(self, errors: list[str]) -> None:
+        """``build_info.annotations.<split>: null`` switches a default split off; using that split is an error."""
+        run = _node(self.config, "run")
+        used = {}
+        for key in ("train_splits", "valid_splits", "test_splits"):
+            value = _node(run, key) if isinstance(run, DictConfig) else None
+            for split in ([value] if isinstance(value, str) else list(value or [])):
+                used.setdefault(str(split), key)
+        for name in _keys(_node(self.config, "datasets")):
+            annotations = _node(self.config, "datasets", name, "build_info", "annotations")
+            for split in _keys(annotations):
+                if _node(annotations, split) is None and split in used:
+                    errors.append(f"datasets.{name}.build_info.annotations.{split} (from "
+                                  f"{self._source_of('datasets', name, 'build_info', 'annotations', split)}) is null, "
+                                  f"which switches that split off, but run.{used[split]} uses it")
 
     def _validate_processors(self, errors: list[str]) -> None:
         """Processor nodes (datasets.*.{vis,text}_processor.{train,eval}, preprocess.*) name real processors."""
@@ -551,7 +617,10 @@ def _check_run_value(key: str, value: Any, spec: RunKey, source: str) -> list[st
     if isinstance(value, str) and OmegaConf.is_interpolation(OmegaConf.create({"v": value}), "v"):
         return []  # checked when resolved by its user
     if value is None:
-        return []
+        if spec.types is None or type(None) in spec.types:
+            return []
+        expected = " or ".join(t.__name__ for t in spec.types)
+        return [f"run.{key} (from {source}) is null; it must be {expected} ({spec.help}) or be left out"]
     wrong_type = spec.types is not None and (
         not isinstance(value, spec.types) or (isinstance(value, bool) and bool not in spec.types)
     )
@@ -563,6 +632,18 @@ def _check_run_value(key: str, value: Any, spec: RunKey, source: str) -> list[st
         if normalised not in spec.choices:
             shown = ", ".join(str(c) for c in spec.choices)
             return [f"run.{key} (from {source}) must be one of {shown}, got {value!r}"]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        too_low = spec.low is not None and (value < spec.low or (spec.open_low and value == spec.low))
+        too_high = spec.high is not None and value > spec.high
+        if too_low or too_high or value != value:  # value != value: NaN
+            low = "" if spec.low is None else f"{'>' if spec.open_low else '>='} {spec.low:g}"
+            high = "" if spec.high is None else f"<= {spec.high:g}"
+            return [f"run.{key} (from {source}) must be {' and '.join(filter(None, (low, high)))} ({spec.help}), "
+                    f"got {value!r}"]
+    if spec.items is not None and isinstance(value, (list, ListConfig)):
+        bad = [v for v in value if str(v).upper() not in spec.items]
+        if bad:
+            return [f"run.{key} (from {source}): {bad} not allowed; choose from {', '.join(spec.items)}"]
     return []
 
 

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,13 @@ from common.device import move_to_device
 from common.paths import cache_root
 from common.precision import autocast, resolve_amp
 from runners import checkpointing as ckpt
+from runners import stopping
 from runners.batch_stream import BatchStream
+from runners.config import RunKey
 from runners.data import eval_loader, merge_train_datasets, train_loader
 from runners.lr_schedulers import build_lr_scheduler
 from runners.optim import build_optimizer, count_trainable
-from runners.run_logging import MetricsLog, create_job_dir
+from runners.run_logging import JobClaimError, MetricsLog, create_job_dir
 from runners.wrapping import wrap_model
 
 logger = logging.getLogger("runners")
@@ -80,11 +83,15 @@ class RunnerBase:
 
     # run: keys this runner reads beyond runners.config.RUN_SCHEMA (validated by Config).
     RUN_KEYS = {
-        "save_every_steps": "also write a resumable checkpoint every N optimizer steps (0: only at epoch ends)",
-        "keep_last_ckpts": "resumable step checkpoints kept in <job>/checkpoints (older ones are deleted; 0: keep all)",
-        "find_unused_parameters": "DDP find_unused_parameters (only for models with unused trainable parameters)",
-        "dist_timeout_minutes": "timeout of torch.distributed collectives",
-        "adam_eps": "AdamW epsilon (1e-8)",
+        "save_every_steps": RunKey("also write a resumable checkpoint every N optimizer steps (0: only at epoch "
+                                   "ends)", (int,), low=0),
+        "keep_last_ckpts": RunKey("resumable step checkpoints kept in <job>/checkpoints (older ones are deleted; "
+                                  "0: keep all)", (int,), low=0),
+        "find_unused_parameters": RunKey("DDP find_unused_parameters (only for models with unused trainable "
+                                         "parameters)", (bool,)),
+        "dist_timeout_minutes": RunKey("timeout of torch.distributed collectives", (int, float), low=0.0,
+                                       open_low=True),
+        "adam_eps": RunKey("AdamW epsilon (1e-8)", (int, float), low=0.0, open_low=True),
     }
 
     def __init__(self, cfg: Any, task: Any, model: torch.nn.Module, datasets: dict[str, dict[str, Any]],
@@ -136,6 +143,10 @@ class RunnerBase:
             self.scaler = torch.amp.GradScaler("cuda")
         self.global_step = 0
         self.start_epoch = 0
+        self.stop_requested = False  # a stop signal reached some rank (agreed by all ranks after each step)
+        self.last_saved: Path | None = None
+        self._last_saved_step = -1
+        self._epoch_sums: dict[str, float] = {}
         self.best_metric: float | None = None
         self.best_epoch: int | None = None
 
@@ -225,9 +236,11 @@ class RunnerBase:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
+        totals["_stop"] = 1.0 if stopping.requested_signal() else 0.0  # rides on the logs' all-reduce
         keys = sorted(totals)
         mean = dist_utils.all_reduce_sum(torch.tensor([totals[k] for k in keys], dtype=torch.float64))
         logs = {k: float(v) / self.world_size for k, v in zip(keys, mean)}
+        self.stop_requested = logs.pop("_stop") > 0
         logs["lr"] = lr
         return logs
 
@@ -244,8 +257,10 @@ class RunnerBase:
 
     # -- training -------------------------------------------------------------------------------
     def train_steps(self, stream: BatchStream, epoch: int, first_step: int, num_steps: int) -> dict[str, float]:
-        """Run steps ``first_step..num_steps-1`` of ``epoch``; returns the epoch's mean logs."""
-        sums: dict[str, float] = {}
+        """Run steps ``first_step..num_steps-1`` of ``epoch``; returns the epoch's mean logs (a resumed epoch
+        includes the sums of its steps before the checkpoint). On a stop signal: checkpoint, then Preempted."""
+        sums = self._epoch_sums if first_step > 0 else {}
+        self._epoch_sums = sums
         bar = tqdm(total=num_steps, initial=first_step, desc=f"epoch {epoch}", disable=not self.is_main,
                    dynamic_ncols=True, mininterval=1.0)
         for step in range(first_step, num_steps):
@@ -259,15 +274,26 @@ class RunnerBase:
                                        step=self.global_step)
             if self.save_every_steps and self.global_step % self.save_every_steps == 0 and step < num_steps - 1:
                 self.save_resumable(epoch, stream)
+            if self.stop_requested:
+                bar.close()
+                self.stop_now(epoch, stream)
         bar.close()
-        done = max(num_steps - first_step, 1)
-        return {k: v / done for k, v in sums.items()}
+        return {k: v / max(num_steps, 1) for k, v in sums.items()}
+
+    def stop_now(self, epoch: int, stream: BatchStream, end_of_epoch: bool = False) -> None:
+        """Checkpoint (unless this step's is already written) and raise Preempted."""
+        if self._last_saved_step != self.global_step:
+            self.save_resumable(epoch, stream, end_of_epoch=end_of_epoch)
+        raise stopping.Preempted(
+            f"stopped by {stopping.requested_signal() or 'a signal on another rank'} after optimizer step "
+            f"{self.global_step}; checkpoint {self.last_saved}. Continue with --resume auto")
 
     def train(self) -> dict[str, Any]:
         """Train for ``max_epoch`` epochs, validating every ``val_freq``; then test with the best weights."""
         stream = self.build_train_stream()
         steps = self.steps_per_epoch(stream)
         self.setup_optimization(steps)
+        self.check_free_space()
         self.save_config()
         max_epoch = int(self.run_cfg.get("max_epoch"))
         first_step = self.restore(stream, steps)
@@ -283,7 +309,20 @@ class RunnerBase:
             if valid_splits and ((epoch + 1) % val_freq == 0 or epoch == max_epoch - 1):
                 self.validate(valid_splits, epoch)
             self.save_resumable(epoch, stream, end_of_epoch=True)
+            if stopping.should_stop():
+                self.stop_now(epoch, stream, end_of_epoch=True)
         return self.finish()
+
+    def check_free_space(self) -> None:
+        """Refuse to train when the job's disk cannot hold one checkpoint (weights + AdamW's two moments)."""
+        if not self.is_main or self.resume_from is not None:  # a resumed run was checked against its checkpoint
+            return
+        params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        needed = sum(p.numel() * p.element_size() for p in params) + sum(p.numel() * 4 * 2 for p in params)
+        free = shutil.disk_usage(self.job_dir).free
+        if free < needed:
+            raise JobClaimError(f"not enough free space for a checkpoint in {self.job_dir}: {free / 2**20:.1f} MiB "
+                                f"free, one checkpoint needs about {needed / 2**20:.1f} MiB")
 
     def validate(self, splits: list[str], epoch: int) -> None:
         for split in splits:
@@ -384,7 +423,8 @@ class RunnerBase:
                 "data": stream.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "best_metric": self.best_metric, "best_epoch": self.best_epoch,
-                "world_size": self.world_size, "rng": rng,
+                "world_size": self.world_size, "rng": rng, "epoch_sums": dict(self._epoch_sums),
+                "log_position": self.metrics_log.position(),
             }
             path = ckpt.save_checkpoint(self.job_dir / "checkpoints" / f"step_{self.global_step:08d}",
                                         model_state, opt_state, state)
@@ -394,6 +434,8 @@ class RunnerBase:
                                      {"epoch": epoch, "global_step": self.global_step})
             ckpt.prune_checkpoints(self.job_dir, self.keep_last)
             logger.info("saved %s", path)
+            self.last_saved = path
+        self._last_saved_step = self.global_step
         dist_utils.barrier()
 
     def save_best(self, epoch: int) -> None:
@@ -416,6 +458,12 @@ class RunnerBase:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.global_step = int(state["global_step"])
+        if "log_position" in state:  # steps after the checkpoint are replayed: log each once
+            dropped = self.metrics_log.rewind(int(state["log_position"]))
+            if dropped:
+                logger.info("log.jsonl: dropped %d records written after %s (they are replayed)", dropped,
+                            self.resume_from.name)
+        self._epoch_sums = dict(state.get("epoch_sums") or {})
         self.best_metric, self.best_epoch = state.get("best_metric"), state.get("best_epoch")
         rng = state["rng"]
         if int(state.get("world_size", 1)) == self.world_size:

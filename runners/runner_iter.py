@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 import registry
+from runners import stopping
 from runners.batch_stream import BatchStream
 from runners.runner_base import RunnerBase
 
@@ -51,4 +52,6 @@ class RunnerIter(RunnerBase):
             if valid_splits and ((inner + 1) % val_freq == 0 or inner == num_inner - 1):
                 self.validate(valid_splits, inner)
             self.save_resumable(inner, stream, end_of_epoch=True)
+            if stopping.should_stop():
+                self.stop_now(inner, stream, end_of_epoch=True)
         return self.finish()

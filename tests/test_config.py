@@ -269,8 +269,11 @@ def test_task_and_runner_declare_extra_run_keys(fakes):
     [
         ("amp", "bf16", True), ("amp", "FP16", True), ("amp", "off", True), ("amp", True, True), ("amp", "false", True),
         ("amp", "bf32", False), ("batch_size_train", "eight", False), ("batch_size_train", True, False),
-        ("init_lr", 3, True), ("init_lr", "fast", False), ("inference_method", "rank", True),
-        ("inference_method", "guess", False), ("train_splits", ["train"], True), ("grad_clip", None, True),
+        ("init_lr", 3, True), ("init_lr", "fast", False), ("init_lr", 0, False), ("init_lr", -1e-4, False),
+        ("batch_size_train", -1, False), ("batch_size_train", 0, False), ("batch_size_train", None, False),
+        ("beta2", 1.5, False), ("num_workers", -2, False), ("num_workers", 0, True), ("warmup_lr", -1, True),
+        ("stop_signals", ["SIGTERM"], True), ("stop_signals", ["SIGKILL"], False),
+        ("train_splits", ["train"], True), ("grad_clip", None, True), ("grad_clip", -1.0, False),
     ],
 )
 def test_run_value_checks(fakes, key, value, ok):
@@ -281,7 +284,30 @@ def test_run_value_checks(fakes, key, value, ok):
         assert Config(path).run[key] == value
     else:
         message = errors_of(path)
+        assert f"run.{key}" in message and ("is null" if value is None else repr(value)) in message
+
+
+@pytest.mark.parametrize("key, value, ok", [("inference_method", "rank", True), ("inference_method", "guess", False),
+                                            ("num_beams", 0, False), ("num_beams", 3, True)])
+def test_task_keys_are_checked_for_the_task_that_reads_them(fakes, key, value, ok):
+    project = base_project()
+    project["run"][key] = value
+    assert f"unknown key 'run.{key}'" in errors_of(write_project(fakes.root, project))  # fake_task does not read it
+    project["run"]["task"] = "vqa"
+    path = write_project(fakes.root, project)
+    if ok:
+        assert Config(path).run[key] == value
+    else:
+        message = errors_of(path)
         assert f"run.{key}" in message and repr(value) in message
+
+
+def test_lavis_keys_nothing_reads_are_refused_with_the_reason(fakes):
+    project = base_project()
+    project["run"].update(itm_negatives="hardest", dist_url="env://")
+    message = errors_of(write_project(fakes.root, project))
+    assert "run.itm_negatives" in message and "model.itm_negatives (multinomial | hardest)" in message
+    assert "run.dist_url" in message and "not read by anything" in message
 
 
 def test_unknown_names_give_close_matches(fakes):
@@ -423,7 +449,11 @@ def test_run_schema_covers_the_lavis_run_keys():
         seed output_dir resume_ckpt_path evaluate train_splits valid_splits test_splits device world_size dist_url
         distributed use_dist_eval_sampler log_freq save_freq val_freq save_last train_dataset_ratios k_test num_beams
         max_len min_len length_penalty inference_method prompt num_ans_candidates answer_list apply_lemmatizer""".split()
-    assert set(lavis_keys) <= set(RUN_SCHEMA)
+    # every LAVIS key is either read here (run schema or a task's RUN_KEYS) or refused with the reason
+    from runners.config import NOT_READ_RUN_KEYS, TASK_KEY_CHECKS
+
+    assert set(lavis_keys) <= set(RUN_SCHEMA) | set(TASK_KEY_CHECKS) | set(NOT_READ_RUN_KEYS)
+    assert not set(RUN_SCHEMA) & set(NOT_READ_RUN_KEYS)
     assert all(isinstance(spec, RunKey) and spec.help for spec in RUN_SCHEMA.values())
 
 

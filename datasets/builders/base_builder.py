@@ -143,6 +143,7 @@ class BaseDatasetBuilder:
     # -- building -----------------------------------------------------------------------------
     def splits(self) -> list[str]:
         annotations = self.config.build_info.get("annotations") or {}
+        annotations = {s: node for s, node in annotations.items() if node is not None}  # null: split switched off
         wanted = _as_list(self.config.get("splits")) or [s for s in SPLITS if s in annotations]
         unknown = [s for s in wanted if s not in annotations]
         if unknown:
