@@ -6,11 +6,15 @@ with random augmentation every lookup misses (results stay correct, nothing is s
 Entries live in memory-mapped ``.npy`` chunks under ``root/<fingerprint>/rank<r>/``; the
 fingerprint covers the encoder class, its weights (sampled), the image size and the dtype, so a
 changed encoder, size or checkpoint gets a fresh directory instead of stale features.
+``keys.txt`` holds one line per row: the image key and a digest of the row's bytes. A row whose bytes
+no longer match (a damaged or truncated chunk) is recomputed by the encoder and rewritten, with a
+warning naming the chunk: a damaged cache costs time, never correctness.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Callable
@@ -18,6 +22,8 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
 
 ROWS_PER_CHUNK = 256
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.bfloat16: np.uint16, torch.float16: np.float16}
@@ -49,8 +55,10 @@ class FrozenFeatureCache:
         self.dir = Path(root).expanduser() / fingerprint / f"rank{rank}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self._keys_file = self.dir / "keys.txt"
-        keys = self._keys_file.read_text().split() if self._keys_file.exists() else []
-        self._rows = {key: row for row, key in enumerate(keys)}
+        lines = self._keys_file.read_text().splitlines() if self._keys_file.exists() else []
+        entries = [line.split() for line in lines]
+        self._rows = {entry[0]: row for row, entry in enumerate(entries) if entry}
+        self._digests = {row: entry[1] for row, entry in enumerate(entries) if len(entry) > 1}
         meta = self.dir / "meta.json"
         self._meta = json.loads(meta.read_text()) if meta.exists() else None
         self._chunks: dict[int, np.memmap] = {}
@@ -65,7 +73,15 @@ class FrozenFeatureCache:
         if index not in self._chunks:
             path = self.dir / f"chunk{index:05d}.npy"
             if path.exists():
-                self._chunks[index] = np.load(path, mmap_mode="r+")
+                try:
+                    chunk = np.load(path, mmap_mode="r+")
+                    if chunk.shape != (ROWS_PER_CHUNK, *self._meta["shape"]):
+                        raise ValueError(f"shape {chunk.shape}")
+                except (ValueError, OSError, EOFError) as err:
+                    logger.warning("feature cache chunk %s is damaged (%s): its rows are recomputed", path, err)
+                    path.unlink()
+                    return self._chunk(index, create)
+                self._chunks[index] = chunk
             elif create:
                 shape = (ROWS_PER_CHUNK, *self._meta["shape"])
                 self._chunks[index] = np.lib.format.open_memmap(
@@ -75,8 +91,16 @@ class FrozenFeatureCache:
                 raise FileNotFoundError(f"feature cache chunk {path} is missing; delete {self.dir} to rebuild")
         return self._chunks[index]
 
-    def _read(self, row: int) -> Tensor:
-        array = np.array(self._chunk(row // ROWS_PER_CHUNK, create=False)[row % ROWS_PER_CHUNK])
+    def _read(self, row: int) -> Tensor | None:
+        """The stored row, or None when its chunk is gone or its bytes do not match their digest."""
+        try:
+            array = np.array(self._chunk(row // ROWS_PER_CHUNK, create=False)[row % ROWS_PER_CHUNK])
+        except FileNotFoundError:
+            return None
+        if self._digests.get(row) != _digest(array):
+            logger.warning("feature cache %s: row %d of chunk%05d.npy does not match its digest: recomputed",
+                           self.dir, row % ROWS_PER_CHUNK, row // ROWS_PER_CHUNK)
+            return None
         tensor = torch.from_numpy(array)
         return tensor.view(torch.bfloat16) if self._meta["torch_dtype"] == "bfloat16" else tensor
 
@@ -89,29 +113,43 @@ class FrozenFeatureCache:
         if list(features.shape) != self._meta["shape"]:
             raise ValueError(f"feature cache {self.dir}: features of shape {list(features.shape)} "
                              f"do not match the cached shape {self._meta['shape']}")
-        row = len(self._rows)
+        known = key in self._rows
+        row = self._rows[key] if known else len(self._rows)
         array = features.detach().cpu()
-        array = array.view(torch.uint16) if array.dtype == torch.bfloat16 else array
+        array = (array.view(torch.uint16) if array.dtype == torch.bfloat16 else array).numpy()
         chunk = self._chunk(row // ROWS_PER_CHUNK, create=True)
-        chunk[row % ROWS_PER_CHUNK] = array.numpy()
+        chunk[row % ROWS_PER_CHUNK] = array
         chunk.flush()
-        with open(self._keys_file, "a") as handle:
-            handle.write(key + "\n")
+        self._digests[row] = _digest(array)
         self._rows[key] = row
+        if known:  # a recomputed row: rewrite the key file with its new digest
+            lines = sorted(self._rows.items(), key=lambda item: item[1])
+            tmp = self._keys_file.with_suffix(".tmp")
+            tmp.write_text("".join(f"{k} {self._digests.get(r, '')}\n" for k, r in lines))
+            os.replace(tmp, self._keys_file)
+        else:
+            with open(self._keys_file, "a") as handle:
+                handle.write(f"{key} {self._digests[row]}\n")
 
     # -- lookup ----------------------------------------------------------------------------------------------------
     def features(self, images: Tensor, encode: Callable[[Tensor], Tensor]) -> Tensor:
         """Encoder features [B, N, W] for images [B, 3, S, S]; `encode` runs only on the misses."""
         keys = [image_key(image) for image in images]
-        missing = [i for i, key in enumerate(keys) if key not in self._rows]
-        computed = {}
+        stored = {i: self._read(self._rows[key]) for i, key in enumerate(keys) if key in self._rows}
+        found = {i: row for i, row in stored.items() if row is not None}
+        missing = [i for i in range(len(keys)) if i not in found]
         if missing:
             fresh = encode(images[missing])  # [M, N, W]
+            written = set()
             for j, i in enumerate(missing):
-                if keys[i] not in self._rows:  # the same image twice in one batch
+                if keys[i] not in written:  # the same image twice in one batch
                     self._write(keys[i], fresh[j])
-                computed[i] = fresh[j]
+                    written.add(keys[i])
+                found[i] = fresh[j]
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
-        rows = [computed[i] if i in computed else self._read(self._rows[key]) for i, key in enumerate(keys)]
-        return torch.stack(rows).to(images.device)
+        return torch.stack([found[i] for i in range(len(keys))]).to(images.device)
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=8).hexdigest()

@@ -90,7 +90,8 @@ def os_error_cause(err: OSError, path: str | os.PathLike | None = None) -> str:
     causes = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
               errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
               errno.EPERM: "operation not permitted", errno.EIO: "input/output error (failing disk?)",
-              errno.ENOENT: "no such file or directory", errno.EFBIG: "file too large"}
+              errno.ENOENT: "no such file or directory", errno.EFBIG: "file too large",
+              errno.ENOTDIR: "not a directory"}
     return f"{causes.get(err.errno, err.strerror or str(err))}: {where}"
 
 
@@ -139,12 +140,12 @@ def _torch_load(path: Path, checkpoint: Path | None = None) -> Any:
         raise CheckpointError(f"cannot read {where}: {os_error_cause(err, path)}") from None
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for a bad file
         what = describe_file(path)
-        if what.startswith(("a zip", "a Python pickle")) and "weights_only" in str(err).lower() \
-                and "Unsupported global" in str(err):
-            first = str(err).split("Unsupported global")[1].splitlines()[0].strip(" :")
+        if "weights only load failed" in str(err).lower():
+            found = [line.strip() for line in str(err).splitlines() if "unsupported global" in line.lower()]
+            detail = found[0].split(" was not ")[0].split(". Please")[0] if found else "a non-tensor object"
             raise CheckpointError(
-                f"{where} holds Python objects that loading safely refuses (unsupported global {first}); "
-                f"it is not a weights-only checkpoint. Re-save its tensors as a state dict or safetensors"
+                f"{where} holds Python objects that loading safely refuses ({detail}); it is not a weights-only "
+                f"checkpoint. Re-save its tensors as a state dict or safetensors"
             ) from None
         if checkpoint is None and not what.startswith(("a zip", "a Python pickle")):
             raise _not_a_checkpoint(path) from None
@@ -193,6 +194,23 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise _not_a_checkpoint(path, "it does not hold a state dict of tensors, nor one under 'model'")
     return state
+
+def check_weights_source(path: str | os.PathLike) -> None:
+    """Before anything is built: ``path`` is a verified checkpoint directory or a weights file
+    (safetensors or torch format), else CheckpointError "not a checkpoint: <path> (<what it looks like>)"."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if (path / MANIFEST_FILE).is_file():
+            verify_checkpoint(path, require=(MODEL_FILE,))
+        elif not (path / MODEL_FILE).is_file():
+            raise CheckpointError(f"not a checkpoint: {path} (a directory without {MODEL_FILE})")
+        return
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path} (expected a checkpoint directory or a weights file)")
+    if describe_file(path) not in ("a safetensors file", "a zip archive (torch.save format)",
+                                   "a Python pickle (legacy torch.save format)"):
+        raise _not_a_checkpoint(path)
+
 
 def load_trainable_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Load a trainable-only state dict into ``model``; keys missing from the file must all be

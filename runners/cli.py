@@ -21,6 +21,7 @@ import torch
 
 import registry
 from common import dist as dist_utils
+from datasets.media import BadMediaError
 from runners import checkpointing as ckpt
 from runners import distributed
 from runners.config import Config, ConfigError, add_config_arguments
@@ -179,6 +180,8 @@ def run(argv: Sequence[str] | None, training: bool, description: str = "") -> di
     fresh = True
     try:
         try:
+            if getattr(args, "checkpoint", None):
+                ckpt.check_weights_source(args.checkpoint)
             job_id, resume, lock = resolve_job(run_cfg, getattr(args, "resume", None) if training else None)
             fresh = resume is None
             if lock is not None:
@@ -189,7 +192,7 @@ def run(argv: Sequence[str] | None, training: bool, description: str = "") -> di
         except Preempted as stop:
             logger.warning("%s", stop)
             raise SystemExit(EXIT_PREEMPTED) from None
-        except (JobClaimError, CheckpointError) as err:
+        except (JobClaimError, CheckpointError, BadMediaError) as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(EXIT_ERROR) from None
         except OSError as err:

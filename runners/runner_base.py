@@ -304,14 +304,27 @@ class RunnerBase:
                 stream.start_epoch(epoch)
             stats = self.train_steps(stream, epoch, first_step, steps)
             first_step = 0
-            self.metrics_log.write({"type": "train_epoch", "epoch": epoch, "step": self.global_step, **stats},
-                                   step=self.global_step)
-            if valid_splits and ((epoch + 1) % val_freq == 0 or epoch == max_epoch - 1):
-                self.validate(valid_splits, epoch)
-            self.save_resumable(epoch, stream, end_of_epoch=True)
+            self.end_epoch(epoch, stream, stats, valid_splits and ((epoch + 1) % val_freq == 0 or epoch == max_epoch - 1))
             if stopping.should_stop():
                 self.stop_now(epoch, stream, end_of_epoch=True)
         return self.finish()
+
+    def end_epoch(self, epoch: int, stream: BatchStream, stats: dict[str, float], validate: bool) -> None:
+        """Log the epoch, validate, write the end-of-epoch checkpoint. If validation fails (e.g. a bad file
+        in the eval set) in a single-process run, the epoch's training is first saved as a checkpoint
+        before the end-of-epoch work, so a resume repeats only the validation."""
+        position = self.metrics_log.position()
+        self.metrics_log.write({"type": "train_epoch", "epoch": epoch, "step": self.global_step, **stats},
+                               step=self.global_step)
+        if validate:
+            try:
+                self.validate(list(self.run_cfg.get("valid_splits", []) or []), epoch)
+            except Exception:
+                if self.world_size == 1 and self._last_saved_step != self.global_step:
+                    self.save_resumable(epoch, stream, log_position=position)
+                    logger.error("validation failed; the epoch's training is saved in %s", self.last_saved)
+                raise
+        self.save_resumable(epoch, stream, end_of_epoch=True)
 
     def check_free_space(self) -> None:
         """Refuse to train when the job's disk cannot hold one checkpoint (weights + AdamW's two moments)."""
@@ -413,7 +426,8 @@ class RunnerBase:
 
         return full_optimizer_state(self.model, self.optimizer)
 
-    def save_resumable(self, epoch: int, stream: BatchStream, end_of_epoch: bool = False) -> None:
+    def save_resumable(self, epoch: int, stream: BatchStream, end_of_epoch: bool = False,
+                       log_position: int | None = None) -> None:
         """Write ``checkpoints/step_N`` (collective: every rank contributes its RNG state)."""
         model_state, opt_state = self._model_state(), self._optimizer_state()
         rng = dist_utils.gather_objects(ckpt.rng_state())
@@ -424,7 +438,7 @@ class RunnerBase:
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "best_metric": self.best_metric, "best_epoch": self.best_epoch,
                 "world_size": self.world_size, "rng": rng, "epoch_sums": dict(self._epoch_sums),
-                "log_position": self.metrics_log.position(),
+                "log_position": self.metrics_log.position() if log_position is None else log_position,
             }
             path = ckpt.save_checkpoint(self.job_dir / "checkpoints" / f"step_{self.global_step:08d}",
                                         model_state, opt_state, state)

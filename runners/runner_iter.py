@@ -47,11 +47,7 @@ class RunnerIter(RunnerBase):
             steps = min(per_inner, max_iters - inner * per_inner)
             stats = self.train_steps(stream, inner, first_step, steps)
             first_step = 0
-            self.metrics_log.write({"type": "train_epoch", "epoch": inner, "step": self.global_step, **stats},
-                                   step=self.global_step)
-            if valid_splits and ((inner + 1) % val_freq == 0 or inner == num_inner - 1):
-                self.validate(valid_splits, inner)
-            self.save_resumable(inner, stream, end_of_epoch=True)
+            self.end_epoch(inner, stream, stats, valid_splits and ((inner + 1) % val_freq == 0 or inner == num_inner - 1))
             if stopping.should_stop():
                 self.stop_now(inner, stream, end_of_epoch=True)
         return self.finish()

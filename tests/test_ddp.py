@@ -1,7 +1,9 @@
 """DDP and FSDP on CPU (gloo): one optimizer step on 2 ranks x batch b equals one process with batch 2b.
 
 Cases: the fake model under DDP and under FSDP (``run.fsdp``, every layer sharded), the tiny stage-1
-BLIP-2 with hardest and with sampled (multinomial) ITM negatives, and the tiny stage-2 OPT model.
+BLIP-2 with hardest and with sampled (multinomial) ITM negatives, and the tiny stage-2 OPT model with
+captions of one length and with captions of different lengths on the two ranks (the LM loss is a
+token mean over the global batch, not a mean of per-rank token means).
 
 One ``torchrun --nproc_per_node=2`` launch runs a small driver that trains several configs in
 turn through ``runners.cli.run`` (sharing one process group); the
@@ -87,6 +89,21 @@ def tiny_ddp_config(tmp_path: Path, stage: str, batch: int, name: str, annotatio
     }
 
 
+def write_varied_length_captions(root: Path, path: Path) -> Path:
+    """4 fixture images with captions of 3, 5, 12 and 16 words: however the sampler splits them, the two ranks
+    hold different token counts."""
+    import json
+
+    images = sorted((root / "coco" / "images" / "train2014").glob("*.jpg"))[:4]
+    captions = ["a red circle", "a blue square on grass",
+                "a green triangle on the left of a small yellow star in a field",
+                "a yellow star above the big red circle and the blue square on the right side of it"]
+    records = [{"image": f"train2014/{img.name}", "caption": c, "image_id": f"coco_{i + 1}"}
+               for i, (img, c) in enumerate(zip(images, captions))]
+    path.write_text(json.dumps(records))
+    return path
+
+
 def write_equal_length_captions(root: Path, path: Path) -> Path:
     """4 distinct fixture images with captions of one fixed shape (same token count)."""
     import json
@@ -118,6 +135,9 @@ def test_ddp_two_ranks_equal_one_process_double_batch(tmp_path, fake_plugin_dir,
     for stage in ("stage1", "stage2"):
         cases[stage] = (tiny_ddp_config(tmp_path / "single", stage, 4, f"{stage}_one", annotation),
                         tiny_ddp_config(tmp_path, stage, 2, f"{stage}_ddp", annotation))
+    varied = write_varied_length_captions(tree, tmp_path / "ddp_train_varied.json")
+    cases["stage2_varied_lengths"] = (tiny_ddp_config(tmp_path / "single", "stage2", 4, "varied_one", varied),
+                                      tiny_ddp_config(tmp_path, "stage2", 2, "varied_ddp", varied))
     # sampled ITM negatives: drawn per global sample index, so both layouts pick the same ones
     single, ddp = (tiny_ddp_config(tmp_path / "single", "stage1", 4, "multinomial_one", annotation),
                    tiny_ddp_config(tmp_path, "stage1", 2, "multinomial_ddp", annotation))
