@@ -261,23 +261,23 @@ class RunnerBase:
         includes the sums of its steps before the checkpoint). On a stop signal: checkpoint, then Preempted."""
         sums = self._epoch_sums if first_step > 0 else {}
         self._epoch_sums = sums
-        bar = tqdm(total=num_steps, initial=first_step, desc=f"epoch {epoch}", disable=not self.is_main,
-                   dynamic_ncols=True, mininterval=1.0)
-        for step in range(first_step, num_steps):
-            logs = self.optimizer_step(stream, epoch)
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-            bar.update(1)
-            if self.global_step % self.log_freq == 0:
-                self.metrics_log.write({"type": "train_step", "epoch": epoch, "step": self.global_step, **logs},
-                                       step=self.global_step)
-            if self.save_every_steps and self.global_step % self.save_every_steps == 0 and step < num_steps - 1:
-                self.save_resumable(epoch, stream)
-            if self.stop_requested:
-                bar.close()
-                self.stop_now(epoch, stream)
-        bar.close()
+        with tqdm(total=num_steps, initial=first_step, desc=f"epoch {epoch}", disable=not self.is_main,
+                  dynamic_ncols=True, mininterval=1.0) as bar:  # closed (line ended) before any error message
+            for step in range(first_step, num_steps):
+                logs = self.optimizer_step(stream, epoch)
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+                bar.update(1)
+                if self.global_step % self.log_freq == 0:
+                    self.metrics_log.write({"type": "train_step", "epoch": epoch, "step": self.global_step, **logs},
+                                           step=self.global_step)
+                if self.save_every_steps and self.global_step % self.save_every_steps == 0 and step < num_steps - 1:
+                    self.save_resumable(epoch, stream)
+                if self.stop_requested:
+                    break
+        if self.stop_requested:
+            self.stop_now(epoch, stream)
         return {k: v / max(num_steps, 1) for k, v in sums.items()}
 
     def stop_now(self, epoch: int, stream: BatchStream, end_of_epoch: bool = False) -> None:
