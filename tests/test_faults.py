@@ -239,21 +239,22 @@ def test_sigkill_between_checkpoints_logs_each_step_once(tmp_path, fake_plugin_d
 
 # -- one job folder, one run ---------------------------------------------------------------------------------
 def test_same_job_name_twice_is_refused_naming_the_running_one(tmp_path, fake_plugin_dir, reference):
+    """Three runs of one job name started 0.5 s apart (the third with --resume auto): exactly one claims the
+    folder; the others are refused naming it, and its results equal the reference."""
     job = tmp_path / "out" / "job"
-    first = start(config(tmp_path, "job", sleep_s=0.3), fake_plugin_dir)
+    cfg = config(tmp_path, "job", sleep_s=0.3)
+    procs = [start(cfg, fake_plugin_dir)]
     time.sleep(0.5)
-    second = start(config(tmp_path, "job"), fake_plugin_dir)
-    code, err = finish(second)
-    wait_for_step(first, job, 1)
-    third = start(config(tmp_path, "job"), fake_plugin_dir, "--resume", "auto")
-    code3, err3 = finish(third)
-    assert first.poll() is None, "the first run ended before the others were tried: slow the fake model down"
-    code1, err1 = finish(first)
-    assert code1 == 0, err1[-3000:]
-    for code, err in ((code, err), (code3, err3)):
-        assert code == 1
-        (line,) = error_lines(err)
-        assert f"job directory {job}" in line and f"in use by another run (pid {first.pid} on " in line
+    procs.append(start(cfg, fake_plugin_dir))
+    procs.append(start(cfg, fake_plugin_dir, "--resume", "auto"))
+    results = [finish(p) for p in procs]
+    winners = [p for p, (code, _) in zip(procs, results) if code == 0]
+    assert len(winners) == 1, [r[1][-2000:] for r in results]
+    for proc, (code, err) in zip(procs, results):
+        if proc is not winners[0]:
+            assert code == 1
+            (line,) = error_lines(err)
+            assert f"job directory {job}" in line and f"in use by another run (pid {winners[0].pid} on " in line
     assert_same_as_reference(job, reference)  # nothing interleaved or overwritten
 
 
