@@ -74,9 +74,8 @@ class FrozenFeatureCache:
             path = self.dir / f"chunk{index:05d}.npy"
             if path.exists():
                 try:
+                    _check_complete(path, (ROWS_PER_CHUNK, *self._meta["shape"]))
                     chunk = np.load(path, mmap_mode="r+")
-                    if chunk.shape != (ROWS_PER_CHUNK, *self._meta["shape"]):
-                        raise ValueError(f"shape {chunk.shape}")
                 except (ValueError, OSError, EOFError) as err:
                     logger.warning("feature cache chunk %s is damaged (%s): its rows are recomputed", path, err)
                     path.unlink()
@@ -149,6 +148,21 @@ class FrozenFeatureCache:
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
         return torch.stack([found[i] for i in range(len(keys))]).to(images.device)
+
+
+def _check_complete(path: Path, shape: tuple[int, ...]) -> None:
+    """Raise ValueError unless the .npy file holds the whole array (np.load in r+ mode would silently pad a
+    truncated file with zeros)."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        found, _, dtype = read_header(fh)
+        expected = fh.tell() + int(np.prod(found)) * dtype.itemsize
+    if tuple(found) != tuple(shape):
+        raise ValueError(f"shape {tuple(found)}, expected {tuple(shape)}")
+    size = path.stat().st_size
+    if size < expected:
+        raise ValueError(f"{size} bytes, expected {expected}: truncated")
 
 
 def _digest(array: np.ndarray) -> str:

@@ -379,11 +379,15 @@ def test_null_split_that_no_run_key_uses_is_switched_off():
 
 # -- tiny BLIP-2: a damaged feature cache, a truncated image in the evaluation set ------------------------------
 def _tiny_blip2(root: Path, tree: Path, job: str, cache: Path, **dataset) -> Path:
-    """Stage 1, 4 steps over 4 training images (2 data epochs: the second reads the frozen-feature cache),
-    validation on 2 images at the end; deterministic preprocessing, as the cache requires."""
+    """Stage 1 retrieval fine-tuning, 4 steps over 4 training images (2 data epochs: the second reads the
+    frozen-feature cache), retrieval validation on 2 images at the end; deterministic preprocessing, as the
+    cache requires."""
     cfg = _stage1_yaml(root)
     cfg["model"]["qformer_config"] = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-    cfg["datasets"]["coco_caption"] = {
+    cfg["run"]["task"] = "retrieval"  # its validation (ITC + ITM re-ranking) reads the eval images
+    cfg["run"]["k_test"] = 2
+    del cfg["datasets"]["coco_caption"]
+    cfg["datasets"]["coco_retrieval"] = {
         "cache_root": str(tree),
         "vis_processor": {"train": {"name": "blip_image_eval", "image_size": 64},
                           "eval": {"name": "blip_image_eval", "image_size": 64}},
@@ -423,7 +427,7 @@ def test_damaged_feature_cache_chunk_is_recomputed(tmp_path, fake_plugin_dir, bl
     (chunk,) = cache.glob("*/rank0/chunk00000.npy")
     data = bytearray(chunk.read_bytes())
     if damage == "truncated":
-        chunk.write_bytes(bytes(data[: len(data) // 3]))
+        chunk.write_bytes(bytes(data[:4000]))  # cut inside the second stored row
     else:  # same size, bytes changed inside the first stored rows
         data[256:4096] = bytes(b ^ 0x5A for b in data[256:4096])
         chunk.write_bytes(bytes(data))
