@@ -338,7 +338,7 @@ BAD_INPUTS = {
     "negative_batch": (lambda root: _stage1_yaml(root, run__batch_size_train=-1),
                        "run.batch_size_train (from {cfg}) must be >= 1 (per-process training batch size), got -1"),
     "qformer_typo": (lambda root: _stage1_yaml(root, model__qformer_config={"hiden_size": 32}),
-                     "model.qformer_config (from {cfg}): unknown key 'hiden_size' (did you mean hidden_size"),
+                     "unknown key 'model.qformer_config.hiden_size' (from {cfg}). Did you mean: hidden_size"),
     "null_split_in_use": (lambda root: _stage1_yaml(root, datasets__coco_caption__build_info__annotations__val=None,
                                                     run__valid_splits=["val"]),
                           "datasets.coco_caption.build_info.annotations.val (from {cfg}) is null, which switches "
