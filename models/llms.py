@@ -90,6 +90,9 @@ class FrozenLLM(nn.Module):
         local_files_only: bool | None = None,
         trust_remote_code: bool = False,
         gguf_file: str | None = None,
+        quantization: str | None = None,
+        load_in_8bit: bool = False,
+        load_in_4bit: bool = False,
     ) -> None:
         """Load ``model_name_or_path`` (hub id, local dir, ``tiny:...``/``package:...`` name, or a ``.gguf`` file).
 
@@ -100,6 +103,8 @@ class FrozenLLM(nn.Module):
         ``config`` overrides the config (a ``PretrainedConfig`` or a dict with ``model_type``);
         ``config_overrides`` sets single attributes of it before the model is built (e.g. LAVIS's Flan-T5
         ``dense_act_fn: gelu``); an attribute the config does not have is an error.
+        ``quantization`` (``int8`` weight-only, ``int8_dynamic``) or ``load_in_8bit``/``load_in_4bit`` (bitsandbytes,
+        CUDA): a quantised frozen LLM (``models/quantize.py``); applied once the weights are loaded.
         """
         super().__init__()
         from models.assets import resolve_asset
@@ -126,6 +131,20 @@ class FrozenLLM(nn.Module):
             if v is not None
         }
         self._tokenizer = None
+        self.quantization = quantization
+        if quantization is not None:
+            from models.quantize import METHODS
+
+            if quantization not in METHODS:
+                raise ValueError(f"llm_kwargs.quantization must be one of {', '.join(METHODS)} or null; "
+                                 f"got {quantization!r}")
+            if not freeze:
+                raise ValueError("llm_kwargs.quantization is for a frozen LLM (freeze=True)")
+        self._bnb_kwargs = {}
+        if load_in_8bit or load_in_4bit:
+            from models.quantize import bitsandbytes_config
+
+            self._bnb_kwargs = bitsandbytes_config(load_in_8bit, load_in_4bit)
         dtype = resolve_precision(precision, self.gpu_precision, what="LLM precision")
         hf_config = self._load_config(config)
         for key, value in dict(config_overrides or {}).items():
@@ -138,6 +157,18 @@ class FrozenLLM(nn.Module):
         if freeze:
             self.model.requires_grad_(False)
             self.model.eval()
+        if not _building_on_meta() and self.device.type != "meta":
+            self.apply_quantization()
+
+    def apply_quantization(self) -> None:
+        """Quantise the loaded LLM's linear layers as ``quantization`` asks (once; a no-op without it). An LLM built
+        on the meta device calls this after a checkpoint brought its weights."""
+        if self.quantization is not None and not getattr(self, "_quantized", False):
+            from models.quantize import quantize_linear_layers
+
+            count = quantize_linear_layers(self.model, self.quantization)
+            self._quantized = True
+            logger.info("quantised %d linear layers of %s (%s)", count, self.model_name_or_path, self.quantization)
 
     # -- construction ------------------------------------------------------------------------------
     def _auto_class(self):
@@ -178,12 +209,16 @@ class FrozenLLM(nn.Module):
     def _instantiate(self, hf_config, load_weights: bool, kwargs: dict[str, Any]):
         auto_cls = self._auto_class()
         if not load_weights:
+            if self._bnb_kwargs:
+                raise ValueError("llm_kwargs.load_in_8bit/load_in_4bit quantise while loading the LLM's own weights: "
+                                 "set load_llm_weights=True (not with a full BLIP-2 checkpoint's LLM)")
             from_config = getattr(auto_cls, "from_config", None) or auto_cls._from_config  # Auto* vs concrete
             return from_config(hf_config, **kwargs)
         hf_logger = logging.getLogger("transformers.modeling_utils")
         hf_logger.addFilter(_untied_checkpoint_notice)
         try:
-            return auto_cls.from_pretrained(self.model_name_or_path, config=hf_config, **kwargs, **self._hub_kwargs)
+            return auto_cls.from_pretrained(self.model_name_or_path, config=hf_config, **kwargs, **self._hub_kwargs,
+                                            **self._bnb_kwargs)
         except OSError as err:
             raise OSError(_load_error(self.model_name_or_path, "weights", err)) from err
         finally:

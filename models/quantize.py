@@ -1,0 +1,117 @@
+"""Quantised frozen LLMs: fewer bytes per weight for the part that dominates memory and decoding time.
+
+``llm_kwargs`` of a stage-2 model select it (the adapters in ``models/llms.py`` call in here):
+
+- ``quantization: int8`` - weight-only int8 on any device, PyTorch's own kernel (``aten._weight_int8pack_mm``):
+  every ``nn.Linear`` of the LLM keeps its weight as int8 with one fp scale per output channel (symmetric, absmax),
+  activations stay in the LLM's dtype. A quarter of the fp32 bytes are read per decoding step.
+- ``quantization: int8_dynamic`` - PyTorch's dynamic quantisation (``torch.ao.quantization.quantize_dynamic``, CPU):
+  int8 weights and per-batch int8 activations through fbgemm.
+- ``load_in_8bit`` / ``load_in_4bit`` - bitsandbytes on CUDA (``transformers``' ``BitsAndBytesConfig``), when both
+  are present; elsewhere a clear error naming the CPU options above.
+
+Embeddings (and an output projection tied to them) stay in their dtype: the soft prompt enters through
+``inputs_embeds`` and tied weights must stay one tensor.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+METHODS = ("int8", "int8_dynamic")
+
+
+class _Int8MatMul(torch.autograd.Function):
+    """x [n, in] @ (q * s).T with PyTorch's CPU kernel; the backward gives x its gradient (the weights are frozen), so
+    a trainable part before the LLM (the Q-Former, through the soft prompt) still learns."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(q, scale)
+        return torch.ops.aten._weight_int8pack_mm(x, q, scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, scale = ctx.saved_tensors
+        return grad @ (q.to(grad.dtype) * scale.to(grad.dtype)[:, None]), None, None
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """``nn.Linear`` with an int8 weight [out, in] and per-output-channel scales [out]: y = x @ (q * s).T + b."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # [out]
+        self.register_buffer("weight", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(linear.weight.dtype))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.bfloat16) and flat.shape[0] > 0:
+            out = _Int8MatMul.apply(flat.contiguous(), self.weight, self.scale.to(flat.dtype))
+        else:  # other devices/dtypes: dequantise on the fly (same numbers, no int8 kernel)
+            out = F.linear(flat, self.weight.to(flat.dtype) * self.scale.to(flat.dtype)[:, None])
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight=int8 per-channel"
+
+
+def _tied_to_embeddings(model: nn.Module) -> set[int]:
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return {id(embed.weight)} if embed is not None else set()
+
+
+def quantize_linear_layers(model: nn.Module, method: str) -> int:
+    """Replace the ``nn.Linear`` layers of ``model`` in place (``method`` in ``METHODS``); returns how many."""
+    if method not in METHODS:
+        raise ValueError(f"llm_kwargs.quantization must be one of {', '.join(METHODS)} (or null); got {method!r}")
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError("cannot quantise an LLM whose weights are not loaded yet (meta device)")
+    tied = _tied_to_embeddings(model)
+    targets = [(name, module) for name, module in model.named_modules()
+               if type(module) is nn.Linear and id(module.weight) not in tied]
+    if method == "int8_dynamic":
+        if any(p.device.type != "cpu" for p in model.parameters()):
+            raise ValueError("llm_kwargs.quantization=int8_dynamic runs on CPU only; use int8 on other devices")
+        from torch.ao.quantization import quantize_dynamic
+
+        names = {name for name, _ in targets}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao's deprecation notice; the API is what this method names
+            quantize_dynamic(model, qconfig_spec=names, dtype=torch.qint8, inplace=True)
+        return len(names)
+    for name, module in targets:
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, Int8WeightOnlyLinear(module))
+    return len(targets)
+
+
+def bitsandbytes_config(load_in_8bit: bool, load_in_4bit: bool) -> dict[str, Any]:
+    """``from_pretrained`` kwargs for bitsandbytes 8-/4-bit loading; a clear error where it cannot run."""
+    if load_in_8bit and load_in_4bit:
+        raise ValueError("llm_kwargs: choose one of load_in_8bit and load_in_4bit")
+    flag = "load_in_8bit" if load_in_8bit else "load_in_4bit"
+    if not torch.cuda.is_available():
+        raise ValueError(f"llm_kwargs.{flag} needs a CUDA GPU (bitsandbytes); on this machine use "
+                         "llm_kwargs.quantization=int8 (weight-only int8, PyTorch) or int8_dynamic")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ValueError(f"llm_kwargs.{flag} needs the bitsandbytes package: pip install bitsandbytes "
+                         "(or use llm_kwargs.quantization=int8)") from err
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
+                                bnb_4bit_compute_dtype=torch.bfloat16)
+    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
