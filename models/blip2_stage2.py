@@ -20,6 +20,7 @@ from torch import Tensor, nn
 import registry
 from models.blip2_base import Blip2Base, to_plain
 from models.llms import FrozenLLM
+from models.lora import LoraSettings, apply_lora
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,8 @@ class Blip2LLMBase(Blip2Base):
             return self._qformer_text_loaded
         if key.startswith(self.PROJ_ATTR + ".") and not self._checkpoint_has_proj:
             return True  # a stage-1 checkpoint: the projection starts from its initialisation
+        if key.startswith("Qformer.") and "lora_" not in key and getattr(self, "qformer_adapted", False):
+            return True  # LoRA on the Q-Former: its own weights are frozen (from the starting checkpoint), not saved
         return super()._missing_key_is_expected(key)
 
     def _unexpected_key_is_expected(self, key: str) -> bool:
@@ -200,6 +203,7 @@ class Blip2LLMBase(Blip2Base):
             if left:
                 raise ValueError(f"checkpoint {path_or_url} holds no weights for {len(left)} LLM tensors "
                                  f"(e.g. {left[:3]}); pass load_llm_weights=True to load the LLM from its own source")
+        self.llm.apply_quantization()  # a quantised LLM built on the meta device: now that its weights are here
         return result
 
     # -- queries -> soft prompt --------------------------------------------------------------------------------------
@@ -445,6 +449,9 @@ class Blip2LLMBase(Blip2Base):
             model.load_qformer_text(text_checkpoint)
         for checkpoint in plan["checkpoints"]:
             model.load_checkpoint(checkpoint)
+        lora = LoraSettings.from_config(to_plain(cfg).get("lora"))
+        if lora is not None:  # after the checkpoints: they hold the weights the adapters start from
+            apply_lora(model, lora)
         return model
 
 

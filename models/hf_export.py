@@ -130,6 +130,10 @@ def export_to_hf(model: nn.Module, out_dir: str | os.PathLike, save_processor: b
     token (transformers 5 needs ``num_query_tokens`` (times frames) of them in ``input_ids``); it takes a spare
     embedding row when the vocabulary has one (as OPT and Flan-T5 do), otherwise the embedding grows by a row that
     generation is told to suppress."""
+    from models.lora import merge_lora
+
+    if merge_lora(model):  # LoRA adapters (models/lora.py) become part of the weights they adapt, in place
+        logger.info("merged the LoRA adapters into the model's weights for export")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     layout = model_layout(model)

@@ -71,8 +71,11 @@ def _job_model_config(job_dir: Path) -> DictConfig:
         raise ModelSpecError(f"{job_dir / 'config.yaml'} has no model.arch: not a training job's config")
     model = cfg.model
     # The job checkpoint holds every trained tensor; a LAVIS-style starting checkpoint it was trained from is not
-    # needed (and may be gone). Frozen parts still come from their own sources (vit_pretrained, the LLM).
-    if (model.get("weights") or "lavis") == "lavis":
+    # needed (and may be gone). Frozen parts still come from their own sources (vit_pretrained, the LLM), and so does
+    # a LoRA-adapted Q-Former's frozen base: from the starting checkpoint.
+    lora = model.get("lora") or {}
+    targets = [lora.get("target", "llm")] if isinstance(lora.get("target", "llm"), str) else list(lora.get("target"))
+    if (model.get("weights") or "lavis") == "lavis" and not (lora and "qformer" in targets):
         model.load_pretrained = False
         model.load_finetuned = False
     return cfg
