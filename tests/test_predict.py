@@ -226,3 +226,13 @@ def test_resume_after_kill(tmp_path):
     assert main(["caption", "-m", "blip2_opt:tiny", str(folder), "-o", str(fresh), "-b", "4", "--num-beams", "3",
                  "--max-length", "8", "--quiet"]) == 0
     assert {r["image"]: r["caption"] for r in recs} == {r["image"]: r["caption"] for r in records(fresh)}
+
+
+def test_precision_and_quantised_llm_flags(images, tmp_path):
+    """--precision bf16 (frozen parts in bf16, the rest under autocast; tiny shapes only on CPU) and an int8 LLM
+    through --options both caption."""
+    for flags in (["--precision", "bf16"], ["--options", "llm_kwargs.quantization=int8"]):
+        out = tmp_path / f"{flags[0]}.jsonl"
+        assert main(["caption", "-m", "blip2_opt:tiny", str(images / "img00.png"), "-o", str(out), "--num-beams", "2",
+                     "--max-length", "4", "--quiet", *flags]) == 0
+        assert isinstance(records(out)[0]["caption"], str)
