@@ -17,10 +17,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import json
 import logging
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -64,6 +66,19 @@ def scored_rows_nll(rows: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
     the class dim of a transposed [B, V, T] view is a strided one, several times slower, over every position)."""
     picked = F.cross_entropy(rows.float(), labels[mask], reduction="none")  # [n]
     return torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
+
+
+SHIPPED_LLM_CONFIGS = Path(__file__).parent / "configs" / "llm"
+
+
+def shipped_llm_config(name: str) -> dict[str, Any] | None:
+    """The public ``config.json`` of a paper LLM shipped with the package (``configs/llm/<org>--<name>.json``:
+    facebook/opt-2.7b, facebook/opt-6.7b, google/flan-t5-xl, google/flan-t5-xxl), or None. Used when the LLM is
+    built without its weights (meta device), so that a paper-size skeleton needs no download."""
+    path = SHIPPED_LLM_CONFIGS / (str(name).replace("/", "--") + ".json")
+    if "/" not in str(name) or not path.is_file():
+        return None
+    return json.loads(path.read_text())
 
 
 class FrozenLLM(nn.Module):
@@ -146,13 +161,15 @@ class FrozenLLM(nn.Module):
 
             self._bnb_kwargs = bitsandbytes_config(load_in_8bit, load_in_4bit)
         dtype = resolve_precision(precision, self.gpu_precision, what="LLM precision")
+        load_weights = load_weights and not _building_on_meta()
+        self._reads_weights = load_weights
         hf_config = self._load_config(config)
         for key, value in dict(config_overrides or {}).items():
             if not hasattr(hf_config, key):
                 raise ValueError(f"llm_kwargs.config_overrides: {type(hf_config).__name__} of {model_name_or_path!r} "
                                  f"has no attribute {key!r}")
             setattr(hf_config, key, value)
-        self.model = self._build_model(hf_config, dtype, load_weights and not _building_on_meta(), attn_implementation)
+        self.model = self._build_model(hf_config, dtype, load_weights, attn_implementation)
         self._after_build()
         if freeze:
             self.model.requires_grad_(False)
@@ -188,6 +205,9 @@ class FrozenLLM(nn.Module):
             if "model_type" not in config:
                 raise ValueError(f"LLM config dict for {self.model_name_or_path!r} needs a 'model_type' key")
             return AutoConfig.for_model(**config)
+        shipped = None if self._reads_weights else shipped_llm_config(self.model_name_or_path)
+        if shipped is not None:  # no weights to read (meta device / a checkpoint brings them): nothing downloaded
+            return AutoConfig.for_model(**shipped)
         try:
             return AutoConfig.from_pretrained(self.model_name_or_path, **self._hub_kwargs)
         except OSError as err:
@@ -501,8 +521,25 @@ class FlanT5LLM(FrozenSeq2SeqLM):
     gpu_precision = "bf16"
 
     def __init__(self, model_name_or_path: str = "google/flan-t5-xl", precision: str | None = "auto",
-                 freeze: bool = True, **kwargs: Any) -> None:
+                 freeze: bool = True, *, dense_act_fn: str | None = "gelu", **kwargs: Any) -> None:
+        """``dense_act_fn``: the feed-forward activation. ``"gelu"`` (default) as the released BLIP-2 code builds
+        Flan-T5 (LAVIS ``blip2_t5.py``: ``t5_config.dense_act_fn = "gelu"``) and the released BLIP-2 T5 checkpoints
+        were trained, while the hub's flan-t5 configs say ``gelu_new``; it replaces the activation of a config read
+        from ``model_name_or_path``. ``None`` keeps that config's activation. A ``config`` passed explicitly (e.g.
+        a Hugging Face BLIP-2 checkpoint's ``text_config``, which says ``"gelu"``) is used as it is."""
+        self._dense_act_fn = dense_act_fn
         super().__init__(model_name_or_path, precision, freeze, **kwargs)
+
+    def _load_config(self, config: Any):
+        hf_config = super()._load_config(config)
+        if config is None and self._dense_act_fn is not None:
+            from transformers.activations import ACT2FN
+
+            if self._dense_act_fn not in ACT2FN:
+                raise ValueError(f"flan_t5 dense_act_fn={self._dense_act_fn!r} is not a transformers activation; "
+                                 f"expected e.g. 'gelu' (BLIP-2), 'gelu_new' or null (keep the config's)")
+            hf_config.dense_act_fn = self._dense_act_fn
+        return hf_config
 
     def _after_build(self) -> None:
         untie_lm_head(self.model)

@@ -7,8 +7,9 @@
 
 Each model type is a YAML under ``models/configs/`` (``model:`` node + ``preprocess:`` node). Its weight
 sources are named there; the default is the Hugging Face hub checkpoint (``weights: hf``), ``weights: lavis``
-selects the original LAVIS files. ``build_model_skeleton`` instantiates any type on the ``meta`` device without
-reading a single weight (only the LLM's ``config.json`` is needed), to count parameters or plan memory.
+selects the original LAVIS files. ``build_model_skeleton`` (or ``load_model(..., device="meta")``) instantiates any
+type on the ``meta`` device without reading a single weight (the paper LLMs' configs ship with the package), to
+count parameters or plan memory.
 """
 from __future__ import annotations
 
@@ -62,7 +63,14 @@ def load_model(
 
     ``checkpoint`` (path, URL or hub id, any supported format) is loaded on top. ``overrides`` are merged into the
     ``model:`` node (e.g. ``weights="lavis"``, ``image_size=364``). On CPU, fp16 weights become fp32.
+    ``device="meta"`` builds the architecture only (``build_model_skeleton``): no weight is read or downloaded, and
+    the paper LLMs' configs ship with the package, so e.g. ``parameter_counts()`` works offline.
     """
+    if torch.device(device).type == "meta":
+        if checkpoint is not None:
+            raise ValueError(f"load_model(device='meta') builds shapes only; checkpoint={checkpoint!r} cannot be loaded")
+        model = build_model_skeleton(name, model_type, **overrides)
+        return model.eval() if is_eval else model
     cls = _model_class(name)
     cfg = _zoo_yaml(name, model_type).model
     if overrides:
@@ -121,8 +129,9 @@ def load_model_and_preprocess(
 def build_model_skeleton(name: str, model_type: str, **overrides: Any) -> nn.Module:
     """Instantiate ``name``/``model_type`` on the ``meta`` device: full architecture, no weights read or downloaded.
 
-    The frozen LLM still needs its ``config.json`` (pass ``llm_model=<local dir>`` or the model's LLM key to point
-    at one). ``model.parameter_counts()`` then reports trainable and total parameters.
+    The frozen LLM's ``config.json`` comes from the package for the paper LLMs (OPT-2.7B/6.7B, Flan-T5-XL/XXL,
+    ``models/configs/llm/``), else from the LLM's name (a local dir, or the hub). ``model.parameter_counts()`` then
+    reports trainable and total parameters.
     """
     cls = _model_class(name)
     cfg = OmegaConf.merge(_zoo_yaml(name, model_type).model, OmegaConf.create(dict(NO_WEIGHTS, **overrides)))

@@ -147,6 +147,42 @@ def test_t5_prefix_split_and_text_output(t5_model):
     assert inputs["attention_mask"].shape[1] == 8 + len(tok("how many shapes are there?").input_ids)
 
 
+def test_flan_t5_computes_with_lavis_gelu(t5_model, tmp_path):
+    """Built from an LLM name whose config says gelu_new (as the hub's flan-t5 ones), the T5 uses exact GELU, as
+    LAVIS's blip2_t5.py builds it: the logits after loading a LAVIS-layout checkpoint equal transformers' T5 built
+    the LAVIS way (config.dense_act_fn = "gelu"), 1e-5; ``llm_kwargs.dense_act_fn: null`` keeps gelu_new."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    path = t5_model.llm.model_name_or_path
+    assert T5Config.from_pretrained(path).dense_act_fn == "gelu_new"
+    trained = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
+               for k, v in t5_model.trainable_state_dict().items()}
+    torch.save({"model": trained}, tmp_path / "blip2_lavis.pth")  # LAVIS layout: query_tokens, Qformer.*, t5_proj.*
+    model = build(Blip2T5, seed=1).eval()
+    model.load_checkpoint(str(tmp_path / "blip2_lavis.pth"))
+    samples = {"image": images(2), "text_input": ["question: what is it?", "a photo of"],
+               "text_output": ["a red circle", "two squares"]}
+
+    def reference_logits(act):
+        config = T5Config.from_pretrained(path)
+        if act:
+            config.dense_act_fn = act  # LAVIS: t5_config.dense_act_fn = "gelu"
+        t5 = T5ForConditionalGeneration.from_pretrained(path, config=config).eval()
+        with torch.no_grad():
+            inputs = model.lm_inputs(model.soft_prompt(samples, None), samples["text_input"], samples["text_output"])
+            return t5(**inputs).logits, inputs["decoder_attention_mask"].bool()
+
+    with torch.no_grad():
+        got = model(samples, return_logits=True)["logits"]
+    expected, valid = reference_logits("gelu")
+    assert model.llm.model.config.dense_act_fn == "gelu"
+    torch.testing.assert_close(got[valid], expected[valid], rtol=0, atol=1e-5)
+    old, _ = reference_logits(None)
+    assert (old[valid] - expected[valid]).abs().max() > 1e-4  # gelu_new really is another function here
+    keep = build(Blip2T5, llm_kwargs={"dense_act_fn": None})
+    assert keep.llm.model.config.dense_act_fn == "gelu_new"
+
+
 @pytest.mark.parametrize("cls", [Blip2OPT, Blip2T5])
 def test_generate_beams_captions_and_per_image_prompts(cls, opt_model, t5_model):
     model = opt_model if cls is Blip2OPT else t5_model

@@ -143,14 +143,14 @@ def llm_configs(tmp_path_factory):
 # 3.8B / 7.8B / 12.1B total for ViT-g + OPT-2.7B / OPT-6.7B / FlanT5-XXL and a 188M-parameter Q-Former)
 FULL_SIZE = [
     ("blip2", "pretrain", None, 1172.6, 186.7),
-    ("blip2", "pretrain_vitL", None, 473.7, 183.2),
+    ("blip2", "pretrain_vitL", None, 448.5, 183.2),  # CLIP ViT-L with 21 blocks
     ("blip2", "coco", None, 1173.2, 1173.2),  # the ViT is fine-tuned (freeze_vit: False)
     ("blip2_opt", "pretrain_opt2.7b", "opt2.7b", 3744.6, 107.1),
     ("blip2_opt", "pretrain_opt6.7b", "opt6.7b", 7752.7, 108.3),
     ("blip2_opt", "caption_coco_opt2.7b", "opt2.7b", 3745.2, 1093.6),
     ("blip2_opt", "caption_coco_opt6.7b", "opt6.7b", 7753.3, 1094.8),
     ("blip2_t5", "pretrain_flant5xl", "flant5xl", 3942.4, 106.7),
-    ("blip2_t5", "pretrain_flant5xl_vitL", "flant5xl", 3243.5, 103.2),
+    ("blip2_t5", "pretrain_flant5xl_vitL", "flant5xl", 3218.3, 103.2),
     ("blip2_t5", "pretrain_flant5xxl", "flant5xxl", 12229.5, 108.3),
     ("blip2_t5", "caption_coco_flant5xl", "flant5xl", 3943.0, 1093.2),
 ]
