@@ -125,11 +125,43 @@ class CaptionEvalDataset(CaptionGroundTruthMixin, BaseDataset):
         return {"image": media, "image_id": ann["_image_id"], "instance_id": ann["instance_id"]}
 
 
+NOCAPS_DOMAINS = ("in-domain", "near-domain", "out-domain")
+
+
 class NoCapsEvalDataset(CaptionEvalDataset):
-    """NoCaps val/test: ``image_id`` is the record's ``img_id`` (the official NoCaps id)."""
+    """NoCaps val/test: ``image_id`` is the record's ``img_id`` (the official NoCaps id).
+
+    ``domain_file``: the official NoCaps image-info JSON (``nocaps_val_4500_captions.json``: ``images`` with ``id``
+    and ``domain``); it fills ``domains`` (image_id -> in-domain | near-domain | out-domain), which the captioning
+    task uses to report each domain besides the overall scores.
+    """
 
     default_fields = {"image": "image", "caption": "caption", "image_id": "img_id"}
     required_fields = ("image", "image_id")
+
+    def __init__(self, *args: Any, domain_file: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.domains: dict[Any, str] | None = None if domain_file is None else self._read_domains(domain_file)
+
+    def _read_domains(self, path: str) -> dict[Any, str]:
+        with open(path) as f:
+            info = json.load(f)
+        images = info.get("images") if isinstance(info, dict) else None
+        if not isinstance(images, list):
+            raise ValueError(f"NoCaps domain file {path}: expected the official image info, a JSON object with an "
+                             f"'images' list of {{'id', 'domain'}}")
+        domains = {}
+        for image in images:
+            if image.get("domain") not in NOCAPS_DOMAINS:
+                raise ValueError(f"NoCaps domain file {path}: image {image.get('id')!r} has domain "
+                                 f"{image.get('domain')!r}; expected one of {NOCAPS_DOMAINS}")
+            domains[image["id"]] = image["domain"]
+        ids = [r["_image_id"] for r in self.annotation]
+        missing = [i for i in ids if i not in domains]
+        if missing:
+            raise KeyError(f"NoCaps domain file {path} has no domain for {len(missing)} evaluated image ids "
+                           f"(e.g. {missing[:5]}); is it the file of this split?")
+        return {i: domains[i] for i in ids}
 
     def eval_image_ids(self, records: list[dict[str, Any]]) -> list[int]:
         ids = [self.get(r, "image_id") for r in records]

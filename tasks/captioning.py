@@ -6,7 +6,8 @@ use_nucleus_sampling (False), prompt ("" = the model's own), annotation_file (a 
 default: built from the evaluated dataset), caption_metrics (default: all, SPICE when available),
 sample_id_key ("image_id").
 
-``agg_metrics`` = CIDEr + BLEU-4, as in LAVIS.
+``agg_metrics`` = CIDEr + BLEU-4, as in LAVIS. A dataset with ``domains`` (NoCaps: image_id -> in-domain /
+near-domain / out-domain) also gets each domain's scores and ``overall`` as nested dicts.
 """
 from __future__ import annotations
 
@@ -120,6 +121,18 @@ class CaptionTask(BaseTask):
             self._reference_cache = (dataset, caption_references(dataset))
         return self._reference_cache[1]
 
+    def domain_scores(self, predictions: Mapping[Any, str], refs: Mapping[Any, list[str]],
+                      domains: Mapping[Any, str]) -> dict[str, dict[str, float]]:
+        """Scores of each domain's images: ``{domain: {metric: value, "num_images": n}}``."""
+        out: dict[str, dict[str, float]] = {}
+        for domain in sorted(set(domains.values())):
+            ids = [i for i in predictions if domains.get(i) == domain]
+            if ids:
+                scores = caption_scores({i: predictions[i] for i in ids}, {i: refs[i] for i in ids},
+                                        metrics=self.caption_metrics)
+                out[domain] = {**scores, "num_images": len(ids)}
+        return out
+
     def after_evaluation(self, results: list[dict], split: str, epoch: Any) -> dict[str, Any]:
         merged = self.merge_results(results, self.result_name(split, epoch), dedup_key="image_id")
         if not self.report_metric:
@@ -133,4 +146,8 @@ class CaptionTask(BaseTask):
             metrics = caption_scores(predictions, refs, metrics=self.caption_metrics)
             metrics["num_images"] = len(predictions)
             metrics["agg_metrics"] = metrics.get("CIDEr", 0.0) + metrics.get("Bleu_4", 0.0)
+            domains = getattr(self.eval_dataset, "domains", None)  # NoCaps: in-domain / near-domain / out-domain
+            if domains:
+                overall = {k: v for k, v in metrics.items() if k != "agg_metrics"}
+                metrics.update(self.domain_scores(predictions, refs, domains), overall=overall)
         return self.finish_metrics(metrics, split, epoch)

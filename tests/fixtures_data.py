@@ -174,6 +174,8 @@ def _other_image_trees(root: Path, rng: random.Random) -> None:
     _dump(na / "nocaps_val.json", [{"image": rel, "img_id": k, "caption": [_caption(rng) for _ in range(10)]}
                                    for k, rel in enumerate(nocaps[:2])])
     _dump(na / "nocaps_test.json", [{"image": nocaps[2], "img_id": 0}])
+    _dump(root / "nocaps/download/nocaps_val_4500_captions.json",  # official image info (domains)
+          {"images": [{"id": 0, "domain": "in-domain"}, {"id": 1, "domain": "out-domain"}]})
 
     gqa = [f"n{161313 + k}.jpg" for k in range(4)]
     for k, rel in enumerate(gqa):

@@ -92,6 +92,21 @@ def test_caption_train_and_eval_ids(tree):
     assert len({a["id"] for a in gt["annotations"]}) == 10
     nocaps = build("nocaps", tree["root"])["val"]
     assert [nocaps[i]["image_id"] for i in range(2)] == [0, 1] and len(nocaps.ground_truth[0]) == 10
+    assert nocaps.domains == {0: "in-domain", 1: "out-domain"}  # from the official image info file
+
+
+def test_nocaps_domain_file_errors(tree, tmp_path):
+    from datasets.caption_datasets import NoCapsEvalDataset
+
+    ann = str(Path(tree["root"]) / "nocaps/annotations/nocaps_val.json")
+    bad = tmp_path / "info.json"
+    for content, match in [({"images": [{"id": 0, "domain": "in-domain"}]}, "no domain for 1"),
+                           ({"images": [{"id": 0, "domain": "inside"}, {"id": 1, "domain": "in-domain"}]}, "inside"),
+                           ([1, 2], "'images' list")]:
+        bad.write_text(json.dumps(content))
+        with pytest.raises((KeyError, ValueError), match=match):
+            NoCapsEvalDataset(None, None, ann, str(Path(tree["root"]) / "nocaps/images"), is_train=False,
+                              domain_file=str(bad))
 
 
 def test_caption_ground_truth_loads_in_pycocotools(tree, tmp_path):

@@ -227,6 +227,24 @@ def test_captioning_from_annotation_file_and_record_references(tmp_path: Path) -
         caption_references(ListDataset([]))
 
 
+def test_captioning_reports_nocaps_domains(tmp_path: Path) -> None:
+    """A dataset with ``domains`` (NoCaps) gets each domain's scores and ``overall`` besides the top-level ones."""
+    domains = {10: "in-domain", 11: "in-domain", 12: "near-domain", 13: "out-domain"}
+    names = ["Bleu_4", "CIDEr"]
+    task = CaptionTask.setup_task(OmegaConf.create({"run": {"output_dir": str(tmp_path), "caption_metrics": names}}))
+    ds = ListDataset(_caption_dataset().samples, ground_truth=REFERENCES, domains=domains)
+    metrics = task.after_evaluation(task.evaluation(FakeCaptioner(), _loader(ds)), "val", 0)
+    predictions = {10 + i: VOCAB[i] for i in range(4)}
+    for domain in ("in-domain", "near-domain", "out-domain"):
+        ids = [i for i in predictions if domains[i] == domain]
+        expected = caption_scores({i: predictions[i] for i in ids}, {i: REFERENCES[i] for i in ids}, metrics=names)
+        assert metrics[domain]["num_images"] == len(ids)
+        for name in names:
+            assert metrics[domain][name] == pytest.approx(expected[name]), (domain, name)
+    assert metrics["overall"]["CIDEr"] == metrics["CIDEr"] and metrics["overall"]["num_images"] == 4
+    assert metrics["in-domain"]["CIDEr"] != pytest.approx(metrics["out-domain"]["CIDEr"])
+
+
 # -- VQA / GQA --------------------------------------------------------------------------------------------
 QUESTIONS = ["what color is it", "how many shapes", "what shape is it", "is it red"]
 ANSWERS = {  # question_id -> 10 human answers

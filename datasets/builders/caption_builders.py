@@ -24,3 +24,11 @@ class NoCapsBuilder(BaseDatasetBuilder):
     eval_dataset_cls = NoCapsEvalDataset
     DATASET_CONFIG_DICT = {"default": "nocaps.yaml"}
     download_name = "nocaps"
+
+    def dataset_kwargs(self, split: str, is_train: bool) -> dict:
+        """The official image info (``build_info.annotations.<split>.domains``), for in/near/out-domain scores."""
+        kwargs = super().dataset_kwargs(split, is_train)
+        domain_file = self.extra_file(split, "domains")
+        if domain_file is not None:
+            kwargs["domain_file"] = domain_file
+        return kwargs
