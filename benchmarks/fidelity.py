@@ -38,16 +38,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def opt_loss(root: Path) -> tuple[tuple[float, float], tuple[float, float]]:
     from models import load_hf_blip2
-    from tests.test_hf_parity import NUM_QUERY, TEXTS, build_reference, pixels
+    from tests.test_hf_parity import TEXTS, build_reference, opt_caption_batch, pixels
 
     hf, path, tok = build_reference("opt", _Factory(root))
     ours = load_hf_blip2(str(path))
-    image_id, newline = hf.config.image_token_index, ours.llm.newline_token_id
-    rows = [[image_id] * NUM_QUERY + tok(t).input_ids + [newline] for t in TEXTS]
-    width = max(map(len, rows))
-    ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    labels = ids.masked_fill((ids == image_id) | (mask == 0), -100)
+    ids, mask, labels = opt_caption_batch(hf, ours, tok)
     hf.zero_grad()
     expected = hf(pixel_values=pixels(), input_ids=ids, attention_mask=mask, labels=labels).loss
     expected.backward()

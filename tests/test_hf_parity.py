@@ -165,15 +165,20 @@ def test_opt_logits_and_generation(opt_case):
     opt_generation_match(hf, ours, tok)
 
 
-def opt_caption_losses(hf, ours, tok) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ours, transformers) stage-2 caption loss, empty prompt: transformers gets input_ids = image tokens + the
-    caption's tokens (BOS first) + "\n" and labels = the same ids with the image tokens and padding set to -100."""
+def opt_caption_batch(hf, ours, tok) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """transformers' inputs for the stage-2 caption loss, empty prompt: input_ids = image tokens + the caption's
+    tokens (BOS first) + "\n", labels = the same ids with the image tokens and padding set to -100."""
     image_id, newline = hf.config.image_token_index, ours.llm.newline_token_id
     rows = [[image_id] * NUM_QUERY + tok(t).input_ids + [newline] for t in TEXTS]
     width = max(map(len, rows))
     ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    labels = ids.masked_fill((ids == image_id) | (mask == 0), -100)
+    return ids, mask, ids.masked_fill((ids == image_id) | (mask == 0), -100)
+
+
+def opt_caption_losses(hf, ours, tok) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ours, transformers) stage-2 caption loss, empty prompt (``opt_caption_batch``)."""
+    ids, mask, labels = opt_caption_batch(hf, ours, tok)
     with torch.no_grad():
         expected = hf(pixel_values=pixels(), input_ids=ids, attention_mask=mask, labels=labels).loss
         got = ours({"image": pixels(), "text_input": TEXTS})["loss"]
