@@ -1,4 +1,5 @@
-"""Where downloaded data, built assets and weights live: the cache root and storage paths under it.
+"""Where downloaded data, built assets and weights live (the cache root and storage paths under it), and whether
+the network may be used for them.
 
 The rule: ``$BLIP2_CACHE_ROOT`` if set, else ``~/.cache/blip2``; ``~`` is expanded. Dataset YAMLs spell the
 same rule as ``${oc.env:BLIP2_CACHE_ROOT,'~/.cache/blip2'}`` so that it shows in a printed config.
@@ -10,6 +11,11 @@ from pathlib import Path
 
 CACHE_ROOT_ENV = "BLIP2_CACHE_ROOT"
 DEFAULT_CACHE_ROOT = "~/.cache/blip2"
+
+
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` forbids the network (``1``/``true``/``yes``/``on``, as ``huggingface_hub`` reads it)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def cache_root() -> Path:

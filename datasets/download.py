@@ -14,21 +14,19 @@ import argparse
 import csv
 import json
 import os
-import shutil
 import sys
 import tarfile
-import urllib.request
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from common.paths import cache_root
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-USER_AGENT = "Mozilla/5.0 (blip2-framework dataset downloader)"
 
 COCO_ZIPS = [f"http://images.cocodataset.org/zips/{n}.zip" for n in ("train2014", "val2014", "test2015")]
 GQA_IMAGES = "https://downloads.cs.stanford.edu/nlp/data/gqa/images.zip"
@@ -61,16 +59,15 @@ class Plan:
 
 # -- network (tests replace this) ------------------------------------------------------------------
 def fetch_url(url: str, dest: str) -> None:
-    """Stream ``url`` into ``dest`` through a temporary file (no half-written files on failure)."""
+    """``url`` into ``dest`` with ``torch.hub.download_url_to_file`` (a temporary file renamed when complete, so
+    no half-written file survives a failure)."""
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-    tmp = dest + ".part"
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-    with urllib.request.urlopen(request, timeout=60) as response, open(tmp, "wb") as f:
-        shutil.copyfileobj(response, f, length=1 << 20)
-    os.replace(tmp, dest)
+    torch.hub.download_url_to_file(url, dest, progress=False)
 
 
 def extract(archive: str, target: str) -> None:
+    """Unpack a zip or tar archive. Hand-written because ``torchvision.datasets.utils.extract_archive`` extracts
+    tars without the ``data`` filter, which lets an archive write outside ``target``."""
     os.makedirs(target, exist_ok=True)
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as z:

@@ -13,6 +13,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from processors.image import ImageLoadError, to_rgb
+from processors.image import load_image as load_rgb
+
 FRAME_SAMPLING = ("uniform", "random", "headtail")
 #: bad files are logged one by one up to this count, then every LOG_EVERY-th (web-scale sets have many dead links)
 LOG_FIRST, LOG_EVERY = 20, 1000
@@ -37,8 +40,6 @@ def load_image(path: str) -> Image.Image:
 
     Decoding and mode conversion (transparency, 16-bit grey, CMYK) are the processors' one loader.
     """
-    from processors.image import ImageLoadError, load_image as load_rgb
-
     if not os.path.isfile(path):
         raise BadMediaError(path, "file does not exist")
     try:
@@ -49,8 +50,6 @@ def load_image(path: str) -> Image.Image:
 
 def decode_image_bytes(data: bytes, name: str) -> Image.Image:
     """Decode encoded image bytes (e.g. a webdataset member) to RGB; ``name`` is used in errors."""
-    from processors.image import to_rgb
-
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()

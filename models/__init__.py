@@ -11,7 +11,8 @@ from models import (  # noqa: F401  (imported for registration)
     llms,
     qformer,
 )
-from models.checkpoints import export_to_hf, load_state_dict_any  # noqa: F401
+from models.checkpoints import load_state_dict_any  # noqa: F401
+from models.hf_export import export_to_hf  # noqa: F401
 from models.zoo import (  # noqa: F401
     ModelZoo,
     build_model_skeleton,

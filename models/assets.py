@@ -11,6 +11,9 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from models.tiny import TINY_PREFIX
+from models.tiny import resolve_asset as resolve_tiny
+
 PACKAGE_PREFIX = "package:"
 
 
@@ -41,6 +44,4 @@ def resolve_asset(name):
         return name
     if name.startswith(PACKAGE_PREFIX):
         return package_path(name[len(PACKAGE_PREFIX):])
-    from models.tiny import TINY_PREFIX, resolve_asset as resolve_tiny
-
     return resolve_tiny(name) if name.startswith(TINY_PREFIX) else name

@@ -10,6 +10,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from models.checkpoints import iter_state_dict_any
+
 logger = logging.getLogger(__name__)
 
 _MODELS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -117,8 +119,6 @@ class BaseModel(nn.Module):
 
     def _state_dict_pieces(self, path_or_url: str) -> Iterator[dict[str, torch.Tensor]]:
         """The checkpoint in our names, a few tensors at a time (``models.checkpoints.iter_state_dict_any``)."""
-        from models.checkpoints import iter_state_dict_any
-
         return iter_state_dict_any(path_or_url, model=self, piece_size=self.checkpoint_piece_size)
 
     def _missing_key_is_expected(self, key: str) -> bool:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 import registry
 from common.precision import PRECISIONS, autocast, compute_dtype, cpu_safe_, resolve_precision
 from models.base_model import BaseModel, block_index
+from models.feature_cache import FrozenFeatureCache, encoder_fingerprint
 from models.qformer import QFormer, QFormerConfig, QFormerOutput, init_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -203,8 +204,6 @@ class Blip2Base(BaseModel):
 
         Valid only with deterministic image preprocessing (see ``models/feature_cache.py``).
         """
-        from models.feature_cache import FrozenFeatureCache, encoder_fingerprint
-
         if not self.vit_frozen:
             raise ValueError("cache_image_features needs a frozen image encoder (freeze_vit: true)")
         dtype = str(next(self.visual_encoder.parameters()).dtype)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import torch
@@ -19,17 +18,13 @@ from torch import Tensor, nn
 
 import registry
 from models.blip2_base import Blip2Base, to_plain
+from models.checkpoints import load_state_dict_any, resolve_source
+from models.checkpoints.blip2_keys import QFORMER_TEXT_PARTS, STAGE1_ONLY_PARTS
 from models.llms import FrozenLLM
 from models.lora import LoraSettings, apply_lora
 
 logger = logging.getLogger(__name__)
 
-# What a stage-1 checkpoint holds that a stage-2 model has no place for (the paper's stage 2 starts from stage 1).
-STAGE1_ONLY_PARTS = re.compile(r"^(Qformer\.cls\.|vision_proj\.|text_proj\.|itm_head\.|temp$)")
-# Q-Former parts only the text path uses (absent from stage-2 checkpoints; kept when qformer_text_input).
-QFORMER_TEXT_PARTS = re.compile(
-    r"^Qformer\.bert\.(embeddings\.(word|position)_embeddings\.|encoder\.layer\.\d+\.(intermediate|output)\.)"
-)
 
 
 class Blip2LLMBase(Blip2Base):
@@ -133,8 +128,6 @@ class Blip2LLMBase(Blip2Base):
     def load_qformer_text(self, source: str) -> None:
         """Q-Former text parts (word/position embeddings, text FFNs) from a stage-1 checkpoint (any format), for
         ``qformer_text_input`` on top of a stage-2 checkpoint, which never holds them."""
-        from models.checkpoints import load_state_dict_any
-
         state = {k: v for k, v in load_state_dict_any(source).items() if QFORMER_TEXT_PARTS.match(k)}
         wanted = {k for k in self.state_dict() if QFORMER_TEXT_PARTS.match(k)}
         if wanted - set(state):
@@ -460,8 +453,6 @@ def hf_llm_sources(hf_checkpoint: str) -> dict[str, Any]:
     so that only that one checkpoint is downloaded. ``{}`` when it cannot be resolved now (e.g. offline on the meta
     device): the LLM then comes from its own name, and loading the checkpoint reports the real problem."""
     import json
-
-    from models.checkpoints import resolve_source
 
     try:
         path = resolve_source(hf_checkpoint)

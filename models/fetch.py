@@ -13,13 +13,13 @@ import argparse
 import sys
 from typing import Any, Sequence
 
-from models.weight_sources import BYTES, KNOWN_SOURCES, WeightSource, _human, offline_env, plan_sources
+from common.paths import hub_offline
+from models.checkpoints import resolve_source
+from models.weight_sources import BYTES, KNOWN_SOURCES, WeightSource, _human, plan_sources
 
 
 def download(source: WeightSource) -> str:
     """Fetch one missing source into its cache (hub snapshot or torch hub file); returns the local path."""
-    from models.checkpoints import resolve_source
-
     if source.kind == "hub":
         from huggingface_hub import snapshot_download
 
@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  - {s.role:<34} {s.source}\n      {s.size_text}; {state}; override: model.{s.key}")
         if s.available or args.dry_run:
             continue
-        if s.kind == "path" or offline_env():
+        if s.kind == "path" or hub_offline():
             print(f"      cannot download ({'a local path' if s.kind == 'path' else 'HF_HUB_OFFLINE is set'})")
             failed += 1
             continue

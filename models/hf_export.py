@@ -1,7 +1,7 @@
 """Export our BLIP-2 models as Hugging Face checkpoints that ``transformers`` loads.
 
 ``export_to_hf(model, out_dir)`` writes ``config.json`` (a ``Blip2Config`` built from our model's parts),
-``model.safetensors`` (names mapped by ``models.checkpoints.ours_to_hf``), ``generation_config.json`` and, when the
+``model.safetensors`` (names mapped by ``models.checkpoints.blip2_keys.ours_to_hf``), ``generation_config.json`` and, when the
 LLM has a tokenizer, a ``Blip2Processor`` (tokenizer with an ``<image>`` token + BLIP image processor).
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from models.checkpoints import StateDict, model_layout, ours_to_hf
+from models.checkpoints.blip2_keys import model_layout, ours_to_hf
+from models.checkpoints.sources import StateDict
 from models.instructblip_layout import blip2_to_instructblip
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ ViT-style timm models are *adopted*: their patch embedding, class token, positio
 direct children of the encoder, so parameter names equal timm's (``blocks.3.attn.qkv.weight``), which for EVA are
 also the names of LAVIS's ``eva_vit_g.pth``. Other timm models (CNNs, Swin, ...) are kept whole as ``trunk`` and
 their ``forward_features`` map is flattened to tokens. Key conversions from other layouts (OpenAI CLIP, Hugging Face
-``vision_model.*``) live in ``models/checkpoints.py``.
+``vision_model.*``) live in ``models/checkpoints/vision_keys.py``.
 """
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ from torch.utils.checkpoint import checkpoint
 
 import registry
 from common.precision import compute_dtype, cpu_safe_, resolve_precision
+from models.assets import resolve_asset
+from models.checkpoints.sources import read_state_dict
+from models.checkpoints.vision_keys import is_vision_key, vision_state_dict_to_timm, visual_encoder_part
+from models.key_maps import KeyMap
 
 logger = logging.getLogger(__name__)
 
@@ -140,9 +144,6 @@ class TimmImageEncoder(nn.Module):
         **timm_kwargs: Any,
     ) -> None:
         super().__init__()
-        from models.assets import resolve_asset
-        from models.key_maps import KeyMap
-
         pretrained = resolve_asset(pretrained) if isinstance(pretrained, str) else pretrained
         self.key_map = KeyMap.parse(key_map) if key_map is not None else None
         saved = _timm_export_args(pretrained)
@@ -343,8 +344,6 @@ class TimmImageEncoder(nn.Module):
     # -- weights ------------------------------------------------------------------------------------
     def convert_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Any supported layout (timm/LAVIS, Hugging Face ``vision_model.*``, OpenAI CLIP) -> this module's names."""
-        from models.checkpoints import vision_state_dict_to_timm, visual_encoder_part
-
         if self.key_map is not None:
             blocks = self.blocks if self.is_vit else getattr(self.trunk, "blocks", None)
             depths = [len(stage) for stage in blocks] if blocks is not None and all(
@@ -367,8 +366,6 @@ class TimmImageEncoder(nn.Module):
 
     def load_pretrained(self, source: str | Path | Mapping[str, torch.Tensor]) -> None:
         """Load weights from a path / URL / hub id or a state dict; every parameter must be covered."""
-        from models.checkpoints import is_vision_key, read_state_dict
-
         name = source if not isinstance(source, Mapping) else "<state dict>"
         raw = read_state_dict(source, select=is_vision_key) if not isinstance(source, Mapping) else dict(source)
         state_dict = self.convert_state_dict(raw)

@@ -30,9 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import registry
+from common.paths import hub_offline
 from common.precision import cpu_safe_, resolve_precision
+from models.assets import resolve_asset
+from models.gguf import gguf_checkpoint, resolve_gguf_path
+from models.lm_weights import untie_lm_head
 
 logger = logging.getLogger(__name__)
+
 
 def _building_on_meta() -> bool:
     """True inside ``with torch.device("meta"):`` (instantiate without weights)."""
@@ -122,15 +127,11 @@ class FrozenLLM(nn.Module):
         CUDA): a quantised frozen LLM (``models/quantize.py``); applied once the weights are loaded.
         """
         super().__init__()
-        from models.assets import resolve_asset
-
         model_name_or_path = resolve_asset(str(model_name_or_path))  # "tiny:opt", "package:x/y" -> local path
         if gguf_file is None and model_name_or_path.endswith(".gguf") and os.path.isfile(model_name_or_path):
             gguf_file = model_name_or_path
         self.gguf_file = None
         if gguf_file is not None:
-            from models.gguf import gguf_checkpoint, resolve_gguf_path
-
             self.gguf_file = str(resolve_gguf_path(resolve_asset(str(gguf_file)), model_name_or_path))
             model_name_or_path = str(gguf_checkpoint(self.gguf_file, self._auto_class().__name__))
         self.model_name_or_path = model_name_or_path
@@ -488,8 +489,7 @@ def _with_loss(logits: torch.Tensor | None, nll: torch.Tensor, mask: torch.Tenso
 
 
 def _load_error(name: str, what: str, err: Exception) -> str:
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    hint = " (HF_HUB_OFFLINE is set: only the local cache is searched)" if offline else ""
+    hint = " (HF_HUB_OFFLINE is set: only the local cache is searched)" if hub_offline() else ""
     return (
         f"could not load the LLM {what} from {name!r}{hint}: {err}. Expected a Hugging Face hub id, or a local "
         f"directory with config.json (+ weights, tokenizer files)."
@@ -547,25 +547,6 @@ class FlanT5LLM(FrozenSeq2SeqLM):
     def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True):
         """Tied checkpoints (original T5) lack ``lm_head.weight``: use ``shared.weight`` for it."""
         return super().load_hf_state_dict(_fill_lm_head(state_dict), strict=strict)
-
-
-def untie_lm_head(model: nn.Module) -> None:
-    """Give ``model.lm_head`` its own weight (a copy of the input embedding if they were shared)
-    and drop it from transformers' tying map, so later ``tie_weights()`` calls keep it separate."""
-    lm_head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    if lm_head is None:
-        return
-    if lm_head.weight is embed.weight or (
-        lm_head.weight.device.type != "meta" and lm_head.weight.data_ptr() == embed.weight.data_ptr()
-    ):
-        lm_head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=embed.weight.requires_grad)
-    tied = getattr(model, "all_tied_weights_keys", None)
-    if isinstance(tied, dict):
-        model.all_tied_weights_keys = {k: v for k, v in tied.items() if not k.startswith("lm_head.")}
-    # T5 derives "scale decoder outputs" from tie_word_embeddings at config creation; only an
-    # untied-style (unscaled, e.g. Flan-T5) config may say untied without changing numerics on reload.
-    if not getattr(model.config, "scale_decoder_outputs", False):
-        model.config.tie_word_embeddings = False
 
 
 @registry.llms.register("hf_causal_lm")

@@ -1,7 +1,10 @@
 """Incremental text decoding for the Q-Former (captioning): greedy, beam search and nucleus sampling.
 
 Decoding runs on top of a ``QFormerCache`` that already holds the query positions, so every step feeds one token
-per sequence and attends to the cached queries and earlier tokens; the image is never touched again.
+per sequence and attends to the cached queries and earlier tokens; the image is never touched again. The logits
+processors (repetition penalty, minimum length, temperature, top-p) are ``transformers``'.
+Hand-written loop because ``transformers``' ``generate`` needs a ``PreTrainedModel`` whose cache is an HF ``Cache`` of
+token positions, while this cache starts with the 32 query positions that have no token ids.
 """
 from __future__ import annotations
 
@@ -10,39 +13,29 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from transformers import (
+    LogitsProcessorList,
+    MinLengthLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
+
 from models.qformer import QFormerCache
 
 # step(last_tokens [N, 1], cache) -> (logits [N, V], new cache)
 StepFn = Callable[[Tensor, QFormerCache], tuple[Tensor, QFormerCache]]
 
 
-def _apply_repetition_penalty(logits: Tensor, sequences: Tensor, penalty: float) -> Tensor:
-    """CTRL-style: logits of tokens already generated are divided (if > 0) or multiplied (if < 0) by ``penalty``."""
-    if penalty == 1.0:
-        return logits
-    seen = torch.gather(logits, 1, sequences)
-    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
-    return logits.scatter(1, sequences, seen)
-
-
-def _process_logits(logits: Tensor, sequences: Tensor, min_length: int, eos_id: int, repetition_penalty: float) -> Tensor:
-    """Repetition penalty over the sequence so far; no eos while the sequence (bos included) is shorter than
-    ``min_length`` (Hugging Face semantics)."""
-    logits = _apply_repetition_penalty(logits.float(), sequences, repetition_penalty)
-    if sequences.shape[1] < min_length:
-        logits[:, eos_id] = -float("inf")
-    return logits
-
-
-def _top_p_filter(logits: Tensor, top_p: float) -> Tensor:
-    """Keep the smallest set of tokens whose probability mass reaches ``top_p`` (at least one)."""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-    cumulative = sorted_logits.softmax(-1).cumsum(-1)
-    remove = cumulative - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
-    sorted_logits = sorted_logits.masked_fill(remove, -float("inf"))
-    return torch.full_like(logits, -float("inf")).scatter(1, order, sorted_logits)
+def _processors(min_length: int, eos_id: int, repetition_penalty: float) -> LogitsProcessorList:
+    """``transformers``' repetition penalty (CTRL-style) and minimum length (no eos while the sequence, bos included,
+    is shorter than ``min_length``), applied to fp32 logits."""
+    processors = LogitsProcessorList()
+    if repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    if min_length > 1:
+        processors.append(MinLengthLogitsProcessor(min_length, eos_id))
+    return processors
 
 
 @torch.no_grad()
@@ -65,13 +58,17 @@ def sample(
     device = cache.layers[0][0].device
     sequences = torch.full((batch, 1), bos_id, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    processors = _processors(min_length, eos_id, repetition_penalty)
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(max(temperature, 1e-5))])
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
     while sequences.shape[1] < max_length and not bool(finished.all()):
         logits, cache = step(sequences[:, -1:], cache)
-        logits = _process_logits(logits, sequences, min_length, eos_id, repetition_penalty)
+        logits = processors(sequences, logits.float())
         if greedy:
             next_tokens = logits.argmax(-1)
         else:
-            probs = _top_p_filter(logits / max(temperature, 1e-5), top_p).softmax(-1)
+            probs = warpers(sequences, logits).softmax(-1)
             next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_id), next_tokens)
         sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
@@ -111,13 +108,15 @@ def beam_search(
     hypotheses: list[list[tuple[float, Tensor]]] = [[] for _ in range(batch)]
     done = [False] * batch
 
+    processors = _processors(min_length, eos_id, repetition_penalty)
+
     def score(sum_logprobs: float, generated: int) -> float:
         return sum_logprobs / (max(generated, 1) ** length_penalty)
 
     while sequences.shape[1] < max_length and not all(done):
         cur_len = sequences.shape[1]
         logits, cache = step(sequences[:, -1:], cache)
-        logits = _process_logits(logits, sequences, min_length, eos_id, repetition_penalty)
+        logits = processors(sequences, logits.float())
         logprobs = logits.log_softmax(-1) + beam_scores[:, None]  # [B*K, V]
         vocab = logprobs.shape[-1]
         top_scores, top_ids = logprobs.view(batch, -1).topk(2 * num_beams, dim=1)  # [B, 2K]

@@ -19,6 +19,8 @@ from typing import Iterable
 import torch
 
 from common.paths import cache_root
+from models.lm_weights import untie_lm_head
+from models.lm_weights import untie_lm_head
 
 TINY_PREFIX = "tiny:"
 TINY_FORMAT_VERSION = 2  # bump when the built assets change (part of the cache key)
@@ -124,8 +126,6 @@ def tiny_t5_config(vocab_size: int, **overrides):
 def build_tiny_llm(kind: str, out_dir: str | Path, seed: int = 0, **config_overrides) -> Path:
     """Write a random-init tiny LLM + its tokenizer to ``out_dir`` (save_pretrained layout)."""
     from transformers import OPTForCausalLM, T5ForConditionalGeneration
-
-    from models.llms import untie_lm_head
 
     tokenizer = build_tokenizer(kind)
     # real tensors even when first asked for inside ``with torch.device("meta")`` (a model skeleton)

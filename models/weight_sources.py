@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from common.paths import hub_offline
+from models.checkpoints.sources import HUB_ID
+
 # Parameter counts and stored dtype of the official sources (for sizes when nothing is downloaded yet); sizes derived
 # from them are estimates and printed as such.
 KNOWN_SOURCES: dict[str, tuple[float, str]] = {
@@ -81,20 +84,14 @@ def _disk_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def offline_env() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-
-
 def _kind(source: str) -> str:
-    from models.checkpoints import _HUB_ID
-
     if source.startswith("tiny:") or source == "bundled":
         return "local"
     if os.path.exists(os.path.expanduser(source)):
         return "path"
     if source.startswith(("http://", "https://")):
         return "url"
-    if _HUB_ID.match(source) or "/" not in source and not source.endswith((".pth", ".pt", ".safetensors")):
+    if HUB_ID.match(source) or "/" not in source and not source.endswith((".pth", ".pt", ".safetensors")):
         return "hub"
     return "path"
 
@@ -226,7 +223,7 @@ def check_sources(arch: str, cfg: Mapping[str, Any], label: str | None = None) -
     label = label or arch
     if any(s.kind == "path" for s in missing):
         raise MissingWeightsError(missing_message(label, missing, "local paths do not exist"))
-    if offline_env():
+    if hub_offline():
         raise MissingWeightsError(missing_message(label, missing, "HF_HUB_OFFLINE is set"))
     if not network_reachable({s.kind for s in missing}):
         raise MissingWeightsError(missing_message(label, missing, "no network"))

@@ -22,6 +22,7 @@ from torch import nn
 
 import registry
 from common.precision import cpu_safe_
+from models.checkpoints import resolve_source
 from models.instructblip_layout import INSTRUCTBLIP_MODEL_TYPES
 
 logger = logging.getLogger(__name__)
@@ -149,8 +150,6 @@ def model_config_from_hf(source: str) -> tuple[str, dict[str, Any]]:
     from the checkpoint's ``text_config`` (no separate download) and its tokenizer read from the same directory.
     """
     import json
-
-    from models.checkpoints import resolve_source
 
     root = resolve_source(source)
     root = root if root.is_dir() else root.parent

@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, Iterator, TypeVar
 
+from registry.plugins import load_entry_point_plugins
+
 T = TypeVar("T")
 
 
@@ -72,8 +74,6 @@ class Registry:
             self._home_loaded = False  # let a later lookup retry and show the same error
             raise
         # Installed third-party packages may add entries too (entry-point group blip2.plugins).
-        from registry.plugins import load_entry_point_plugins
-
         load_entry_point_plugins()
 
     def get(self, name: str) -> Any:

@@ -4,6 +4,8 @@ Every schedule computes a base LR from the global optimizer step and writes
 ``base_lr * group.get("lr_scale", 1.0)`` into each param group, so layer-wise LR decay
 (groups carrying ``lr_scale``) is honoured. Schedules are stateless functions of the step,
 so resuming only needs the step counter (``state_dict`` / ``load_state_dict``).
+Hand-written because torch's ``CosineAnnealingLR`` gives every group the same absolute ``eta_min`` (a group with
+``lr_scale`` 0.5 ends at ``min_lr``, 1e-5 for init 1e-4 / min 1e-5, where LAVIS's formula ends it at 5e-6).
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ frozen-part pre-training tasks ``image_encoder_pretrain`` and ``text_lm_pretrain
 
     task = registry.tasks.get(cfg.run.task).setup_task(cfg)
 """
+import registry
 from tasks import (  # noqa: F401  (imported for registration)
     captioning,
     frozen_pretrain,
@@ -14,17 +15,13 @@ from tasks import (  # noqa: F401  (imported for registration)
     retrieval,
     vqa,
 )
-from tasks.base_task import BaseTask
+from tasks.base_task import BaseTask, run_section
 
 __all__ = ["BaseTask", "setup_task"]
 
 
 def setup_task(cfg) -> BaseTask:
     """The registered task named by ``cfg.run.task``, set up from ``cfg``."""
-    import registry  # noqa: PLC0415
-
-    from tasks.base_task import run_section  # noqa: PLC0415
-
     name = run_section(cfg).get("task")
     if not name:
         raise KeyError("run.task is missing: name a registered task (e.g. captioning, vqa, retrieval)")

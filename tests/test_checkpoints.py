@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from models import checkpoints as ck
+from models.hf_export import export_to_hf
 
 
 def small_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -249,7 +250,7 @@ def test_load_checkpoint_in_pieces_loads_everything_and_names_what_is_missing(tm
     from safetensors.torch import load_file
 
     torch.manual_seed(0)
-    out = ck.export_to_hf(registry.models.get("blip2_opt").from_pretrained("tiny"), tmp_path / "hf",
+    out = export_to_hf(registry.models.get("blip2_opt").from_pretrained("tiny"), tmp_path / "hf",
                           save_processor=False)
     monkeypatch.setattr(BaseModel, "checkpoint_piece_size", 5)
     model = load_hf_blip2(str(out))
@@ -277,7 +278,7 @@ def test_hf_checkpoint_llm_is_built_on_meta_and_takes_its_weights(tmp_path, arch
 
     torch.manual_seed(0)
     source = registry.models.get(arch).from_pretrained("tiny")
-    out = ck.export_to_hf(source, tmp_path / "hf", save_processor=False)
+    out = export_to_hf(source, tmp_path / "hf", save_processor=False)
     model = load_hf_blip2(str(out), llm_precision="bf16")
     llm = model.llm.model
     assert not any(t.is_meta for t in [*llm.parameters(), *llm.buffers()])

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from models import load_hf_blip2
-from models.checkpoints import export_to_hf
+from models.hf_export import export_to_hf
 
 pytestmark = pytest.mark.slow  # three model families, save/load/export: ~30-60 s together on 2 cores
 
