@@ -26,6 +26,13 @@ from torch.utils.checkpoint import checkpoint
 
 import registry
 from models.lean_attention import LeanDropout, attention
+from models.qformer_init import (  # noqa: F401 (the tokenizer helpers are re-exported: they belong with the Q-Former)
+    BUNDLED_VOCAB,
+    bundled_bert_vocab,
+    init_tokenizer,
+    load_bert_state_dict,
+    qformer_from_bert,
+)
 
 
 @dataclass
@@ -577,15 +584,11 @@ class QFormer(nn.Module):
                   vocab_size: int | None = None, load_weights: bool = True, **overrides: Any) -> "QFormer":
         """A Q-Former initialised from a Hugging Face BERT (hub id or local dir): text FFN copied into the query
         FFN, cross-attention random (paper, section 3.1); see ``models.qformer_init.qformer_from_bert``."""
-        from models.qformer_init import qformer_from_bert
-
         return qformer_from_bert(cls, source, encoder_width, cross_attention_freq, num_query_token, vocab_size,
                                  load_weights, **overrides)
 
     def load_bert_state_dict(self, state: Mapping[str, Tensor]) -> list[str]:
         """Copy HF BERT weights (``bert.*``/``cls.*``) into this Q-Former; returns the copied keys."""
-        from models.qformer_init import load_bert_state_dict
-
         return load_bert_state_dict(self, state)
 
 
@@ -598,7 +601,3 @@ class InstructQFormer(QFormer):
     """
 
     instruction_aware = True
-
-
-# Re-exported: the tokenizer belongs with the Q-Former for callers.
-from models.qformer_init import BUNDLED_VOCAB, bundled_bert_vocab, init_tokenizer  # noqa: E402,F401

@@ -9,6 +9,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from models.assets import resolve_asset
+
 
 def qformer_from_bert(
     cls,
@@ -29,8 +31,6 @@ def qformer_from_bert(
     checkpoints) the LM head starts random. ``load_weights=False``: only the sizes (a full checkpoint follows).
     """
     from transformers import BertConfig, BertForMaskedLM
-
-    from models.assets import resolve_asset
 
     source = resolve_asset(source)
     bert_cfg = BertConfig.from_pretrained(source)
@@ -143,8 +143,6 @@ def init_tokenizer(source: str = "bert-base-uncased", truncation_side: str = "ri
     import os
 
     from transformers import BertTokenizer
-
-    from models.assets import resolve_asset
 
     source = resolve_asset(source)
     if source == "bert-base-uncased":

@@ -20,7 +20,6 @@ import torch
 
 from common.paths import cache_root
 from models.lm_weights import untie_lm_head
-from models.lm_weights import untie_lm_head
 
 TINY_PREFIX = "tiny:"
 TINY_FORMAT_VERSION = 2  # bump when the built assets change (part of the cache key)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from models import load_hf_blip2
-from models.checkpoints import export_to_hf
+from models.hf_export import export_to_hf
 from tests.test_hf_parity import pad_to, redraw_
 
 pytestmark = pytest.mark.slow  # three reference models, save/load/export: ~1 min on 2 cores

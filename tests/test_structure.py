@@ -105,10 +105,9 @@ def find_cycles(edges: dict[str, dict[str, list[int]]]) -> list[list[str]]:
     return cycles
 
 
-# Known, being removed: the demo's task reaching into the runners (it moves to projects/blip2/demo) and the three
-# Q-Former cycle inside models/ (split in the next commit). Each entry is checked to still exist, so none outlives its fix.
+# Known, being removed: the demo's task reaching into the runners (it moves to projects/blip2/demo). Each entry is
+# checked to still exist, so none outlives its fix.
 PENDING_UPWARD = {("tasks.frozen_pretrain", "runners"), ("tasks.frozen_pretrain", "runners.checkpointing")}
-PENDING_CYCLES = [["models.qformer", "models.qformer_init"]]
 
 
 def layer(module: str) -> int:
@@ -123,8 +122,7 @@ def graph():
 
 def test_no_import_cycles(graph):
     _, edges = graph
-    cycles = sorted(find_cycles(edges))
-    assert cycles == sorted(PENDING_CYCLES), "import cycles (function-local imports included)"
+    assert find_cycles(edges) == [], "import cycles (function-local imports included)"
 
 
 def test_no_upward_imports(graph):
