@@ -56,7 +56,7 @@ def test_lora_settings_validate():
 
 def test_lora_stage2_trains_resumes_exactly_and_exports(tmp_path, lavis_root, monkeypatch):
     from models import load_hf_blip2
-    from models.checkpoints import export_to_hf
+    from models.hf_export import export_to_hf
     from runners.inference import load_spec
     from runners.train import main as train
 
