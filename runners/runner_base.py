@@ -238,7 +238,9 @@ class RunnerBase:
         self.global_step += 1
         totals["_stop"] = 1.0 if stopping.requested_signal() else 0.0  # rides on the logs' all-reduce
         keys = sorted(totals)
-        mean = dist_utils.all_reduce_sum(torch.tensor([totals[k] for k in keys], dtype=torch.float64))
+        # on the run's device: NCCL reduces only CUDA tensors
+        mean = dist_utils.all_reduce_sum(torch.tensor([totals[k] for k in keys], dtype=torch.float64,
+                                                      device=self.device)).tolist()
         logs = {k: float(v) / self.world_size for k, v in zip(keys, mean)}
         self.stop_requested = logs.pop("_stop") > 0
         logs["lr"] = lr

@@ -67,5 +67,7 @@ def should_stop() -> bool:
     """True on every rank when any rank received a stop signal (collective under DDP)."""
     flag = torch.tensor([1.0 if _requested else 0.0], dtype=torch.float64)
     if dist_utils.is_dist():
+        if torch.distributed.get_backend() == "nccl":  # NCCL reduces only CUDA tensors
+            flag = flag.to(torch.device("cuda", torch.cuda.current_device()))
         flag = dist_utils.all_reduce_sum(flag)
     return bool(flag.item() > 0)
