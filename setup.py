@@ -2,8 +2,8 @@
 
 Every top-level package (common, registry, models, tasks, datasets, processors, runners, benchmarks) and its
 subpackages is found automatically; YAML/JSON files next to the code (model zoo and dataset default
-configs) ship as package data. ``projects/`` (the recipes) is installed too, as data inside a
-namespace package, so ``python -m runners.demo`` finds its YAMLs after a non-editable install.
+configs) ship as package data. ``projects/`` (the recipes) is installed too, its YAMLs as data inside a
+namespace package, with the demo plugin package ``projects.blip2.demo`` (``python -m projects.blip2.demo``).
 """
 from __future__ import annotations
 

@@ -6,7 +6,6 @@ from models import (  # noqa: F401  (imported for registration)
     blip2_t5,
     blip2_t5_instruct,
     blip2_vicuna_instruct,
-    frozen_pretrain,
     image_encoders,
     llms,
     qformer,

@@ -1,4 +1,4 @@
-"""Tiny offline LLM assets (OPT-style and T5-style) for tests, ``tiny`` zoo types and the demo.
+"""Tiny offline LLM assets (OPT-style and T5-style) for tests and the ``tiny`` zoo types.
 
 Nothing is downloaded: tokenizers are trained locally (byte-level BPE for OPT, like GPT-2's;
 Metaspace BPE for T5, like SentencePiece) on a built-in word list, models are random-init from a

@@ -29,7 +29,6 @@ from common.precision import autocast, compute_dtype, cpu_safe_, precision_dtype
 
 logger = logging.getLogger(__name__)
 
-DEMO_JOBS = ("output/demo/runs/stage2", "output/demo/runs/stage1")  # what runners.demo trains, by default
 
 
 class ModelSpecError(ValueError):
@@ -151,11 +150,20 @@ def load_spec(
 
 
 def default_serve_specs(root: str | Path = ".") -> tuple[str, str]:
-    """(generative model, matching model) for the web page: the demo's trained stage-2 / stage-1 jobs when
-    ``runners.demo`` wrote them under ``root``, else the offline ``tiny`` zoo models."""
-    stage2, stage1 = (Path(root) / job for job in DEMO_JOBS)
-    usable = all((job / "config.yaml").exists() for job in (stage2, stage1))
-    return (str(stage2), str(stage1)) if usable else ("blip2_opt:tiny", "blip2:tiny")
+    """(generative model, matching model) for the web page: the newest trained stage-2 and stage-1 jobs under
+    ``<root>/output`` (a job directory with ``config.yaml`` and a step checkpoint), else the offline ``tiny`` zoo
+    models."""
+    from runners.checkpointing import latest_checkpoint
+
+    kinds = {"blip2_opt": 0, "blip2_t5": 0, "blip2": 1, "blip2_feature_extractor": 1, "blip2_image_text_matching": 1}
+    found: list[str | None] = [None, None]
+    configs = sorted(Path(root, "output").glob("**/config.yaml"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in configs:
+        arch = (OmegaConf.load(path).get("model") or {}).get("arch")
+        kind = kinds.get(arch)
+        if kind is not None and found[kind] is None and latest_checkpoint(path.parent) is not None:
+            found[kind] = str(path.parent)
+    return found[0] or "blip2_opt:tiny", found[1] or "blip2:tiny"
 
 
 # -- inference ----------------------------------------------------------------------------------------------------

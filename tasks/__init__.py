@@ -1,16 +1,13 @@
 """Tasks: what the model is asked to do in a run and how it is scored.
 
 Importing this package registers every built-in task in ``registry.tasks``:
-``image_text_pretrain``, ``captioning``, ``vqa``, ``gqa``, ``retrieval`` and the demo's
-frozen-part pre-training tasks ``image_encoder_pretrain`` and ``text_lm_pretrain``
-(``tasks/frozen_pretrain.py``).
+``image_text_pretrain``, ``captioning``, ``vqa``, ``gqa``, ``retrieval``.
 
     task = registry.tasks.get(cfg.run.task).setup_task(cfg)
 """
 import registry
 from tasks import (  # noqa: F401  (imported for registration)
     captioning,
-    frozen_pretrain,
     image_text_pretrain,
     retrieval,
     vqa,

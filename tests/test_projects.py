@@ -12,7 +12,8 @@ from runners.config import Config
 from runners.data import collate_fn_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PROJECTS = sorted((REPO_ROOT / "projects").rglob("*.yaml"))
+# Project YAMLs (a plugin's own dataset default configs under configs/ are not projects).
+PROJECTS = sorted(p for p in (REPO_ROOT / "projects").rglob("*.yaml") if "configs" not in p.parent.parts)
 PAPER_PROJECTS = [p for p in PROJECTS if not {"demo", "examples"} & set(p.relative_to(REPO_ROOT / "projects").parts)]
 REQUIRED = ["stage1.yaml", "stage1_vitL.yaml", "stage2.yaml", "stage2_opt6.7b.yaml", "stage2_flant5xl.yaml",
             "stage2_flant5xxl.yaml", "caption_coco_ft.yaml", "vqav2_ft.yaml", "retrieval_coco_ft.yaml"]

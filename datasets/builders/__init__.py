@@ -5,7 +5,6 @@ from datasets.builders import (  # noqa: F401  (imports register the builders)
     laion_builder,
     pair_builders,
     retrieval_builders,
-    shapes,
     video_builders,
     vqa_builders,
 )

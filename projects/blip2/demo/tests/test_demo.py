@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from datasets.builders import shapes
+from projects.blip2.demo import shapes
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_chance_levels(data_root):
 
 
 def test_caption_accuracy_by_object_count(data_root):
-    from runners.demo import caption_attribute_accuracies
+    from projects.blip2.demo.run import caption_attribute_accuracies
 
     scenes = _load(data_root, "scenes_test.json")
     captions = [{"image_id": s["image_id"], "caption": shapes.captions_for(s, random.Random(0), 1)[0]
@@ -182,7 +182,7 @@ def test_tokenizer_and_llm_export_load_through_the_opt_plugin(tmp_path):
     import registry
     from omegaconf import OmegaConf
 
-    from models.frozen_pretrain import train_shapes_tokenizer
+    from projects.blip2.demo.frozen_models import train_shapes_tokenizer
 
     rng = random.Random(0)
     scenes = [shapes.sample_scene(rng) for _ in range(60)]
@@ -211,7 +211,7 @@ def test_tokenizer_and_llm_export_load_through_the_opt_plugin(tmp_path):
 
     # export_pretrained rebuilds the model from the job's own config.yaml (here 2 layers, not the YAML's default)
     from runners import checkpointing as ckpt
-    from tasks.frozen_pretrain import export_pretrained
+    from projects.blip2.demo.frozen_tasks import export_pretrained
 
     job = tmp_path / "job"
     with pytest.raises(FileNotFoundError, match="config.yaml"):
@@ -249,7 +249,7 @@ def test_t5_tokenizer_and_llm_export_load_through_the_flan_t5_plugin(tmp_path, m
     import registry
     from omegaconf import OmegaConf
 
-    from models.frozen_pretrain import train_shapes_tokenizer
+    from projects.blip2.demo.frozen_models import train_shapes_tokenizer
 
     rng = random.Random(0)
     scenes = [shapes.sample_scene(rng) for _ in range(60)]
@@ -305,8 +305,8 @@ def test_text_vqa_accuracy_of_the_llm_alone(tmp_path, data_root, style):
     import registry
     from omegaconf import OmegaConf
 
-    from models.frozen_pretrain import train_shapes_tokenizer
-    from tasks.frozen_pretrain import text_vqa_accuracy
+    from projects.blip2.demo.frozen_models import train_shapes_tokenizer
+    from projects.blip2.demo.frozen_tasks import text_vqa_accuracy
 
     lines = shapes.lm_corpus(data_root, "train", seed=0, copies=1)
     tok_dir = train_shapes_tokenizer(lines, tmp_path / "tok", vocab_size=400, style=style)
@@ -344,7 +344,7 @@ def test_text_vqa_accuracy_of_the_llm_alone(tmp_path, data_root, style):
 # -- the shortened pipeline ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_quick_demo_beats_chance_at_every_stage(tmp_path, monkeypatch):
-    """Shortened ``runners.demo`` (quick budget: 200/150/100/60 steps, 1000 training images, 2 threads).
+    """Shortened ``python -m projects.blip2.demo`` (quick budget: 200/150/100/60 steps, 1000 training images, 2 threads).
 
     Margins over what each stage reaches untrained: encoder colour accuracy over object patches >= 0.4
     (chance 1/7); LLM loss < ln(vocab) / 3; retrieval R@5 (ITM re-ranked) and R@1 (ITC only) >= 4x chance
@@ -354,7 +354,7 @@ def test_quick_demo_beats_chance_at_every_stage(tmp_path, monkeypatch):
     At this budget stage 2 does not yet name the right colours and shapes (0 % of captions, VQA 25 % against a
     chance of 30 %), so those are not asserted; the full demo does better (README).
     """
-    from runners import demo
+    from projects.blip2.demo import run as demo
 
     monkeypatch.setenv("BLIP2_CACHE_ROOT", str(tmp_path / "cache"))
     report = demo.main(["--quick", "--out", str(tmp_path / "out"), "--threads", "2"])  # CI: 2 cores
@@ -380,7 +380,7 @@ def test_quick_demo_beats_chance_at_every_stage(tmp_path, monkeypatch):
 def test_demo_runs_with_the_t5_llm(tmp_path, monkeypatch):
     """``--llm t5`` wires the Flan-T5-style LLM through pre-training, stage 2 and both evaluations (a smoke
     run capped at 20 steps per training: what it learns is the full demo's business, README)."""
-    from runners import demo
+    from projects.blip2.demo import run as demo
 
     monkeypatch.setenv("BLIP2_CACHE_ROOT", str(tmp_path / "cache"))
     report = demo.main(["--quick", "--llm", "t5", "--max-steps", "20", "--out", str(tmp_path / "out"),
@@ -399,3 +399,19 @@ def test_demo_runs_with_the_t5_llm(tmp_path, monkeypatch):
     assert 0 <= metrics["vqa_acc"] <= 100
     with pytest.raises(SystemExit):
         demo.main(["--llm", "gpt", "--out", str(tmp_path / "never")])
+
+
+def test_runs_as_a_module_and_is_a_plugin(repo_root):
+    """``python -m projects.blip2.demo`` is the entry point; its YAMLs load the plugin that registers its parts."""
+    import subprocess
+    import sys
+
+    from omegaconf import OmegaConf
+
+    out = subprocess.run([sys.executable, "-m", "projects.blip2.demo", "--help"], cwd=repo_root, text=True,
+                         capture_output=True, timeout=120, env={**os.environ, "PYTHONPATH": str(repo_root)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: python -m projects.blip2.demo") and "--quick" in out.stdout
+    demo_dir = repo_root / "projects" / "blip2" / "demo"
+    for path in demo_dir.glob("*.yaml"):
+        assert OmegaConf.load(path).plugins == ["projects.blip2.demo"], path

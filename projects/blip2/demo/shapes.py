@@ -1,4 +1,5 @@
-"""`shapes`: a deterministic synthetic vision-language data set for the offline demo.
+"""`shapes`: a deterministic synthetic vision-language data set for the offline demo (a plugin: registered when
+``projects.blip2.demo`` is imported).
 
 Each image shows 1-3 coloured shapes (mostly 2+, so colour must be bound to the right object)
 on a plain background. From one seed we write, under ``<cache_root>/shapes/``, the LAVIS
@@ -38,6 +39,7 @@ NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 COUNT_WEIGHTS = (0.15, 0.5, 0.35)
 DEFAULT_SPLITS = {"train": 4000, "val": 100, "test": 200}
 FORMAT_VERSION = 2
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the builders' default YAMLs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,7 +437,7 @@ class ShapesCaptionBuilder(_ShapesMixin, BaseDatasetBuilder):
 
     train_dataset_cls = CaptionDataset
     eval_dataset_cls = CaptionEvalDataset
-    DATASET_CONFIG_DICT = {"default": "shapes_caption.yaml"}
+    DATASET_CONFIG_DICT = {"default": str(CONFIG_DIR / "shapes_caption.yaml")}
 
 
 @registry.builders.register("shapes_retrieval")
@@ -444,7 +446,7 @@ class ShapesRetrievalBuilder(_ShapesMixin, BaseDatasetBuilder):
 
     train_dataset_cls = RetrievalDataset
     eval_dataset_cls = RetrievalEvalDataset
-    DATASET_CONFIG_DICT = {"default": "shapes_retrieval.yaml"}
+    DATASET_CONFIG_DICT = {"default": str(CONFIG_DIR / "shapes_retrieval.yaml")}
 
 
 @registry.builders.register("shapes_vqa")
@@ -453,7 +455,7 @@ class ShapesVQABuilder(_ShapesMixin, VQABuilderBase):
 
     train_dataset_cls = VQADataset
     eval_dataset_cls = VQAEvalDataset
-    DATASET_CONFIG_DICT = {"default": "shapes_vqa.yaml"}
+    DATASET_CONFIG_DICT = {"default": str(CONFIG_DIR / "shapes_vqa.yaml")}
 
 
 @registry.builders.register("shapes_scenes")
@@ -462,7 +464,7 @@ class ShapesScenesBuilder(_ShapesMixin, BaseDatasetBuilder):
 
     train_dataset_cls = ShapesSceneDataset
     eval_dataset_cls = ShapesSceneDataset
-    DATASET_CONFIG_DICT = {"default": "shapes_scenes.yaml"}
+    DATASET_CONFIG_DICT = {"default": str(CONFIG_DIR / "shapes_scenes.yaml")}
     EXTRA_CONFIG_KEYS = _ShapesMixin.EXTRA_CONFIG_KEYS + ("patch_size",)
 
     def dataset_kwargs(self, split: str, is_train: bool) -> dict[str, Any]:
@@ -475,7 +477,7 @@ class ShapesScenesBuilder(_ShapesMixin, BaseDatasetBuilder):
 class ShapesTextBuilder(_ShapesMixin, BaseDatasetBuilder):
     """LLM pre-training text from the training split (captions and question-answer lines)."""
 
-    DATASET_CONFIG_DICT = {"default": "shapes_text.yaml"}
+    DATASET_CONFIG_DICT = {"default": str(CONFIG_DIR / "shapes_text.yaml")}
     EXTRA_CONFIG_KEYS = _ShapesMixin.EXTRA_CONFIG_KEYS + ("copies", "text_format")
     TEXT_FORMATS = ("causal", "seq2seq")
 

@@ -1,6 +1,6 @@
-"""``python -m runners.demo``: the BLIP-2 recipe end to end at toy scale, offline, on a CPU.
+"""``python -m projects.blip2.demo``: the BLIP-2 recipe end to end at toy scale, offline, on a CPU.
 
-1. generate the synthetic ``shapes`` data set (datasets/builders/shapes.py) into the cache root;
+1. generate the synthetic ``shapes`` data set (projects/blip2/demo/shapes.py) into the cache root;
 2. pre-train the parts BLIP-2 freezes, through ``runners.train``: a small timm ConvNeXt (dense attribute
    labels) and a small OPT-style LLM (``--llm t5``: a Flan-T5-style encoder-decoder; its own byte-level BPE
    tokenizer, text of the training split), and export them as timm / Hugging Face weights; then score the
@@ -37,7 +37,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-DEMO_DIR = Path(__file__).resolve().parent.parent / "projects" / "blip2" / "demo"
+from projects.blip2.demo.report import (
+    VQA_TYPES, read_result, caption_attribute_accuracies, caption_grid, examples, loss_curves, metric_table,
+)
+
+DEMO_DIR = Path(__file__).resolve().parent  # the demo's project YAMLs
 MARKER = ".blip2_demo_output"
 
 # Steps of each training, and the data set size: full demo vs the shortened CI test (--quick).
@@ -148,7 +152,7 @@ class Demo:
     def train_and_export(self, label: str, yaml_name: str, job: str, steps: int, options: list[str],
                          target: Path) -> None:
         """Pre-train a part BLIP-2 will freeze, then export it to ``target`` as real weights come (timm / HF)."""
-        from tasks.frozen_pretrain import export_pretrained
+        from projects.blip2.demo.frozen_tasks import export_pretrained
 
         job_dir = self.train(label, yaml_name, job, steps, options)
         start = time.time()
@@ -161,8 +165,8 @@ class Demo:
 
     def pretrain_llm(self, data_root: Path) -> None:
         """Train the tokenizer on the training text, pre-train the LLM on it and export both."""
-        from datasets.builders.shapes import lm_corpus
-        from models.frozen_pretrain import train_shapes_tokenizer
+        from projects.blip2.demo.shapes import lm_corpus
+        from projects.blip2.demo.frozen_models import train_shapes_tokenizer
 
         start = time.time()
         lines = lm_corpus(data_root, "train", seed=self.seed, copies=1)
@@ -173,7 +177,7 @@ class Demo:
 
     def llm_reads_text(self, data_root: Path) -> dict[str, float]:
         """Test-question accuracy of the frozen LLM alone, from each image's true description as text."""
-        from tasks.frozen_pretrain import text_vqa_accuracy
+        from projects.blip2.demo.frozen_tasks import text_vqa_accuracy
 
         start = time.time()
         scores = text_vqa_accuracy(self.frozen / "llm", data_root, "test", seed=self.seed)
@@ -219,7 +223,7 @@ class Demo:
                                 f"eval_caption{suffix}", ckpt_path, self.frozen_options(llm=True))
             vqa = self.evaluate(f"zero-shot VQA [{name}]", self.yaml("eval_vqa"), f"eval_vqa{suffix}",
                                 ckpt_path, self.frozen_options(llm=True))
-            captions = _read_result(self.runs / f"eval_caption{suffix}", "test")
+            captions = read_result(self.runs / f"eval_caption{suffix}", "test")
             m = metrics.setdefault(name, {})
             m.update({"Bleu_4": cap.get("Bleu_4"), "CIDEr": cap.get("CIDEr"),
                       **caption_attribute_accuracies(data_root, captions), "vqa_acc": vqa.get("agg_metrics")})
@@ -269,171 +273,6 @@ def write_qformer_vocab(data_root: Path, path: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# metrics and reporting
-# ---------------------------------------------------------------------------------------------------------------
-def _read_result(job_dir: Path, split: str, dataset: str = "shapes_caption") -> list[dict]:
-    """The captioning task's merged result file: ``result/<dataset>_<split>_epocheval.json``
-    (``result/<split>_epocheval.json`` from runners that do not prefix the dataset name)."""
-    for path in (job_dir / "result" / f"{dataset}_{split}_epocheval.json",
-                 job_dir / "result" / f"{split}_epocheval.json"):
-        if path.is_file():
-            return json.loads(path.read_text())
-    found = sorted(p.name for p in (job_dir / "result").glob("*.json"))
-    raise FileNotFoundError(f"caption results of {dataset}/{split} not found in {job_dir / 'result'} "
-                            f"(result files: {found})")
-
-
-def caption_attribute_accuracies(data_root: Path, captions: list[dict], split: str = "test") -> dict[str, float]:
-    """``caption_attr_acc`` (all captions) and ``caption_attr_acc_<n>`` (images with n objects), in %."""
-    from datasets.builders.shapes import caption_attributes_correct
-
-    scenes = {s["image_id"]: s for s in json.loads((data_root / "annotations" / f"scenes_{split}.json").read_text())}
-    if not captions:
-        raise ValueError("no captions to score")
-    by_count: dict[int, list[bool]] = {}
-    for c in captions:
-        scene = scenes[int(c["image_id"])]
-        by_count.setdefault(len(scene["objects"]), []).append(caption_attributes_correct(c["caption"], scene))
-    scores = {f"caption_attr_acc_{n}": 100.0 * sum(v) / len(v) for n, v in sorted(by_count.items())}
-    scores["caption_attr_acc"] = 100.0 * sum(sum(v) for v in by_count.values()) / len(captions)
-    return scores
-
-
-ROWS = [
-    ("txt_r1", "image->text R@1, ITM re-ranked"),
-    ("txt_r5", "image->text R@5, ITM re-ranked"),
-    ("txt_r10", "image->text R@10, ITM re-ranked"),
-    ("img_r1", "text->image R@1, ITM re-ranked"),
-    ("img_r5", "text->image R@5, ITM re-ranked"),
-    ("img_r10", "text->image R@10, ITM re-ranked"),
-    ("itc_txt_r1", "image->text R@1, ITC only"),
-    ("itc_txt_r5", "image->text R@5, ITC only"),
-    ("itc_img_r1", "text->image R@1, ITC only"),
-    ("itc_img_r5", "text->image R@5, ITC only"),
-    ("Bleu_4", "caption BLEU-4"),
-    ("CIDEr", "caption CIDEr"),
-    ("caption_attr_acc", "captions, colours+shapes all right %"),
-    ("caption_attr_acc_1", "  images with 1 object"),
-    ("caption_attr_acc_2", "  images with 2 objects"),
-    ("caption_attr_acc_3", "  images with 3 objects"),
-    ("vqa_acc", "VQA accuracy %"),
-    ("vqa_acc_color", "  colour questions"),
-    ("vqa_acc_shape", "  shape questions"),
-    ("vqa_acc_number", "  count questions"),
-    ("vqa_acc_yes/no", "  yes/no questions"),
-    ("llm_text_vqa_acc", "VQA by the frozen LLM from the true description %"),
-    ("llm_text_vqa_acc_color", "  colour questions"),
-    ("llm_text_vqa_acc_shape", "  shape questions"),
-    ("llm_text_vqa_acc_number", "  count questions"),
-    ("llm_text_vqa_acc_yes/no", "  yes/no questions"),
-]
-VQA_TYPES = ("color", "shape", "number", "yes/no")  # answer types of the shapes VQA data (shapes.questions_for)
-
-
-def _fmt(v: Any) -> str:
-    return "-" if v is None else f"{v:.1f}" if isinstance(v, (int, float)) else str(v)
-
-
-def metric_table(metrics: dict[str, dict], chance: dict[str, float]) -> str:
-    """Text table: metric | BLIP-2 (| without stage 1) | chance."""
-    cols = [c for c in ("blip2", "no_stage1") if c in metrics]
-    head = ["metric", *({"blip2": "BLIP-2 demo", "no_stage1": "no stage 1"}[c] for c in cols), "chance"]
-    rows = []
-    for key, label in ROWS:
-        values = [metrics[c].get(key) for c in cols]
-        if all(v is None for v in values):
-            continue
-        scale = 100.0 if key in ("Bleu_4", "CIDEr") else 1.0
-        values = [None if v is None else v * scale for v in values]
-        label = label + (" (x100)" if scale == 100.0 else "")
-        level = chance.get(key.removeprefix("itc_").removeprefix("llm_text_"), 0.0 if scale == 100.0 else None)
-        rows.append([label, *map(_fmt, values), _fmt(level)])
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    return "\n".join([line(head), "-" * (sum(widths) + 2 * len(widths) - 2), *map(line, rows)])
-
-
-def loss_curves(runs: Path, jobs: Sequence[str], out: Path) -> list[Path]:
-    """One PNG per training job: training loss (and its terms) against the step, from log.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    for job in jobs:
-        log = runs / job / "log.jsonl"
-        if not log.is_file():
-            continue
-        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        rows = [r for r in rows if r.get("type") == "train_step"]
-        if not rows:
-            continue
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        keys = [k for k in rows[0] if k.startswith("loss")]
-        for key in keys:
-            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key, lw=1.5 if key == "loss" else 1)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("training loss")
-        ax.set_title(job)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"loss_{job}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
-def caption_grid(data_root: Path, captions: list[dict], path: Path, n: int = 12) -> Path:
-    """PNG grid of held-out images with their generated captions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    scenes = {s["image_id"]: s for s in json.loads((data_root / "annotations" / "scenes_test.json").read_text())}
-    chosen = sorted(captions, key=lambda c: int(c["image_id"]))[:n]
-    cols = 4
-    fig, axes = plt.subplots((len(chosen) + cols - 1) // cols, cols, figsize=(3.2 * cols, 3.4 * ((len(chosen) + 3) // 4)))
-    for ax, c in zip(axes.flat, chosen):
-        scene = scenes[int(c["image_id"])]
-        ax.imshow(Image.open(data_root / "images" / scene["image"]).resize((128, 128), Image.NEAREST))
-        ax.set_title("\n".join(_wrap(c["caption"], 34)), fontsize=8)
-    for ax in axes.flat:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    lines, cur = [], ""
-    for word in text.split():
-        if cur and len(cur) + 1 + len(word) > width:
-            lines.append(cur)
-            cur = word
-        else:
-            cur = f"{cur} {word}".strip()
-    return lines + [cur]
-
-
-def examples(data_root: Path, captions: list[dict], k: int = 5) -> str:
-    """Five held-out images: generated caption vs the references."""
-    refs = {}
-    for rec in json.loads((data_root / "annotations" / "caption_test.json").read_text()):
-        refs[int(Path(rec["image"]).stem.split("_")[-1])] = rec["caption"]
-    out = []
-    for c in sorted(captions, key=lambda c: int(c["image_id"]))[:k]:
-        image_id = int(c["image_id"])
-        out.append(f"image {image_id}:\n  generated: {c['caption']}\n  reference: {refs[image_id][0]}\n"
-                   f"  reference: {refs[image_id][1]}")
-    return "\n".join(out)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 def prepare_out_dir(out: Path) -> None:
     """Create ``out``; a previous demo output there (marked) is replaced, anything else is refused."""
     if out.exists() and any(out.iterdir()):
@@ -441,11 +280,11 @@ def prepare_out_dir(out: Path) -> None:
             raise FileExistsError(f"{out} exists and is not a demo output directory; choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by python -m runners.demo; removed and rewritten on the next run\n")
+    (out / MARKER).write_text("written by python -m projects.blip2.demo; removed and rewritten on the next run\n")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m runners.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m projects.blip2.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="output/demo", help="output directory (replaced if it holds a demo output)")
     parser.add_argument("--ablation", action="store_true", help="also train stage 2 without stage 1 (Figure 5)")
@@ -485,7 +324,7 @@ def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
     result = demo.run_all(args.ablation)
     total = time.time() - start
 
-    from datasets.builders.shapes import chance_levels
+    from projects.blip2.demo.shapes import chance_levels
 
     data_root = Path(result["data_root"])
     chance = chance_levels(data_root, "test")

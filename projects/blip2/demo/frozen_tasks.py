@@ -86,7 +86,7 @@ def text_vqa_accuracy(llm_dir: str | Path, data_root: str | Path, split: str = "
 
     import transformers
 
-    from datasets.builders.shapes import seq2seq_pair
+    from projects.blip2.demo.shapes import seq2seq_pair
 
     config = transformers.AutoConfig.from_pretrained(llm_dir)
     seq2seq = bool(getattr(config, "is_encoder_decoder", False))
