@@ -153,7 +153,7 @@ def default_serve_specs(root: str | Path = ".") -> tuple[str, str]:
     """(generative model, matching model) for the web page: the newest trained stage-2 and stage-1 jobs under
     ``<root>/output`` (a job directory with ``config.yaml`` and a step checkpoint), else the offline ``tiny`` zoo
     models."""
-    from runners.checkpointing import latest_checkpoint
+    from runners.checkpointing import step_checkpoints
 
     kinds = {"blip2_opt": 0, "blip2_t5": 0, "blip2": 1, "blip2_feature_extractor": 1, "blip2_image_text_matching": 1}
     found: list[str | None] = [None, None]
@@ -161,7 +161,7 @@ def default_serve_specs(root: str | Path = ".") -> tuple[str, str]:
     for path in configs:
         arch = (OmegaConf.load(path).get("model") or {}).get("arch")
         kind = kinds.get(arch)
-        if kind is not None and found[kind] is None and latest_checkpoint(path.parent) is not None:
+        if kind is not None and found[kind] is None and step_checkpoints(path.parent):
             found[kind] = str(path.parent)
     return found[0] or "blip2_opt:tiny", found[1] or "blip2:tiny"
 

@@ -1,6 +1,6 @@
 """A web page for a BLIP-2 model: upload an image, read its caption, ask questions, score texts against it.
 
-    python -m runners.serve                       # http://127.0.0.1:7860 (the demo's trained models, else tiny ones)
+    python -m runners.serve                       # http://127.0.0.1:7860 (the newest trained models under output/, else tiny ones)
     python -m runners.serve --model blip2_opt:pretrain_opt2.7b --match-model blip2:pretrain --port 8000
 
 One HTML page and a small JSON API on Python's standard ``http.server`` (nothing to install, starts offline):

@@ -236,3 +236,26 @@ def test_precision_and_quantised_llm_flags(images, tmp_path):
         assert main(["caption", "-m", "blip2_opt:tiny", str(images / "img00.png"), "-o", str(out), "--num-beams", "2",
                      "--max-length", "4", "--quiet", *flags]) == 0
         assert isinstance(records(out)[0]["caption"], str)
+
+
+def test_default_serve_specs_take_the_newest_trained_jobs(tmp_path):
+    from runners.inference import default_serve_specs
+
+    assert default_serve_specs(tmp_path) == ("blip2_opt:tiny", "blip2:tiny")  # nothing trained yet
+
+    def job(name: str, arch: str, trained: bool, age: float) -> Path:
+        path = tmp_path / "output" / name
+        path.mkdir(parents=True)
+        if trained:
+            (path / "checkpoints" / "step_10").mkdir(parents=True)
+        (path / "config.yaml").write_text(f"model:\n  arch: {arch}\n")
+        stamp = time.time() - age
+        os.utime(path / "config.yaml", (stamp, stamp))
+        return path
+
+    old_stage2 = job("runs/stage2_old", "blip2_opt", True, 100)
+    new_stage2 = job("runs/stage2", "blip2_t5", True, 10)
+    job("runs/eval_caption", "blip2_opt", False, 1)  # an evaluation job: no checkpoint of its own
+    stage1 = job("other/stage1", "blip2", True, 50)
+    assert default_serve_specs(tmp_path) == (str(new_stage2), str(stage1))
+    assert old_stage2.exists()

@@ -105,9 +105,8 @@ def find_cycles(edges: dict[str, dict[str, list[int]]]) -> list[list[str]]:
     return cycles
 
 
-# Known, being removed: the demo's task reaching into the runners (it moves to projects/blip2/demo). Each entry is
-# checked to still exist, so none outlives its fix.
-PENDING_UPWARD = {("tasks.frozen_pretrain", "runners"), ("tasks.frozen_pretrain", "runners.checkpointing")}
+# Upward imports still being removed (none now). Each entry is checked to still exist, so none outlives its fix.
+PENDING_UPWARD: set[tuple[str, str]] = set()
 
 
 def layer(module: str) -> int:
