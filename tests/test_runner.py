@@ -240,6 +240,29 @@ def test_optimizer_groups_decay_lr_scale_and_frozen(tmp_path, fake_plugin_dir):
     assert id(model.norm.weight) in {id(p) for p in no_decay["params"]} and no_decay["weight_decay"] == 0.0
 
 
+def test_fused_adamw_equals_the_reference_update(tmp_path, fake_plugin_dir):
+    """The runner's AdamW is the fused kernel on CPU; three steps match PyTorch's single-tensor loop to 1e-6."""
+    from runners.optim import build_optimizer
+
+    runner = build_runner(tmp_path, fake_plugin_dir, weight_decay=0.05)
+    model = runner.raw_model
+    opt = build_optimizer(model, runner.run_cfg)
+    assert opt.defaults["fused"] is True
+    groups = [{**g, "params": [p.detach().clone().requires_grad_() for p in g["params"]]} for g in opt.param_groups]
+    ref = torch.optim.AdamW(groups, foreach=False, fused=False)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        for group, ref_group in zip(opt.param_groups, ref.param_groups):
+            for p, q in zip(group["params"], ref_group["params"]):
+                p.grad = torch.randn(p.shape, generator=gen)
+                q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    for group, ref_group in zip(opt.param_groups, ref.param_groups):
+        for p, q in zip(group["params"], ref_group["params"]):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-6)
+
+
 def test_train_logs_checkpoints_best_and_test(tmp_path, fake_plugin_dir):
     from safetensors.torch import load_file
 
