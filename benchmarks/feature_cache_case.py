@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from benchmarks.ours_cases import optimizer_for
 from benchmarks.text import autocast, captions
 
 BATCHES_PER_EPOCH = 4
@@ -24,7 +25,7 @@ def setup_epoch(model, dims: dict, precision: str, work_dir: str, cached: bool) 
     ]
     if cached:
         model.enable_feature_cache(work_dir)
-    optimizer = torch.optim.AdamW(model.get_optimizer_params(weight_decay=0.05, lr_layer_decay=1.0), lr=1e-5)
+    optimizer = optimizer_for(model)
 
     def epoch() -> float:
         total = 0.0

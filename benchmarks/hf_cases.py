@@ -13,8 +13,6 @@ import torch
 from benchmarks.text import autocast as _autocast, captions, images as _images
 
 
-
-
 def _load(kind: str, ckpt, precision: str):
     from transformers import AutoTokenizer, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 
@@ -51,7 +49,8 @@ def setup_train_step(kind: str, ckpt, dims: dict, precision: str) -> Callable[[]
     model.vision_model.eval()
     model.language_model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.98), weight_decay=0.05)
+    # fused: what transformers' Trainer uses by default with torch >= 2.8 (optim="adamw_torch_fused")
+    optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.98), weight_decay=0.05, fused=True)
     batch = dims["batch"]
     images = _images(batch, dims["image_size"])
     texts = captions(batch)
@@ -119,6 +118,37 @@ def setup_itm_forward(ckpt, dims: dict, precision: str) -> Callable[[], torch.Te
                          use_image_text_matching_head=True).logits_per_image
 
     return step
+
+
+def setup_features(mode: str, ckpt, dims: dict, precision: str) -> Callable[[], torch.Tensor]:
+    """(f) image / text: the unimodal passes of `Blip2ForImageTextRetrieval` (as its ITC scoring runs them),
+    with the L2-normalised projections, the same work as our ``extract_features(mode=...)``."""
+    model, tokenizer = _load("retrieval", ckpt, precision)
+    model.eval()
+    batch = dims["batch"]
+    images = _images(batch, dims["image_size"], seed=2)
+    texts = captions(batch, seed=2)
+    normalize = torch.nn.functional.normalize
+
+    @torch.no_grad()
+    def image():
+        with _autocast(precision):
+            emb = model.vision_model(pixel_values=images).last_hidden_state
+            q = model.query_tokens.expand(emb.shape[0], -1, -1)
+            out = model.qformer(query_embeds=q, encoder_hidden_states=emb,
+                                encoder_attention_mask=torch.ones(emb.shape[:2], dtype=torch.long)).last_hidden_state
+            return normalize(model.vision_projection(out), dim=-1)
+
+    @torch.no_grad()
+    def text():
+        with _autocast(precision):
+            enc = tokenizer(texts, padding="longest", truncation=True, max_length=dims["max_txt_len"],
+                            return_tensors="pt")
+            hidden = model.qformer(query_embeds=model.embeddings(input_ids=enc.input_ids), query_length=0,
+                                   attention_mask=enc.attention_mask).last_hidden_state
+            return normalize(model.text_projection(hidden), dim=-1)
+
+    return {"image": image, "text": text}[mode]
 
 
 def setup_retrieval(ckpt, dims: dict, precision: str) -> Callable[[], tuple]:

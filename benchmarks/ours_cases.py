@@ -13,8 +13,6 @@ from omegaconf import OmegaConf
 from benchmarks.text import autocast as _autocast, captions, images as _images
 
 
-
-
 def _load(ckpt: str, precision: str, arch: str | None = None, is_eval: bool = False, **overrides):
     """Our model built from the HF checkpoint directory; `arch` overrides the inferred one (stage 1)."""
     import registry
@@ -30,13 +28,15 @@ def _load(ckpt: str, precision: str, arch: str | None = None, is_eval: bool = Fa
     return model
 
 
-def _optimizer(model) -> torch.optim.Optimizer:
-    groups = model.get_optimizer_params(weight_decay=0.05, lr_layer_decay=1.0)
-    return torch.optim.AdamW(groups, lr=1e-5, betas=(0.9, 0.98))
+def optimizer_for(model) -> torch.optim.Optimizer:
+    """The runner's optimizer (``runners.optim.build_optimizer``: fused AdamW where PyTorch has the kernel)."""
+    from runners.optim import build_optimizer
+
+    return build_optimizer(model, {"init_lr": 1e-5, "beta2": 0.98, "weight_decay": 0.05, "lr_layer_decay": 1.0})
 
 
 def _train_step(model, samples: dict, precision: str) -> Callable[[], float]:
-    optimizer = _optimizer(model)
+    optimizer = optimizer_for(model)
 
     def step() -> float:
         with _autocast(precision):

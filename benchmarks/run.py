@@ -34,7 +34,7 @@ CASES = {
     "h_uncached": ("stage-2 OPT epoch, no feature cache", "opt"),
     "h_cached": ("stage-2 OPT epoch, warm feature cache", "opt"),
 }
-HF_CASES = {"b", "c", "d", "e", "f_itm", "g"}
+HF_CASES = {"b", "c", "d", "e", "f_image", "f_text", "f_itm", "g"}
 OURS_CASES = set(CASES) - {"f_itm"}
 
 
@@ -57,6 +57,8 @@ def _setup(spec: dict):
             return impl.setup_generate(CASES[case][1], ckpt, dims, precision)
         if case == "f_itm":
             return impl.setup_itm_forward(ckpt, dims, precision)
+        if case in ("f_image", "f_text"):
+            return impl.setup_features(case[2:], ckpt, dims, precision)
         return impl.setup_retrieval(ckpt, dims, precision)
     from benchmarks import ours_cases as impl
 
@@ -140,6 +142,27 @@ def _prepare_checkpoints(config: str, kinds: set[str], root: Path) -> dict:
     return paths
 
 
+def machine_info() -> dict:
+    """CPU model, core count, whether the CPU has native bf16 (AVX512-BF16 or AMX), and the CUDA device if any."""
+    import platform
+
+    import torch
+
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():  # the first CPU's lines
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    model, flags = fields.get("model name") or platform.processor() or "unknown", set(fields.get("flags", "").split())
+    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    return {"cpu": model, "cores": os.cpu_count(), "bf16_native": bool(native), "bf16_flags": native,
+            "avx512": "avx512f" in flags,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__}
+
+
 def _fmt(x, spec="{:.2f}"):
     return "-" if x is None else spec.format(x)
 
@@ -147,8 +170,9 @@ def _fmt(x, spec="{:.2f}"):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="bench", choices=["bench", "tiny"], help="model dimensions")
-    parser.add_argument("--cases", default="a,b,c,d,e,f_image,f_text,f_multimodal,f_itm,g",
-                        help=f"comma-separated subset of {','.join(CASES)}")
+    parser.add_argument("--cases", "--case", default="a,b,c,d,e,f_image,f_text,f_multimodal,f_itm,g",
+                        help=f"comma-separated subset of {','.join(CASES)}; a letter alone (e.g. `--case f`) "
+                             "means every case starting with it")
     parser.add_argument("--frameworks", default="ours,hf", help="ours, hf or both (comma-separated)")
     parser.add_argument("--precisions", default="fp32,bf16",
                         help="fp32, bf16 (comma-separated); int8: ours only, generation cases, frozen LLM weight-only int8")
@@ -168,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    cases = [name for c in cases for name in ([c] if c in CASES else [n for n in CASES if n.startswith(c + "_")] or [c])]
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         parser.error(f"unknown case(s) {unknown}; valid: {', '.join(CASES)}")
@@ -177,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     work_dir.mkdir(parents=True, exist_ok=True)
 
     started = time.time()
+    info = machine_info()
+    print(f"{info['cpu']}, {info['cores']} cores, native bf16: {info['bf16_native']}, CUDA: {info['cuda']}; "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
     peak = _run_child({"case": "peak", "threads": args.threads}, args.timeout)
     print(f"matmul peak (2048, {args.threads} threads): fp32 {_fmt(peak.get('fp32'), '{:.0f}')} GFLOP/s, "
           f"bf16 {_fmt(peak.get('bf16'), '{:.0f}')} GFLOP/s", flush=True)
@@ -221,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{_fmt(row.get('ratio_ours_over_hf'), '{:.2f}x'):>9}")
     result = {"config": args.config, "threads": args.threads, "repeats": args.repeats, "matmul_peak_gflops": peak,
               "rows": rows, "wall_s": time.time() - started,
-              "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores"}
+              "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_info(),
+              "load_average": os.getloadavg()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.out} ({time.time() - started:.0f} s)")
