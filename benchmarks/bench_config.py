@@ -51,4 +51,19 @@ TINY.update(
     k_test=2,
 )
 
-CONFIGS = {"bench": BENCH, "tiny": TINY}
+# The paper's sizes (GPU only): EVA ViT-g/14 (39 blocks kept, width 1408), the bert-base Q-Former reading 1408-wide
+# features, OPT-2.7B and Flan-T5-XL; random weights, saved in bf16 (the frozen parts run in bf16 there anyway).
+PAPER = copy.deepcopy(BENCH)
+PAPER.update(
+    vision=dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
+                image_size=224, patch_size=14, layer_norm_eps=1e-6, qkv_bias=True),
+    qformer=dict(BENCH["qformer"], encoder_hidden_size=1408),
+    opt=dict(BENCH["opt"], hidden_size=2560, num_hidden_layers=32, ffn_dim=10240, num_attention_heads=32,
+             word_embed_proj_dim=2560),
+    t5=dict(BENCH["t5"], d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_decoder_layers=24, num_heads=32),
+    batch=32,
+    gen_batch=8,
+    save_dtype="bf16",
+)
+
+CONFIGS = {"bench": BENCH, "tiny": TINY, "paper": PAPER}

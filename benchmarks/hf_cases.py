@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from benchmarks import text as bench_text
 from benchmarks.text import autocast as _autocast, captions, images as _images
 
 
@@ -24,7 +25,16 @@ def _load(kind: str, ckpt, precision: str):
         module.requires_grad_(False)
         if precision == "bf16":
             module.to(torch.bfloat16)
-    return model, tokenizer
+    return model.to(bench_text.DEVICE), tokenizer
+
+
+def _on_device(value):
+    """Tensors (also inside dicts / BatchEncodings) moved to the benchmark device."""
+    if isinstance(value, torch.Tensor):
+        return value.to(bench_text.DEVICE)
+    if hasattr(value, "items"):
+        return {k: _on_device(v) for k, v in value.items()}
+    return value
 
 
 def _llm_inputs(model, tokenizer, texts: list[str], kind: str):
@@ -69,6 +79,8 @@ def setup_train_step(kind: str, ckpt, dims: dict, precision: str) -> Callable[[]
         kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels,
                       decoder_attention_mask=target.attention_mask)
 
+    kwargs = _on_device(kwargs)
+
     def step() -> float:
         with _autocast(precision):
             loss = model(pixel_values=images, **kwargs).loss
@@ -90,7 +102,7 @@ def setup_generate(kind: str, ckpt, dims: dict, precision: str) -> Callable[[], 
     # An empty prompt, as BLIP-2 captioning uses: OPT sees "</s>", T5's encoder sees "</s>".
     prompt = tokenizer([""] * batch, return_tensors="pt").input_ids
     image_ids = torch.full((batch, model.config.num_query_tokens), model.config.image_token_index)
-    input_ids = torch.cat([image_ids, prompt], dim=1)
+    input_ids = _on_device(torch.cat([image_ids, prompt], dim=1))
 
     @torch.no_grad()
     def step():
@@ -109,7 +121,7 @@ def setup_itm_forward(ckpt, dims: dict, precision: str) -> Callable[[], torch.Te
     batch = dims["batch"]
     images = _images(batch, dims["image_size"], seed=2)
     enc = tokenizer(captions(batch, seed=2), padding="longest", truncation=True,
-                    max_length=dims["max_txt_len"], return_tensors="pt")
+                    max_length=dims["max_txt_len"], return_tensors="pt").to(bench_text.DEVICE)
 
     @torch.no_grad()
     def step():
@@ -136,14 +148,15 @@ def setup_features(mode: str, ckpt, dims: dict, precision: str) -> Callable[[], 
             emb = model.vision_model(pixel_values=images).last_hidden_state
             q = model.query_tokens.expand(emb.shape[0], -1, -1)
             out = model.qformer(query_embeds=q, encoder_hidden_states=emb,
-                                encoder_attention_mask=torch.ones(emb.shape[:2], dtype=torch.long)).last_hidden_state
+                                encoder_attention_mask=torch.ones(emb.shape[:2], dtype=torch.long,
+                                                                  device=emb.device)).last_hidden_state
             return normalize(model.vision_projection(out), dim=-1)
 
     @torch.no_grad()
     def text():
         with _autocast(precision):
             enc = tokenizer(texts, padding="longest", truncation=True, max_length=dims["max_txt_len"],
-                            return_tensors="pt")
+                            return_tensors="pt").to(bench_text.DEVICE)
             hidden = model.qformer(query_embeds=model.embeddings(input_ids=enc.input_ids), query_length=0,
                                    attention_mask=enc.attention_mask).last_hidden_state
             return normalize(model.text_projection(hidden), dim=-1)

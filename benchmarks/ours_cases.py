@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from omegaconf import OmegaConf
 
+from benchmarks import text as bench_text
 from benchmarks.text import autocast as _autocast, captions, images as _images
 
 
@@ -23,7 +24,7 @@ def _load(ckpt: str, precision: str, arch: str | None = None, is_eval: bool = Fa
     if precision == "int8":  # fp32 everywhere but the frozen LLM's linear layers: weight-only int8
         half = {"llm_kwargs": {**cfg.get("llm_kwargs", {}), "quantization": "int8"}}
     cfg = OmegaConf.create(dict(cfg, **half, **overrides))
-    model = registry.models.get(arch or inferred).from_config(cfg)
+    model = registry.models.get(arch or inferred).from_config(cfg).to(bench_text.DEVICE)
     model.train(not is_eval)
     return model
 

@@ -44,8 +44,9 @@ def itm_flops(dims: dict, text_len: int) -> dict[str, int]:
         ids = torch.zeros(1, text_len, dtype=torch.long)  # no padding mask: a mask changes no matmul size
         kv_flops = _count(lambda: model.Qformer.bert.image_key_values(embeds))
         kv = model.Qformer.bert.image_key_values(embeds)
+        num_query = dims["num_query_tokens"]
         pass_flops = _count(lambda: model.itm_head(
-            model.query_features(None, ids, None, image_key_values=kv).last_hidden_state))
+            model.query_features(None, ids, None, image_key_values=kv).last_hidden_state[:, :num_query]))
     return {"kv": kv_flops, "pass": pass_flops}
 
 

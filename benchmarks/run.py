@@ -69,14 +69,24 @@ def _child(spec: dict) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from benchmarks.text import set_device
+
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
+    device = spec.get("device", "cpu")
+    set_device(device)
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     step = _setup(spec)
     step()  # warm-up
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(spec["repeats"]):
         t0 = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - t0)
     flops, flop_error = None, None
     if spec["count_flops"]:
@@ -92,25 +102,35 @@ def _child(spec: dict) -> dict:
         "median_s": median,
         "times_s": times,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "gflop": None if flops is None else flops / 1e9,
         "gflops_per_s": None if flops is None else flops / 1e9 / median,
         "flop_count_error": flop_error,
     }
 
 
-def _matmul_peak(threads: int) -> dict:
+def _matmul_peak(threads: int, device: str = "cpu") -> dict:
+    """Matmul GFLOP/s per dtype on ``device`` (2048^2 on CPU, 8192^2 on CUDA). A CPU without native bf16 emulates
+    it (~400x slower than fp32), so there the bf16 rate is taken at 256^2: seconds instead of many minutes."""
     import torch
 
     torch.set_num_threads(threads)
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    native_bf16 = cuda or machine_info()["bf16_native"]
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        n = 8192 if cuda else (2048 if name == "fp32" or native_bf16 else 256)
+        a = torch.randn(n, n, dtype=dtype, device=device)
+        b = torch.randn(n, n, dtype=dtype, device=device)
         torch.matmul(a, b)
-        n, t0 = 0, time.perf_counter()
+        sync()
+        count, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < 2.0:
             torch.matmul(a, b)
-            n += 1
-        out[name] = 2 * 2048**3 * n / (time.perf_counter() - t0) / 1e9
+            sync()
+            count += 1
+        out[name] = 2 * n**3 * count / (time.perf_counter() - t0) / 1e9
     return out
 
 
@@ -169,7 +189,9 @@ def _fmt(x, spec="{:.2f}"):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="bench", choices=["bench", "tiny"], help="model dimensions")
+    parser.add_argument("--config", default="bench", choices=["bench", "tiny", "paper"],
+                        help="model dimensions (paper: EVA ViT-g + Q-Former + OPT-2.7B / Flan-T5-XL, random weights)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]; timings synchronise the GPU")
     parser.add_argument("--cases", "--case", default="a,b,c,d,e,f_image,f_text,f_multimodal,f_itm,g",
                         help=f"comma-separated subset of {','.join(CASES)}; a letter alone (e.g. `--case f`) "
                              "means every case starting with it")
@@ -187,10 +209,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.child is not None:
         spec = json.loads(args.child)
-        result = _matmul_peak(spec["threads"]) if spec["case"] == "peak" else _child(spec)
+        result = _matmul_peak(spec["threads"], spec.get("device", "cpu")) if spec["case"] == "peak" else _child(spec)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
 
+    if args.device.startswith("cuda") and "g" in args.cases.split(","):
+        parser.error("case g (retrieval) runs on the CPU only")
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     cases = [name for c in cases for name in ([c] if c in CASES else [n for n in CASES if n.startswith(c + "_")] or [c])]
     unknown = [c for c in cases if c not in CASES]
@@ -201,17 +225,28 @@ def main(argv: list[str] | None = None) -> int:
     work_dir = Path(args.work_dir or Path(tempfile.gettempdir()) / "blip2_bench")
     work_dir.mkdir(parents=True, exist_ok=True)
 
+    from benchmarks.bench_config import CONFIGS as dims_by_config
+
     started = time.time()
     info = machine_info()
     print(f"{info['cpu']}, {info['cores']} cores, native bf16: {info['bf16_native']}, CUDA: {info['cuda']}; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
-    peak = _run_child({"case": "peak", "threads": args.threads}, args.timeout)
-    print(f"matmul peak (2048, {args.threads} threads): fp32 {_fmt(peak.get('fp32'), '{:.0f}')} GFLOP/s, "
-          f"bf16 {_fmt(peak.get('bf16'), '{:.0f}')} GFLOP/s", flush=True)
+    peak = _run_child({"case": "peak", "threads": args.threads, "device": args.device}, args.timeout)
+    print(f"matmul peak ({args.threads} threads): fp32 {_fmt(peak.get('fp32'), '{:.3g}')} GFLOP/s, "
+          f"bf16 {_fmt(peak.get('bf16'), '{:.3g}')} GFLOP/s", flush=True)
     kinds = {_checkpoint_kind(c) for c in cases}
     ckpts = _prepare_checkpoints(args.config, kinds, work_dir)
 
     rows = []
+    load_average = os.getloadavg()
+
+    def save() -> None:
+        result = {"config": args.config, "device": args.device, "threads": args.threads, "repeats": args.repeats,
+                  "matmul_peak_gflops": peak, "rows": rows, "wall_s": time.time() - started,
+                  "date": time.strftime("%Y-%m-%d %H:%M"), "machine": info, "load_average_at_start": load_average}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
     for case in cases:
         for precision in precisions:
             row = {"case": case, "what": CASES[case][0], "precision": precision}
@@ -222,21 +257,26 @@ def main(argv: list[str] | None = None) -> int:
                     continue  # int8: our frozen LLM quantised weight-only, measured on generation
                 spec = {"case": case, "framework": fw, "precision": precision, "config": args.config,
                         "ckpt": ckpts[_checkpoint_kind(case)], "repeats": args.repeats, "threads": args.threads,
-                        "count_flops": not args.no_flops and not case.startswith("h_"),
+                        "count_flops": not args.no_flops and not case.startswith("h_"), "device": args.device,
                         "work_dir": str(work_dir / f"{args.config}_cache")}
                 row[fw] = _run_child(spec, args.timeout)
                 res = row[fw]
+                if res.get("median_s"):
+                    per_call = dims_by_config[args.config]["gen_batch" if case in ("d", "e") else "batch"]
+                    res["samples_per_s"] = per_call / res["median_s"] if case[0] in "abcdef" else None
                 peak_p = peak.get(precision)
                 if res.get("gflops_per_s") and peak_p:
                     res["share_of_peak"] = res["gflops_per_s"] / peak_p
                 msg = res.get("error", "").splitlines()[-1:] if "error" in res else None
+                gpu = f"  peak GPU {res['peak_gpu_gb']:.2f} GB" if res.get("peak_gpu_gb") is not None else ""
                 print(f"  {case:<13} {precision:<5} {fw:<5} "
                       + (f"ERROR {msg}" if msg else f"{res['median_s']:.3f} s  peak RSS {res['peak_rss_gb']:.2f} GB"
-                         f"  {_fmt(res.get('gflops_per_s'), '{:.0f}')} GFLOP/s"), flush=True)
+                         f"{gpu}  {_fmt(res.get('gflops_per_s'), '{:.0f}')} GFLOP/s"), flush=True)
             ours, hf = row.get("ours", {}), row.get("hf", {})
             if "median_s" in ours and "median_s" in hf:
                 row["ratio_ours_over_hf"] = ours["median_s"] / hf["median_s"]
             rows.append(row)
+            save()  # after every row: a run stopped by a time limit keeps what it measured
 
     header = f"{'case':<14}{'prec':<6}{'ours s':>9}{'ours GB':>9}{'GFLOP/s':>9}{'%peak':>7}{'hf s':>9}{'hf GB':>8}{'ours/hf':>9}"
     print("\n" + header + "\n" + "-" * len(header))
@@ -247,12 +287,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{_fmt(o.get('share_of_peak') and 100 * o['share_of_peak'], '{:.0f}'):>7}"
               f"{_fmt(h.get('median_s'), '{:.3f}'):>9}{_fmt(h.get('peak_rss_gb')):>8}"
               f"{_fmt(row.get('ratio_ours_over_hf'), '{:.2f}x'):>9}")
-    result = {"config": args.config, "threads": args.threads, "repeats": args.repeats, "matmul_peak_gflops": peak,
-              "rows": rows, "wall_s": time.time() - started,
-              "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_info(),
-              "load_average": os.getloadavg()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    save()
     print(f"\nwrote {args.out} ({time.time() - started:.0f} s)")
     return 0 if all("error" not in r.get(fw, {}) for r in rows for fw in ("ours", "hf")) else 1
 

@@ -8,14 +8,22 @@ from pathlib import Path
 import torch
 
 
+DEVICE = torch.device("cpu")  # where both frameworks' cases run; the benchmark child sets it (--device)
+
+
+def set_device(name: str) -> None:
+    global DEVICE
+    DEVICE = torch.device(name)
+
+
 def autocast(precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CPU for ``precision == "bf16"``, else nothing (fp32)."""
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    """bf16 autocast on the benchmark device for ``precision == "bf16"``, else nothing (fp32)."""
+    return torch.autocast(DEVICE.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
 def images(n: int, size: int, seed: int = 0) -> torch.Tensor:
-    """``n`` seeded random images [n, 3, size, size] (the same in both frameworks)."""
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    """``n`` seeded random images [n, 3, size, size] on the benchmark device (the same in both frameworks)."""
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
 def captions(n: int, seed: int = 0, min_words: int = 8, max_words: int = 28) -> list[str]:

@@ -39,7 +39,7 @@ def redraw_(model: torch.nn.Module, seed: int = 0) -> None:
     for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         noise = torch.randn(param.shape, generator=gen) * 0.02
         is_norm_weight = "norm" in name.lower() and param.ndim == 1 and name.endswith("weight")
-        param.copy_(noise + 1.0 if is_norm_weight else noise)
+        param.copy_((noise + 1.0 if is_norm_weight else noise).to(param.device))
 
 
 def build_checkpoint(kind: str, config_name: str, root: str | os.PathLike) -> Path:
@@ -51,13 +51,18 @@ def build_checkpoint(kind: str, config_name: str, root: str | os.PathLike) -> Pa
         return out
     dims = CONFIGS[config_name]
     torch.manual_seed(0)
-    if kind == "retrieval":
-        model = Blip2ForImageTextRetrieval(hf_blip2_config(dims, None))
-    else:
-        model = Blip2ForConditionalGeneration(hf_blip2_config(dims, kind))
-        if kind == "t5":
-            model.language_model.config.tie_word_embeddings = False
+    # paper size: initialise on the GPU when there is one (billions of parameters), save in bf16
+    build_on = "cuda" if dims.get("save_dtype") == "bf16" and torch.cuda.is_available() else "cpu"
+    with torch.device(build_on):
+        if kind == "retrieval":
+            model = Blip2ForImageTextRetrieval(hf_blip2_config(dims, None))
+        else:
+            model = Blip2ForConditionalGeneration(hf_blip2_config(dims, kind))
+            if kind == "t5":
+                model.language_model.config.tie_word_embeddings = False
     redraw_(model)
+    if dims.get("save_dtype") == "bf16":
+        model.to(torch.bfloat16)
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     tmp.rename(out)

@@ -14,15 +14,39 @@ def test_benchmark_runs_on_tiny_config(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--config", "tiny", "--frameworks", "ours,hf", "--precisions", "fp32",
-         "--repeats", "1", "--threads", "1", "--cases", "b,f_itm", "--work-dir", str(tmp_path / "work"),
+         "--repeats", "1", "--threads", "1", "--case", "b,f_text,f_itm", "--work-dir", str(tmp_path / "work"),
          "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     rows = {row["case"]: row for row in result["rows"]}
-    assert set(rows) == {"b", "f_itm"}
+    assert set(rows) == {"b", "f_text", "f_itm"}
     assert rows["b"]["ours"]["median_s"] > 0 and rows["b"]["hf"]["median_s"] > 0
     assert rows["b"]["ours"]["gflop"] > 0 and rows["b"]["ratio_ours_over_hf"] > 0
     assert "ours" not in rows["f_itm"] and rows["f_itm"]["hf"]["median_s"] > 0
+    assert rows["f_text"]["ours"]["median_s"] > 0 and rows["f_text"]["hf"]["median_s"] > 0  # same-run reference
     assert result["matmul_peak_gflops"]["fp32"] > 0
+    assert isinstance(result["machine"]["bf16_native"], bool) and result["machine"]["cpu"]
+
+
+def test_retrieval_flops_match_the_written_out_count():
+    """(g)'s LAVIS-method count from the meta device equals the matmul FLOPs written out for the tiny shapes."""
+    from benchmarks.bench_config import TINY
+    from benchmarks.retrieval_flops import itm_flops, lavis_method_flops
+
+    q, v = TINY["qformer"], TINY["vision"]
+    hidden, width, inter = q["hidden_size"], v["hidden_size"], q["intermediate_size"]
+    tokens = (TINY["image_size"] // v["patch_size"]) ** 2 + 1
+    cross_layers = len(range(0, q["num_hidden_layers"], q["cross_attention_frequency"]))
+    kv = cross_layers * 2 * (2 * tokens * width * hidden)  # K and V projections of the image tokens
+    n_q, n_t = TINY["num_query_tokens"], 35
+    n = n_q + n_t
+    layer = 2 * n * hidden * hidden * 4 + 2 * 2 * n * n * hidden  # Q, K, V, O projections + scores and context
+    layer += 2 * 2 * n * hidden * inter  # query FFN on the queries + text FFN on the text: every position once
+    cross = 2 * n_q * hidden * hidden * 2 + 2 * 2 * n_q * tokens * hidden  # Q, O on queries + attention
+    expected_pass = q["num_hidden_layers"] * layer + cross_layers * cross + 2 * n_q * hidden * 2  # + ITM head
+    pieces = itm_flops(TINY, 35)
+    assert pieces == {"kv": kv, "pass": expected_pass}
+    pairs = (TINY["retrieval_images"] + TINY["retrieval_texts"]) * TINY["k_test"]
+    assert lavis_method_flops(TINY) == pytest.approx(pairs * (kv + expected_pass) / 1e9)

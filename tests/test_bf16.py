@@ -40,15 +40,18 @@ def _no_dropout(model):
     return model
 
 
-def _pair(cls, **overrides):
-    """(fp32 model, the same weights with the frozen parts stored in bf16), dropout off."""
+def model_pair(cls, precision: str = "bf16", device: str = "cpu", **overrides):
+    """(fp32 model, the same weights with the frozen parts stored in ``precision``) on ``device``, dropout off."""
     torch.manual_seed(0)
-    ref = _no_dropout(cls.from_pretrained("tiny", **overrides))
-    half = {"vit_precision": "bf16"} if cls is Blip2Qformer else {"vit_precision": "bf16", "llm_precision": "bf16"}
+    ref = _no_dropout(cls.from_pretrained("tiny", **overrides)).to(device)
+    half = {"vit_precision": precision}
+    if cls is not Blip2Qformer:
+        half["llm_precision"] = precision
     torch.manual_seed(0)
-    low = _no_dropout(cls.from_pretrained("tiny", **overrides, **half))
+    low = _no_dropout(cls.from_pretrained("tiny", **overrides, **half)).to(device)
     low.load_state_dict(ref.state_dict())
     return ref, low
+
 
 
 def _images(n=2):
@@ -82,7 +85,7 @@ class _CastCounter(TorchDispatchMode):
 
 
 def test_stage1_itc_itm_itg_bf16_close_to_fp32():
-    ref, low = _pair(Blip2Qformer, itm_negatives="hardest")
+    ref, low = model_pair(Blip2Qformer, itm_negatives="hardest")
     frozen, trainable = _frozen_dtypes(low)
     assert frozen == {torch.bfloat16} and trainable == {torch.float32}  # fp32 master weights for the Q-Former
     samples = {"image": _images(), "text_input": TEXTS, "image_id": torch.tensor([0, 1])}
@@ -100,7 +103,7 @@ def test_stage1_itc_itm_itg_bf16_close_to_fp32():
 
 
 def test_stage1_features_and_itm_rerank_bf16_close_to_fp32():
-    ref, low = _pair(Blip2Qformer)
+    ref, low = model_pair(Blip2Qformer)
     ref.eval(), low.eval()
     samples = {"image": _images(), "text_input": TEXTS}
     for mode, field in (("image", "image_embeds_proj"), ("text", "text_embeds_proj"),
@@ -125,7 +128,7 @@ def test_stage1_features_and_itm_rerank_bf16_close_to_fp32():
 
 @pytest.mark.parametrize("cls", [Blip2OPT, Blip2T5])
 def test_stage2_loss_bf16_close_to_fp32_and_frozen_weights_never_cast(cls):
-    ref, low = _pair(cls)
+    ref, low = model_pair(cls)
     frozen, trainable = _frozen_dtypes(low)
     assert frozen == {torch.bfloat16} and trainable == {torch.float32}
     samples = {"image": _images(), "text_input": TEXTS}
@@ -151,7 +154,7 @@ def test_stage2_loss_bf16_close_to_fp32_and_frozen_weights_never_cast(cls):
 def test_generation_bf16_first_step_close_to_fp32(cls):
     """Beam search runs end to end in bf16; the LLM's next-token log-probabilities after the soft prompt (what
     the first decoding step ranks) agree with fp32, and greedy decoding picks the same first token."""
-    ref, low = _pair(cls)
+    ref, low = model_pair(cls)
     ref.eval(), low.eval()
     samples = {"image": _images(), "prompt": ""}
     with bf16():
@@ -180,7 +183,7 @@ def _first_step_log_probs(model, samples):
 
 def test_bf16_model_copy_keeps_bf16_storage():
     """Frozen bf16 storage survives deepcopy / train() / eval() (no silent upcast)."""
-    _, low = _pair(Blip2OPT)
+    _, low = model_pair(Blip2OPT)
     clone = copy.deepcopy(low).train().eval()
     frozen, _ = _frozen_dtypes(clone)
     assert frozen == {torch.bfloat16}
