@@ -119,6 +119,10 @@ class BaseTask:
         arch = model_cfg.get("arch")
         if not arch:
             raise KeyError("model.arch is missing: the model section must name a registered architecture")
+        from models.zoo import check_weight_sources
+
+        # every weight source resolved before anything is built: offline, all missing ones in one message at once
+        check_weight_sources(arch, model_cfg, label=f"{arch}/{model_cfg.get('model_type', 'custom')}")
         return registry.models.get(arch).from_config(model_cfg)
 
     def build_datasets(self, cfg: Any) -> dict[str, dict[str, Any]]:

@@ -94,3 +94,17 @@ def test_fetch_dry_run_lists_plan_and_memory(capsys):
     assert main(["blip2_t5", "pretrain_flant5xxl", "--dry-run"]) == 0  # a plan, no download
     out = capsys.readouterr().out
     assert "MISSING" in out and "model.hf_hub_id" in out
+
+
+def test_training_build_checks_sources_first(no_encoder_built):
+    """runners.train / evaluate build through Task.build_model: the same check runs there before anything is built."""
+    from omegaconf import OmegaConf
+
+    from models.zoo import _zoo_yaml
+    from tasks.base_task import BaseTask
+
+    model = OmegaConf.merge(_zoo_yaml("blip2_opt", "pretrain_opt2.7b").model,
+                            {"arch": "blip2_opt", "model_type": "pretrain_opt2.7b", "weights": "lavis"})
+    with pytest.raises(MissingWeightsError, match="3 weight sources not available"):
+        BaseTask().build_model(OmegaConf.create({"model": model}))
+    assert no_encoder_built == []
