@@ -1,20 +1,72 @@
 """``BaseModel``: what every registered model shares (zoo configs, building, checkpoints, optimizer groups)."""
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
+from common.device import module_device
 from models.checkpoints import iter_state_dict_any
 
 logger = logging.getLogger(__name__)
 
 _MODELS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+#: ``model:`` keys every model accepts: which registered class and zoo type, and which zoo checkpoint to load.
+GENERIC_MODEL_KEYS = ("arch", "model_type", "load_pretrained", "load_finetuned", "pretrained", "finetuned")
+
+
+# -- config keys from signatures ------------------------------------------------------------------------------------
+def parameter_names(fn: Callable) -> list[str]:
+    """Named parameters of ``fn`` (positional-or-keyword and keyword-only; no ``self``, ``*args``, ``**kwargs``)."""
+    return [p.name for p in inspect.signature(fn).parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ("self", "cls")]
+
+
+def init_parameters(cls: type) -> list[str]:
+    """Constructor parameters of ``cls``, and of the bases its ``__init__`` forwards ``**kwargs`` to."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        if klass in (nn.Module, object):
+            break
+        names += [name for name in parameter_names(init) if name not in names]
+        if not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(init).parameters.values()):
+            break
+    return names
+
+
+def plain(value: Any) -> Any:
+    """OmegaConf containers as plain dicts / lists (what constructors expect); anything else unchanged."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def config_kwargs(cfg: Mapping[str, Any], names: list[str], aliases: Mapping[str, str] | None = None) -> dict:
+    """The parameters among ``names`` that ``cfg`` sets (under their own name or a config alias ``key -> name``).
+
+    Parameters ``cfg`` does not set are left out, so the signature's default applies: a default lives only there.
+    """
+    by_name = {name: name for name in names}
+    by_name.update({key: name for key, name in (aliases or {}).items() if name in names})
+    return {name: plain(cfg[key]) for key, name in by_name.items() if key in cfg}
+
+
+def model_config_keys(cls: type) -> frozenset[str]:
+    """The ``model:`` keys a registered model class accepts (``BaseModel.config_keys``; for any other class its
+    constructor's parameters, plus the ``EXTRA_CONFIG_KEYS`` its ``from_config`` reads itself)."""
+    if hasattr(cls, "config_keys"):
+        return cls.config_keys()
+    return frozenset(GENERIC_MODEL_KEYS) | set(init_parameters(cls)) | set(getattr(cls, "EXTRA_CONFIG_KEYS", ()))
 
 
 class BaseModel(nn.Module):
@@ -25,6 +77,12 @@ class BaseModel(nn.Module):
     """
 
     PRETRAINED_MODEL_CONFIG_DICT: dict[str, str] = {}
+    #: ``model:`` keys that name a constructor parameter another way (LAVIS spellings): ``{config key: parameter}``
+    CONFIG_ALIASES: ClassVar[dict[str, str]] = {}
+    #: keys ``from_config`` reads itself (no constructor parameter holds them), e.g. where the weights come from
+    EXTRA_CONFIG_KEYS: ClassVar[tuple[str, ...]] = ()
+    #: constructor parameters that ``from_config`` computes and a config may not set
+    CONSTRUCTOR_ONLY: ClassVar[tuple[str, ...]] = ()
 
     # -- configs and building ---------------------------------------------------------------------------------------
     @classmethod
@@ -59,13 +117,26 @@ class BaseModel(nn.Module):
     def from_config(cls, cfg: DictConfig | Mapping[str, Any]) -> "BaseModel":
         raise NotImplementedError(f"{cls.__name__} must implement from_config(cfg)")
 
+    @classmethod
+    def config_parameters(cls) -> list[str]:
+        """The parameters a ``model:`` config may set: the constructor's (see ``init_parameters``), minus
+        ``CONSTRUCTOR_ONLY``. Subclasses whose config also feeds a builder method add that method's."""
+        return [name for name in init_parameters(cls) if name not in cls.CONSTRUCTOR_ONLY]
+
+    @classmethod
+    def config_aliases(cls) -> dict[str, str]:
+        return dict(cls.CONFIG_ALIASES)
+
+    @classmethod
+    def config_keys(cls) -> frozenset[str]:
+        """Every valid ``model:`` key, derived from signatures: config validation and the contract tests use it."""
+        aliases = cls.config_aliases()
+        params = set(cls.config_parameters()) - set(aliases.values())
+        return frozenset(GENERIC_MODEL_KEYS) | params | set(aliases) | set(cls.EXTRA_CONFIG_KEYS)
+
     @property
     def device(self) -> torch.device:
-        for tensor in self.parameters():
-            return tensor.device
-        for tensor in self.buffers():
-            return tensor.device
-        return torch.device("cpu")
+        return module_device(self)
 
     # -- checkpoints -------------------------------------------------------------------------------------------------
     def frozen_module_prefixes(self) -> list[str]:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 import registry
 from common.precision import PRECISIONS, autocast, compute_dtype, cpu_safe_, resolve_precision
-from models.base_model import BaseModel, block_index
+from models.base_model import BaseModel, block_index, config_kwargs, parameter_names
 from models.feature_cache import FrozenFeatureCache, encoder_fingerprint
 from models.qformer import QFormer, QFormerConfig, QFormerOutput, init_tokenizer
 
@@ -26,14 +26,6 @@ logger = logging.getLogger(__name__)
 
 # LAVIS spellings of the encoder names -> our registry names.
 VIT_ALIASES = {"eva_clip_g": "eva_vit_g", "clip_L": "clip_vit_l"}
-
-
-# ``model:`` keys every BLIP-2 model reads through Blip2Base (for config validation: EXTRA_CONFIG_KEYS).
-BLIP2_BASE_CONFIG_KEYS = (
-    "vit_model", "image_size", "drop_path_rate", "use_grad_checkpoint", "vit_precision", "freeze_vit",
-    "vit_pretrained", "vit_kwargs", "ln_vision_eps", "num_query_token", "cross_attention_freq", "bert",
-    "qformer_config", "qformer", "tokenizer", "weights", "hf_hub_id", "max_txt_len",
-)
 
 
 def resolve_vit_precision(precision: str, freeze: bool) -> str:
@@ -73,6 +65,8 @@ class Blip2Base(BaseModel):
     ln_vision: nn.LayerNorm
     Qformer: QFormer
     query_tokens: nn.Parameter
+    #: read by ``weight_plan`` (where the weights come from), not by a constructor
+    EXTRA_CONFIG_KEYS = ("weights", "hf_hub_id")
 
     # -- builders ----------------------------------------------------------------------------------------------------
     @staticmethod
@@ -83,7 +77,7 @@ class Blip2Base(BaseModel):
 
     def init_vision_encoder(
         self,
-        vit_model: str,
+        vit_model: str = "eva_clip_g",
         image_size: int = 224,
         drop_path_rate: float = 0.0,
         use_grad_checkpoint: bool = False,
@@ -296,18 +290,8 @@ class Blip2Base(BaseModel):
 
     @staticmethod
     def vision_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
-        """The ``init_vision_encoder`` keyword arguments from a model config (LAVIS key names)."""
-        return dict(
-            vit_model=cfg.get("vit_model", "eva_clip_g"),
-            image_size=int(cfg.get("image_size", 224)),
-            drop_path_rate=float(cfg.get("drop_path_rate", 0.0)),
-            use_grad_checkpoint=bool(cfg.get("use_grad_checkpoint", False)),
-            vit_precision=cfg.get("vit_precision", "fp16"),
-            freeze_vit=bool(cfg.get("freeze_vit", True)),
-            vit_pretrained=cfg.get("vit_pretrained"),
-            vit_kwargs=to_plain(cfg.get("vit_kwargs")),
-            ln_vision_eps=float(cfg.get("ln_vision_eps", 1e-5)),
-        )
+        """The ``init_vision_encoder`` arguments a model config sets (its defaults apply to the others)."""
+        return config_kwargs(cfg, parameter_names(Blip2Base.init_vision_encoder))
 
     # -- weight sources ----------------------------------------------------------------------------------------------
     @staticmethod

@@ -15,12 +15,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
-from omegaconf import DictConfig
 from torch import Tensor
-
-from models.blip2_base import to_plain
-
-INSTRUCT_EXTRA_KEYS = ("max_output_txt_len", "llm_special_tokens")
 
 
 class InstructMixin:
@@ -30,9 +25,9 @@ class InstructMixin:
     #: LAVIS's ``predict_answers`` default length penalty (vicuna: 0, Flan-T5: -1)
     ANSWER_LENGTH_PENALTY: ClassVar[float] = -1.0
 
-    def __init__(self, *args: Any, max_output_txt_len: int = 256,
+    def __init__(self, *args: Any, max_txt_len: int = 128, max_output_txt_len: int = 256,
                  llm_special_tokens: Mapping[str, str] | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, max_txt_len=max_txt_len, **kwargs)
         self.max_output_txt_len = int(max_output_txt_len)
         if self.tokenizer is not None:
             self.tokenizer.truncation_side = "left"  # LAVIS: init_tokenizer(truncation_side="left")
@@ -47,15 +42,6 @@ class InstructMixin:
         if len(tok) > rows:
             self.llm.model.resize_token_embeddings(len(tok))
             self.llm.model.requires_grad_(False)
-
-    @classmethod
-    def build_kwargs(cls, cfg: DictConfig | Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        kwargs, plan = super().build_kwargs(cfg)
-        plain = to_plain(cfg)
-        kwargs["max_txt_len"] = int(plain.get("max_txt_len", 128))
-        kwargs["max_output_txt_len"] = int(plain.get("max_output_txt_len", 256))
-        kwargs["llm_special_tokens"] = plain.get("llm_special_tokens")
-        return kwargs, plan
 
     # -- tokenization ------------------------------------------------------------------------------------------------
     def _llm_tokens(self, texts: Sequence[str], side: str, max_length: int | None, padded: bool = False):

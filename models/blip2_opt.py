@@ -18,14 +18,6 @@ import registry
 from models import dist
 from models.blip2_stage2 import Blip2LLMBase
 
-STAGE2_EXTRA_KEYS = (
-    "hf_hub_id", "weights", "vit_pretrained", "vit_kwargs", "ln_vision_eps", "cross_attention_freq",
-    "bert", "qformer", "qformer_config", "qformer_text_input", "qformer_text_checkpoint", "tokenizer", "llm_type", "llm_precision",
-    "load_llm_weights", "llm_kwargs", "prompt", "max_txt_len", "num_query_token", "image_size", "vit_model",
-    "drop_path_rate", "use_grad_checkpoint", "vit_precision", "freeze_vit", "lora",
-)
-
-
 @registry.models.register("blip2_opt")
 class Blip2OPT(Blip2LLMBase):
     """BLIP-2 stage 2 with OPT (LAVIS names: ``opt_model``, ``opt_proj``)."""
@@ -37,7 +29,7 @@ class Blip2OPT(Blip2LLMBase):
         "caption_coco_opt6.7b": "configs/blip2_caption_opt6.7b.yaml",
         "tiny": "configs/blip2_opt_tiny.yaml",
     }
-    EXTRA_CONFIG_KEYS = STAGE2_EXTRA_KEYS + ("opt_model", "mask_bos")
+    EXTRA_CONFIG_KEYS = Blip2LLMBase.EXTRA_CONFIG_KEYS + ("mask_bos",)  # read by from_config
     LLM_ATTR = "opt_model"
     PROJ_ATTR = "opt_proj"
     LLM_NAME_KEY = "opt_model"

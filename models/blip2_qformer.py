@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 import registry
 from models import dist
-from models.blip2_base import BLIP2_BASE_CONFIG_KEYS, Blip2Base, to_plain
+from models.base_model import config_kwargs
+from models.blip2_base import Blip2Base
 from models.qformer_decoding import beam_search, sample
 
 ZOO = {
@@ -151,9 +152,7 @@ class Blip2Qformer(Blip2InferenceMixin, Blip2Base):
 
     PRETRAINED_MODEL_CONFIG_DICT = ZOO
     DEFAULT_MODEL_TYPE = "pretrain"
-    EXTRA_CONFIG_KEYS = BLIP2_BASE_CONFIG_KEYS + (
-        "embed_dim", "itm_negatives", "itm_seed", "label_smoothing", "loss_weights", "itc_gather_grad",
-    )
+    CONSTRUCTOR_ONLY = ("bert_weights",)  # from_config decides it from the weight plan
     LOSSES = ("itc", "itm", "itg")
     CONFIG_CHOICES = {"itm_negatives": ITM_NEGATIVES}  # checked by config validation and by __init__
 
@@ -215,32 +214,18 @@ class Blip2Qformer(Blip2InferenceMixin, Blip2Base):
 
     @classmethod
     def from_config(cls, cfg: DictConfig | Mapping[str, Any]) -> "Blip2Qformer":
-        """Build from a zoo/project ``model:`` node (LAVIS keys) and load the weights it names."""
+        """Build from a zoo/project ``model:`` node (LAVIS keys) and load the weights it names. Keys the config
+        leaves out take the constructor's defaults."""
         plan = cls.weight_plan(cfg)
-        vision = {**cls.vision_config(cfg), "vit_pretrained": plan["vit_pretrained"]}
-        model = cls(**vision, **cls._qformer_kwargs(cfg, plan))
+        kwargs = config_kwargs(cfg, cls.config_parameters())
+        kwargs.update(vit_pretrained=plan["vit_pretrained"], bert=plan["bert"] or plan["bert_shape"],
+                      bert_weights=bool(plan["bert"]))
+        if kwargs.get("qformer") is None:
+            kwargs.pop("qformer", None)
+        model = cls(**kwargs)
         for checkpoint in plan["checkpoints"]:
             model.load_checkpoint(checkpoint)
         return model
-
-    @staticmethod
-    def _qformer_kwargs(cfg: Mapping[str, Any], plan: Mapping[str, Any]) -> dict[str, Any]:
-        return dict(
-            num_query_token=int(cfg.get("num_query_token", 32)),
-            cross_attention_freq=int(cfg.get("cross_attention_freq", 2)),
-            embed_dim=int(cfg.get("embed_dim", 256)),
-            max_txt_len=int(cfg.get("max_txt_len", 32)),
-            bert=plan["bert"] or plan["bert_shape"],
-            bert_weights=bool(plan["bert"]),
-            qformer_config=to_plain(cfg.get("qformer_config")),
-            qformer=cfg.get("qformer") or "bert_qformer",
-            tokenizer=cfg.get("tokenizer") or cfg.get("bert") or "bert-base-uncased",
-            itm_negatives=cfg.get("itm_negatives", "multinomial"),
-            itm_seed=int(cfg.get("itm_seed", 0)),
-            label_smoothing=float(cfg.get("label_smoothing", 0.1)),
-            loss_weights=to_plain(cfg.get("loss_weights")),
-            itc_gather_grad=cfg.get("itc_gather_grad", False),
-        )
 
     @classmethod
     def _check_loss_weights(cls, weights: Mapping[str, float] | None) -> dict[str, float]:

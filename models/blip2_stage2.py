@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 import registry
+from models.base_model import config_kwargs, parameter_names
 from models.blip2_base import Blip2Base, to_plain
 from models.checkpoints import load_state_dict_any, resolve_source
 from models.checkpoints.blip2_keys import QFORMER_TEXT_PARTS, STAGE1_ONLY_PARTS
@@ -36,6 +37,12 @@ class Blip2LLMBase(Blip2Base):
     DEFAULT_LLM_TYPE: ClassVar[str] = "hf_causal_lm"
     EXPECT_ENCODER_DECODER: ClassVar[bool] = False
     DEFAULT_QFORMER: ClassVar[str] = "bert_qformer"  # registry.qformers name used when model.qformer is unset
+    #: LAVIS key names of constructor parameters (the LLM's key is ``LLM_NAME_KEY``, added by ``config_aliases``)
+    CONFIG_ALIASES: ClassVar[dict[str, str]] = {"bert": "qformer_bert", "tokenizer": "qformer_tokenizer"}
+    #: read by ``weight_plan`` and by ``from_config`` (the Q-Former text weights of a stage-1 checkpoint, LoRA)
+    EXTRA_CONFIG_KEYS: ClassVar[tuple[str, ...]] = ("weights", "hf_hub_id", "qformer_text_checkpoint", "lora")
+    #: computed by ``build_kwargs``: the vision keys are flat in a config, the rest follow from the weight plan
+    CONSTRUCTOR_ONLY: ClassVar[tuple[str, ...]] = ("vision", "llm_from_checkpoint", "qformer_bert_weights")
 
     def __init__(
         self,
@@ -55,7 +62,7 @@ class Blip2LLMBase(Blip2Base):
         qformer_bert_weights: bool = True,
         prompt: str = "",
         max_txt_len: int = 32,
-        qformer: str = "bert_qformer",
+        qformer: str | None = None,
     ) -> None:
         super().__init__()
         vision = dict(vision or {})
@@ -64,7 +71,7 @@ class Blip2LLMBase(Blip2Base):
             num_query_token, self.visual_encoder.num_features, cross_attention_freq, bert=qformer_bert,
             qformer_config=qformer_config, use_grad_checkpoint=bool(vision.get("use_grad_checkpoint", False)),
             bert_weights=qformer_bert_weights,
-            qformer=qformer,
+            qformer=qformer or self.DEFAULT_QFORMER,
         )
         # Stage 2 needs only the query path, unless the question (or, for an instruction-aware Q-Former, the
         # instruction) also enters the Q-Former.
@@ -396,40 +403,38 @@ class Blip2LLMBase(Blip2Base):
 
     # -- building ----------------------------------------------------------------------------------------------------
     @classmethod
+    def config_aliases(cls) -> dict[str, str]:
+        return {**cls.CONFIG_ALIASES, cls.LLM_NAME_KEY: "llm_model"}
+
+    @classmethod
+    def config_parameters(cls) -> list[str]:
+        """The constructor's parameters and, flat in a config, ``init_vision_encoder``'s."""
+        return super().config_parameters() + parameter_names(Blip2Base.init_vision_encoder)
+
+    @classmethod
     def build_kwargs(cls, cfg: DictConfig | Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(constructor arguments, weight plan) from a model config (LAVIS key names plus ours)."""
+        """(constructor arguments, weight plan) from a model config (LAVIS key names plus ours). Only the keys the
+        config sets are passed: every other argument keeps the constructor's default."""
         cfg = to_plain(cfg)
         plan = cls.weight_plan(cfg)
         vision = cls.vision_config(cfg)
         vision["vit_pretrained"] = plan["vit_pretrained"]
-        llm_name = cfg.get(cls.LLM_NAME_KEY)
-        if not llm_name:
+        if not cfg.get(cls.LLM_NAME_KEY):
             raise KeyError(f"model.{cls.LLM_NAME_KEY} must name the LLM (hub id, local dir or tiny:...)")
-        llm_kwargs = to_plain(cfg.get("llm_kwargs"))
+        names = [name for name in cls.config_parameters() if name not in vision]
+        kwargs = config_kwargs(cfg, names, cls.config_aliases())
+        llm_kwargs = dict(kwargs.get("llm_kwargs") or {})
         llm_in_checkpoint = bool(plan["source"] == "hf" and plan["checkpoints"])  # a full HF BLIP-2 checkpoint
         if llm_in_checkpoint and not cfg.get("load_llm_weights", False):
             llm_kwargs = {**hf_llm_sources(plan["checkpoints"][0]), **llm_kwargs}
-        return dict(
-            llm_model=llm_name,
-            llm_type=cfg.get("llm_type") or cls.DEFAULT_LLM_TYPE,
-            llm_precision=cfg.get("llm_precision", "auto"),
-            # A Hugging Face BLIP-2 checkpoint holds the LLM: build it on the meta device from its config, and the
-            # checkpoint's tensors become its weights (no random initialisation, one copy in memory).
-            load_llm_weights=bool(cfg.get("load_llm_weights", not llm_in_checkpoint)),
-            llm_from_checkpoint=llm_in_checkpoint and not cfg.get("load_llm_weights"),
-            llm_kwargs=llm_kwargs,
-            vision=vision,
-            num_query_token=int(cfg.get("num_query_token", 32)),
-            cross_attention_freq=int(cfg.get("cross_attention_freq", 2)),
-            qformer_bert=plan["bert"] or plan["bert_shape"],
-            qformer_bert_weights=bool(plan["bert"]),
-            qformer_config=to_plain(cfg.get("qformer_config")),
-            qformer=cfg.get("qformer") or cls.DEFAULT_QFORMER,
-            qformer_text_input=bool(cfg.get("qformer_text_input", False)),
-            qformer_tokenizer=cfg.get("tokenizer") or cfg.get("bert") or "bert-base-uncased",
-            prompt=cfg.get("prompt", "") or "",
-            max_txt_len=int(cfg.get("max_txt_len", 32)),
-        ), plan
+            # The checkpoint holds the LLM: build it on the meta device from its config, and the checkpoint's
+            # tensors become its weights (no random initialisation, one copy in memory).
+            kwargs.update(load_llm_weights=False, llm_from_checkpoint=True)
+        kwargs.update(llm_kwargs=llm_kwargs, vision=vision, qformer_bert=plan["bert"] or plan["bert_shape"],
+                      qformer_bert_weights=bool(plan["bert"]))
+        if kwargs.get("qformer_tokenizer") is None:  # null: the BERT checkpoint's own tokenizer
+            kwargs["qformer_tokenizer"] = cfg.get("bert") or "bert-base-uncased"
+        return kwargs, plan
 
     @classmethod
     def from_config(cls, cfg: DictConfig | Mapping[str, Any]) -> "Blip2LLMBase":

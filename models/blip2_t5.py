@@ -14,7 +14,6 @@ from torch import Tensor
 
 import registry
 from models import dist
-from models.blip2_opt import STAGE2_EXTRA_KEYS
 from models.blip2_stage2 import Blip2LLMBase
 
 
@@ -29,7 +28,7 @@ class Blip2T5(Blip2LLMBase):
         "caption_coco_flant5xl": "configs/blip2_caption_flant5xl.yaml",
         "tiny": "configs/blip2_t5_tiny.yaml",
     }
-    EXTRA_CONFIG_KEYS = STAGE2_EXTRA_KEYS + ("t5_model", "prefix_lm_split")
+    EXTRA_CONFIG_KEYS = Blip2LLMBase.EXTRA_CONFIG_KEYS + ("prefix_lm_split",)  # read by from_config
     LLM_ATTR = "t5_model"
     PROJ_ATTR = "t5_proj"
     LLM_NAME_KEY = "t5_model"

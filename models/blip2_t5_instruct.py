@@ -12,8 +12,7 @@ import torch
 from torch import Tensor
 
 import registry
-from models.blip2_instruct import INSTRUCT_EXTRA_KEYS, InstructMixin
-from models.blip2_opt import STAGE2_EXTRA_KEYS
+from models.blip2_instruct import InstructMixin
 from models.blip2_t5 import Blip2T5
 
 
@@ -26,7 +25,6 @@ class Blip2T5Instruct(InstructMixin, Blip2T5):
         "flant5xxl": "configs/blip2_instruct_flant5xxl.yaml",
         "tiny": "configs/blip2_instruct_t5_tiny.yaml",
     }
-    EXTRA_CONFIG_KEYS = STAGE2_EXTRA_KEYS + INSTRUCT_EXTRA_KEYS + ("t5_model", "prefix_lm_split")
     ANSWER_LENGTH_PENALTY = -1.0
 
     def _encoder_inputs(self, soft: Tensor, prompts: Sequence[str], truncate: bool = True) -> tuple[Tensor, Tensor]:

@@ -13,8 +13,8 @@ from typing import Sequence
 from torch import Tensor
 
 import registry
-from models.blip2_instruct import INSTRUCT_EXTRA_KEYS, InstructMixin
-from models.blip2_opt import STAGE2_EXTRA_KEYS, Blip2OPT
+from models.blip2_instruct import InstructMixin
+from models.blip2_opt import Blip2OPT
 
 
 @registry.models.register("blip2_vicuna_instruct")
@@ -26,7 +26,6 @@ class Blip2VicunaInstruct(InstructMixin, Blip2OPT):
         "vicuna13b": "configs/blip2_instruct_vicuna13b.yaml",
         "tiny": "configs/blip2_instruct_tiny.yaml",
     }
-    EXTRA_CONFIG_KEYS = STAGE2_EXTRA_KEYS + INSTRUCT_EXTRA_KEYS + ("llm_model",)
     LLM_ATTR = "llm_model"
     PROJ_ATTR = "llm_proj"
     LLM_NAME_KEY = "llm_model"

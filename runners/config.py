@@ -28,6 +28,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import registry
 from common.paths import cache_root, resolve_storage_path  # noqa: F401 (resolve_storage_path: part of this module's API)
+from models.base_model import model_config_keys
 from registry import RegistryError
 
 _omegaconf_version = tuple(int(p) for p in omegaconf.__version__.split(".")[:2])
@@ -163,7 +164,6 @@ TASK_KEY_CHECKS: dict[str, RunKey] = {
     "annotation_file": RunKey("ground-truth file for caption scoring", _STR + _NONE),
 }
 
-GENERIC_MODEL_KEYS = ("arch", "model_type", "load_pretrained", "load_finetuned", "pretrained", "finetuned")
 STANDARD_DATASET_KEYS = (
     "data_type", "build_info", "vis_processor", "text_processor", "kw_processor", "type", "sample_ratio",
     "dataset_card",
@@ -341,7 +341,7 @@ class Config:
             errors.append(f"model.arch: {err}")
             return [], None
         self.model_cls = model_cls
-        valid = set(GENERIC_MODEL_KEYS) | set(getattr(model_cls, "EXTRA_CONFIG_KEYS", ()))
+        valid = set(model_config_keys(model_cls))  # derived from the model's constructor signature
         zoo = dict(getattr(model_cls, "PRETRAINED_MODEL_CONFIG_DICT", {}) or {})
         if not zoo:
             return [], valid
@@ -357,7 +357,8 @@ class Config:
         for zoo_type in zoo:
             path = os.fspath(model_cls.default_config_path(zoo_type))
             cfg = _load_yaml(path, f"model zoo config of {arch}/{zoo_type}")
-            valid |= set(_keys(_node(cfg, "model")))
+            if not hasattr(model_cls, "config_keys"):  # a plugin without BaseModel: its zoo YAMLs name keys too
+                valid |= set(_keys(_node(cfg, "model")))
             if zoo_type == self.model_type:
                 layers.append(_Layer(path, cfg))
         return layers, valid

@@ -64,34 +64,28 @@ class CaptionTask(BaseTask):
 
     #: run keys this task reads (runners.config validates ``run:`` against them)
     RUN_KEYS = {
-        "num_beams": "beam width (5)", "max_len": "max caption tokens (30)", "min_len": "min caption tokens (1)",
-        "repetition_penalty": "generation repetition penalty (1.0)", "length_penalty": "beam length penalty (1.0)",
-        "top_p": "nucleus sampling p (0.9)", "temperature": "sampling temperature (1.0)",
-        "use_nucleus_sampling": "sample instead of beam search (false)",
+        "num_beams": "beam width", "max_len": "max caption tokens", "min_len": "min caption tokens",
+        "repetition_penalty": "generation repetition penalty", "length_penalty": "beam length penalty",
+        "top_p": "nucleus sampling p", "temperature": "sampling temperature",
+        "use_nucleus_sampling": "sample instead of beam search",
         "prompt": "caption prompt; empty = the model's own",
         "annotation_file": "COCO caption ground-truth file (default: built from the eval dataset)",
         "caption_metrics": "subset of Bleu_1..4, METEOR, ROUGE_L, CIDEr, SPICE (default: all)",
         "sample_id_key": "batch key holding the image id (image_id)",
     }
 
-    DECODING_DEFAULTS = {
-        "num_beams": 5, "max_len": 30, "min_len": 1, "repetition_penalty": 1.0, "length_penalty": 1.0,
-        "top_p": 0.9, "temperature": 1.0, "use_nucleus_sampling": False,
+    #: run key (LAVIS name) -> ``generate()`` argument. A key the run leaves out is not passed: the model's
+    #: ``generate()`` signature holds the decoding defaults of its family (stage 1: 3 beams, stage 2: 5).
+    DECODING_KEYS = {
+        "num_beams": "num_beams", "max_len": "max_length", "min_len": "min_length",
+        "repetition_penalty": "repetition_penalty", "length_penalty": "length_penalty", "top_p": "top_p",
+        "temperature": "temperature", "use_nucleus_sampling": "use_nucleus_sampling",
     }
 
     def __init__(self, run_cfg=None) -> None:
         super().__init__(run_cfg)
-        opts = {k: self.run_cfg.get(k, v) for k, v in self.DECODING_DEFAULTS.items()}
-        self.decoding = {
-            "use_nucleus_sampling": bool(opts["use_nucleus_sampling"]),
-            "num_beams": int(opts["num_beams"]),
-            "max_length": int(opts["max_len"]),
-            "min_length": int(opts["min_len"]),
-            "repetition_penalty": float(opts["repetition_penalty"]),
-            "length_penalty": float(opts["length_penalty"]),
-            "top_p": float(opts["top_p"]),
-            "temperature": float(opts["temperature"]),
-        }
+        self.decoding = {arg: self.run_cfg[key] for key, arg in self.DECODING_KEYS.items()
+                         if self.run_cfg.get(key) is not None}
         self.prompt: str = self.run_cfg.get("prompt", "") or ""
         self.annotation_file: str | None = self.run_cfg.get("annotation_file")
         metrics = self.run_cfg.get("caption_metrics")

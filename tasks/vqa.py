@@ -1,9 +1,8 @@
 """``vqa`` (VQAv2 / OK-VQA accuracy) and ``gqa`` (exact match) question-answering tasks.
 
-Run options (``run:`` section, LAVIS names): num_beams (3), max_len (10), min_len (1),
-inference_method ("generate" or "rank"), num_ans_candidates (128), prompt ("" = the raw
-question; BLIP-2 zero-shot uses "Question: {} Short answer:"), length_penalty (-1),
-apply_lemmatizer (False; OK-VQA), normalize_references (False), sample_id_key ("question_id"),
+Run options (``run:`` section, LAVIS names): num_beams, max_len, min_len, inference_method ("generate" or
+"rank"), num_ans_candidates, prompt ("" = the raw question; BLIP-2 zero-shot uses "Question: {} Short answer:"),
+length_penalty (the ones a run leaves out keep the defaults of the model's ``predict_answers``), apply_lemmatizer (False; OK-VQA), normalize_references (False), sample_id_key ("question_id"),
 annotation_file / anno_files {split: path} (official COCO-format VQA annotations; default: the
 dataset's ``coco_annotation_file``, else its records), answer_list (path; default: the
 dataset's ``answer_list``, needed by "rank").
@@ -85,10 +84,10 @@ class VQATask(BaseTask):
 
     #: run keys this task reads (runners.config validates ``run:`` against them)
     RUN_KEYS = {
-        "num_beams": "beam width (3)", "max_len": "max answer tokens (10)", "min_len": "min answer tokens (1)",
-        "inference_method": "generate | rank", "num_ans_candidates": "answers kept for ranking (128)",
+        "num_beams": "beam width", "max_len": "max answer tokens", "min_len": "min answer tokens",
+        "inference_method": "generate | rank", "num_ans_candidates": "answers kept for ranking",
         "prompt": "prompt with '{}' for the question, e.g. 'Question: {} Short answer:'",
-        "length_penalty": "beam length penalty (-1)",
+        "length_penalty": "beam length penalty",
         "apply_lemmatizer": "lemmatise predicted answers with spaCy (OK-VQA)",
         "normalize_references": "always normalise reference answers (user data)",
         "sample_id_key": "batch key holding the question id (question_id)",
@@ -97,21 +96,18 @@ class VQATask(BaseTask):
         "answer_list": "JSON list of candidate answers (default: the eval dataset's)",
     }
 
+    #: run keys handed to ``predict_answers`` as they are (LAVIS names)
+    INFERENCE_KEYS = ("num_beams", "inference_method", "max_len", "min_len", "num_ans_candidates", "prompt",
+                      "length_penalty")
+
     def __init__(self, run_cfg=None) -> None:
         super().__init__(run_cfg)
         cfg = self.run_cfg
-        method = cfg.get("inference_method", "generate")
-        if method not in INFERENCE_METHODS:
+        method = cfg.get("inference_method")
+        if method is not None and method not in INFERENCE_METHODS:
             raise ValueError(f"run.inference_method={method!r}; expected one of {INFERENCE_METHODS}")
-        self.inference = {
-            "num_beams": int(cfg.get("num_beams", 3)),
-            "inference_method": method,
-            "max_len": int(cfg.get("max_len", 10)),
-            "min_len": int(cfg.get("min_len", 1)),
-            "num_ans_candidates": int(cfg.get("num_ans_candidates", 128)),
-            "prompt": cfg.get("prompt", "") or "",
-            "length_penalty": float(cfg.get("length_penalty", -1.0)),
-        }
+        # Only what the run sets is passed: the defaults live in the model's predict_answers() signature.
+        self.inference = {key: cfg[key] for key in self.INFERENCE_KEYS if cfg.get(key) is not None}
         self.sample_id_key: str = cfg.get("sample_id_key", "question_id")
         self.lemmatizer = AnswerLemmatizer() if cfg.get("apply_lemmatizer", False) else None
         self.normalize_references = bool(cfg.get("normalize_references", False))
@@ -134,7 +130,7 @@ class VQATask(BaseTask):
 
     def valid_step(self, model: torch.nn.Module, samples: dict) -> list[dict]:
         answer_list = self.answer_list()
-        if self.inference["inference_method"] == "rank" and not answer_list:
+        if self.inference.get("inference_method") == "rank" and not answer_list:
             raise ValueError(
                 "vqa: run.inference_method='rank' needs candidate answers: the eval dataset has no "
                 "answer_list; set run.answer_list to a JSON list of answers or use 'generate'"

@@ -52,7 +52,7 @@ def test_registered_names_and_zoo_yamls():
     assert registry.models.get("blip2") is Blip2Qformer
     assert registry.models.get("blip2_feature_extractor") is Blip2Qformer
     assert registry.models.get("blip2_image_text_matching") is Blip2ITM
-    valid = set(Blip2Qformer.EXTRA_CONFIG_KEYS) | {"load_pretrained", "load_finetuned", "pretrained", "finetuned"}
+    valid = Blip2Qformer.config_keys()
     for model_type in ("pretrain", "pretrain_vitL", "coco", "tiny"):
         cfg = OmegaConf.load(Blip2Qformer.default_config_path(model_type))
         assert set(cfg.model) <= valid, set(cfg.model) - valid

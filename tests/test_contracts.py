@@ -14,6 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 import registry
+from models.base_model import init_parameters, model_config_keys
 from runners.config import STANDARD_DATASET_KEYS
 from tasks.base_task import BaseTask
 
@@ -91,7 +92,7 @@ def test_qformer_contract(name):
 # -- models ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", _unique(registry.models))
 def test_model_zoo_contract(name):
-    """Every zoo YAML exists and has a ``model:`` node."""
+    """Every zoo YAML exists, has a ``model:`` node and sets only keys the model's signatures define."""
     cls = registry.models.get(name)
     zoo = dict(getattr(cls, "PRETRAINED_MODEL_CONFIG_DICT", {}) or {})
     assert callable(getattr(cls, "from_config", None))
@@ -100,6 +101,45 @@ def test_model_zoo_contract(name):
         assert os.path.isfile(path), f"{name}/{model_type}: {path} missing"
         node = OmegaConf.load(path).get("model")
         assert node is not None, f"{path}: no model: node"
+        unknown = set(node) - model_config_keys(cls)
+        assert not unknown, f"{path}: keys {sorted(unknown)} are no parameter of {cls.__name__}"
+
+
+@pytest.mark.parametrize("name", _unique(registry.models))
+def test_no_hand_list_repeats_a_signature(name):
+    """``EXTRA_CONFIG_KEYS`` names only keys ``from_config`` reads itself, never a constructor parameter."""
+    cls = registry.models.get(name)
+    repeated = set(getattr(cls, "EXTRA_CONFIG_KEYS", ())) & set(init_parameters(cls))
+    assert not repeated, f"{cls.__name__}.EXTRA_CONFIG_KEYS repeats constructor parameters {sorted(repeated)}"
+
+
+def test_config_follows_the_constructor(monkeypatch, tmp_path):
+    """A default changed in the signature is what from_config builds with, and a new parameter is a valid key."""
+    from models.blip2_qformer import Blip2Qformer
+    from runners.config import Config, ConfigError
+
+    monkeypatch.setitem(Blip2Qformer.__init__.__kwdefaults__, "label_smoothing", 0.25)
+    cfg = Blip2Qformer.load_zoo_config("tiny")
+    assert "label_smoothing" not in cfg
+    assert Blip2Qformer.from_config(cfg).label_smoothing == 0.25
+
+    class Knobbed(Blip2Qformer):
+        def __init__(self, *args, knob: int = 3, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.knob = knob
+
+    registry.models.add("knobbed_blip2", Knobbed, override=True)
+    try:
+        assert "knob" in Knobbed.config_keys() and "knob" not in Blip2Qformer.config_keys()
+        base = {"model": {"arch": "knobbed_blip2", "model_type": "tiny"}, "run": {"task": "captioning"}}
+        good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+        OmegaConf.save(OmegaConf.merge(base, {"model": {"knob": 5}}), good)
+        OmegaConf.save(OmegaConf.merge(base, {"model": {"knobb": 5}}), bad)
+        assert Config(str(good)).model.knob == 5
+        with pytest.raises(ConfigError, match="Did you mean: knob"):
+            Config(str(bad))
+    finally:
+        registry.models.unregister("knobbed_blip2")
 
 
 # -- builders ----------------------------------------------------------------------------------------------------

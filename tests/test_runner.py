@@ -68,7 +68,6 @@ FAKE_PLUGIN = textwrap.dedent('''
     @registry.models.register("fake_regressor", override=True)
     class FakeRegressor(torch.nn.Module):
         PRETRAINED_MODEL_CONFIG_DICT = {}
-        EXTRA_CONFIG_KEYS = ("dim", "hidden", "dropout", "nan_at_step", "sleep_s")
 
         def __init__(self, dim=8, hidden=16, dropout=0.1, nan_at_step=-1, sleep_s=0.0):
             super().__init__()

@@ -72,7 +72,6 @@ class ImageEncoderPretrainer(_PretrainBase):
     slowed the shape head badly (shape loss 1.24 vs 0.59 after 250 steps; the count is read off the patches).
     """
 
-    EXTRA_CONFIG_KEYS = ("timm_name", "timm_kwargs", "num_shapes", "num_colours", "num_sizes")
 
     def __init__(self, timm_name: str, timm_kwargs: dict[str, Any], num_shapes: int, num_colours: int,
                  num_sizes: int) -> None:
@@ -153,7 +152,6 @@ class CausalLMPretrainer(_PretrainBase):
     config fields (``model_type`` selects the architecture, e.g. ``opt``).
     """
 
-    EXTRA_CONFIG_KEYS = ("tokenizer", "lm_config", "max_txt_len")
     default_model_type = "opt"
     auto_class = "AutoModelForCausalLM"
     #: config field -> the tokenizer attribute it is taken from (unless lm_config sets it)
