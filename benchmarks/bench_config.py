@@ -67,3 +67,10 @@ PAPER.update(
 )
 
 CONFIGS = {"bench": BENCH, "tiny": TINY, "paper": PAPER}
+
+
+def optimizer_for(model):
+    """The runner's optimizer (``runners.optim.build_optimizer``: fused AdamW where PyTorch has the kernel)."""
+    from runners.optim import build_optimizer  # deferred: the benchmark's parent process never builds a model
+
+    return build_optimizer(model, {"init_lr": 1e-5, "beta2": 0.98, "weight_decay": 0.05, "lr_layer_decay": 1.0})

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from benchmarks.ours_cases import optimizer_for
+from benchmarks.bench_config import optimizer_for
 from benchmarks.text import autocast, captions
 
 BATCHES_PER_EPOCH = 4

@@ -11,6 +11,8 @@ import torch
 from omegaconf import OmegaConf
 
 from benchmarks import text as bench_text
+from benchmarks.bench_config import optimizer_for
+from benchmarks.feature_cache_case import setup_epoch
 from benchmarks.text import autocast as _autocast, captions, images as _images
 
 
@@ -27,13 +29,6 @@ def _load(ckpt: str, precision: str, arch: str | None = None, is_eval: bool = Fa
     model = registry.models.get(arch or inferred).from_config(cfg).to(bench_text.DEVICE)
     model.train(not is_eval)
     return model
-
-
-def optimizer_for(model) -> torch.optim.Optimizer:
-    """The runner's optimizer (``runners.optim.build_optimizer``: fused AdamW where PyTorch has the kernel)."""
-    from runners.optim import build_optimizer
-
-    return build_optimizer(model, {"init_lr": 1e-5, "beta2": 0.98, "weight_decay": 0.05, "lr_layer_decay": 1.0})
 
 
 def _train_step(model, samples: dict, precision: str) -> Callable[[], float]:
@@ -91,8 +86,6 @@ def setup(case: str, ckpt: str, dims: dict, precision: str, work_dir: str | None
     if case == "g":
         return _retrieval(ckpt, dims, precision)
     if case in ("h_uncached", "h_cached"):
-        from benchmarks.feature_cache_case import setup_epoch
-
         return setup_epoch(_load(ckpt, precision), dims, precision, work_dir, cached=case == "h_cached")
     raise ValueError(f"unknown benchmark case {case!r}")
 
