@@ -23,8 +23,8 @@ def _load(ckpt: str, precision: str, arch: str | None = None, is_eval: bool = Fa
 
     inferred, cfg = model_config_from_hf(ckpt)
     half = {"vit_precision": precision, "llm_precision": precision} if precision == "bf16" else {}
-    if precision == "int8":  # fp32 everywhere but the frozen LLM's linear layers: weight-only int8
-        half = {"llm_kwargs": {**cfg.get("llm_kwargs", {}), "quantization": "int8"}}
+    if precision in ("int8", "int8_dynamic"):  # fp32 everywhere but the frozen LLM's linear layers (models/quantize.py)
+        half = {"llm_kwargs": {**cfg.get("llm_kwargs", {}), "quantization": precision}}
     cfg = OmegaConf.create(dict(cfg, **half, **overrides))
     model = registry.models.get(arch or inferred).from_config(cfg).to(bench_text.DEVICE)
     model.train(not is_eval)

@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                              "means every case starting with it")
     parser.add_argument("--frameworks", default="ours,hf", help="ours, hf or both (comma-separated)")
     parser.add_argument("--precisions", default="fp32,bf16",
-                        help="fp32, bf16 (comma-separated); int8: ours only, generation cases, frozen LLM weight-only int8")
+                        help="fp32, bf16 (comma-separated); int8 / int8_dynamic: ours only, generation cases, frozen LLM quantised")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per case (median reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per child process")
     parser.add_argument("--no-flops", action="store_true", help="skip the FlopCounterMode pass")
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             for fw in frameworks:
                 if (fw == "hf" and case not in HF_CASES) or (fw == "ours" and case not in OURS_CASES):
                     continue
-                if precision == "int8" and (fw == "hf" or case not in ("d", "e")):
+                if precision.startswith("int8") and (fw == "hf" or case not in ("d", "e")):
                     continue  # int8: our frozen LLM quantised weight-only, measured on generation
                 spec = {"case": case, "framework": fw, "precision": precision, "config": args.config,
                         "ckpt": ckpts[_checkpoint_kind(case)], "repeats": args.repeats, "threads": args.threads,
