@@ -99,7 +99,8 @@ RUN_SCHEMA: dict[str, RunKey] = {
     # what runs
     "task": RunKey("registered task (registry.tasks)", _STR),
     "runner": RunKey("registered runner (registry.runners), default runner_base", _STR),
-    "job_name": RunKey("name of the job; the output directory is output_dir/<job_name or job id>", _STR),
+    "job_name": RunKey("name of the job; the output directory is output_dir/<job_name or job id> (null: a new job id)",
+                       _STR + _NONE),
     "evaluate": RunKey("only evaluate test_splits, no training", _BOOL),
     "train_splits": RunKey("splits used for training", _LIST),
     "valid_splits": RunKey("splits evaluated every val_freq epochs (best checkpoint by agg_metrics)", _LIST),
