@@ -29,25 +29,20 @@ class Blip2OPT(Blip2LLMBase):
         "caption_coco_opt6.7b": "configs/blip2_caption_opt6.7b.yaml",
         "tiny": "configs/blip2_opt_tiny.yaml",
     }
-    EXTRA_CONFIG_KEYS = Blip2LLMBase.EXTRA_CONFIG_KEYS + ("mask_bos",)  # read by from_config
     LLM_ATTR = "opt_model"
     PROJ_ATTR = "opt_proj"
     LLM_NAME_KEY = "opt_model"
     DEFAULT_LLM_TYPE = "opt"
     EXPECT_ENCODER_DECODER = False
-    #: config ``mask_bos``: with an empty prompt, keep the first text token (BOS) out of the caption loss. False (the
-    #: released code) scores it; True is an option: BOS is the same token after every image, so scoring it only
-    #: teaches the last query to predict a constant.
-    mask_bos: bool = False
 
-    @classmethod
-    def from_config(cls, cfg) -> "Blip2OPT":
-        model = super().from_config(cfg)
-        value = cfg.get("mask_bos", False) if hasattr(cfg, "get") else False
-        if not isinstance(value, bool):
-            raise ValueError(f"model.mask_bos must be true or false, got {value!r}")
-        model.mask_bos = value
-        return model
+    def __init__(self, *args: Any, mask_bos: bool = False, **kwargs: Any) -> None:
+        """``mask_bos``: with an empty prompt, keep the first text token (BOS) out of the caption loss. False (the
+        released code) scores it; True is an option: BOS is the same token after every image, so scoring it only
+        teaches the last query to predict a constant."""
+        if not isinstance(mask_bos, bool):
+            raise ValueError(f"model.mask_bos must be true or false, got {mask_bos!r}")
+        super().__init__(*args, **kwargs)
+        self.mask_bos = mask_bos
 
     # -- token layout ---------------------------------------------------------------------------------------------
     @property
