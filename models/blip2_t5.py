@@ -28,12 +28,22 @@ class Blip2T5(Blip2LLMBase):
         "caption_coco_flant5xl": "configs/blip2_caption_flant5xl.yaml",
         "tiny": "configs/blip2_t5_tiny.yaml",
     }
-    EXTRA_CONFIG_KEYS = Blip2LLMBase.EXTRA_CONFIG_KEYS + ("prefix_lm_split",)  # read by from_config
     LLM_ATTR = "t5_model"
     PROJ_ATTR = "t5_proj"
     LLM_NAME_KEY = "t5_model"
     DEFAULT_LLM_TYPE = "flan_t5"
     EXPECT_ENCODER_DECODER = True
+
+    #: how a caption without ``text_output`` is split (``prefix_lm_split``): ``prompt`` (the prompt prefix to the
+    #: encoder) or ``random`` (paper, section 3.3: a random word boundary while training; ``prompt`` in eval)
+    PREFIX_SPLITS = ("prompt", "random")
+
+    def __init__(self, *args: Any, prefix_lm_split: str | None = "prompt", **kwargs: Any) -> None:
+        split = prefix_lm_split or "prompt"  # null: the default
+        if split not in self.PREFIX_SPLITS:
+            raise ValueError(f"model.prefix_lm_split must be one of {self.PREFIX_SPLITS}, got {split!r}")
+        super().__init__(*args, **kwargs)
+        self.prefix_lm_split = split
 
     # -- token layout ---------------------------------------------------------------------------------------------
     def _tokens(self, texts: Sequence[str]):
@@ -67,11 +77,6 @@ class Blip2T5(Blip2LLMBase):
         return self.llm(embeds, atts, labels=start).logits[:, 0].float().log_softmax(-1)  # [B, V]
 
     # -- training ------------------------------------------------------------------------------------------------------
-    #: how a caption without ``text_output`` is split (config ``prefix_lm_split``): ``prompt`` (the prompt prefix to
-    #: the encoder) or ``random`` (paper, section 3.3: a random word boundary while training; ``prompt`` in eval)
-    PREFIX_SPLITS = ("prompt", "random")
-    prefix_lm_split: str = "prompt"
-
     def split_caption(self, caption: str) -> tuple[str, str]:
         """(encoder text, decoder target) of a caption (see ``prefix_lm_split``); the target keeps >= 1 word."""
         if self.prefix_lm_split == "random" and self.training:
@@ -82,15 +87,6 @@ class Blip2T5(Blip2LLMBase):
         if prompt and "{}" not in prompt and caption.startswith(prompt):
             return prompt, caption[len(prompt):].strip()
         return "", caption
-
-    @classmethod
-    def from_config(cls, cfg) -> "Blip2T5":
-        model = super().from_config(cfg)
-        split = (cfg.get("prefix_lm_split") if hasattr(cfg, "get") else None) or "prompt"
-        if split not in cls.PREFIX_SPLITS:
-            raise ValueError(f"model.prefix_lm_split must be one of {cls.PREFIX_SPLITS}, got {split!r}")
-        model.prefix_lm_split = split
-        return model
 
     def forward(self, samples: Mapping[str, Any], return_logits: bool = False) -> dict[str, Tensor]:
         """Prefix-LM loss: ``{"loss"}`` (+ ``"logits"`` [B, T_out, V])."""
