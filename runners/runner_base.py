@@ -28,7 +28,7 @@ from common.precision import autocast, resolve_amp
 from runners import checkpointing as ckpt
 from runners import stopping
 from runners.batch_stream import BatchStream
-from runners.config import RunKey
+from runners.run_schema import RunKey
 from runners.data import eval_loader, merge_train_datasets, train_loader
 from runners.lr_schedulers import build_lr_scheduler
 from runners.optim import build_optimizer, count_trainable
@@ -81,7 +81,7 @@ def _to_container(cfg: Any) -> Any:
 class RunnerBase:
     """``Runner(cfg, task, model, datasets, job_id)``; ``.train()`` / ``.evaluate()``."""
 
-    # run: keys this runner reads beyond runners.config.RUN_SCHEMA (validated by Config).
+    # run: keys this runner reads beyond runners.run_schema.RUN_SCHEMA (validated by Config).
     RUN_KEYS = {
         "save_every_steps": RunKey("also write a resumable checkpoint every N optimizer steps (0: only at epoch "
                                    "ends)", (int,), low=0),

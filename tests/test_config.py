@@ -11,15 +11,9 @@ import yaml
 from omegaconf import OmegaConf
 
 import registry
-from runners.config import (
-    RUN_SCHEMA,
-    Config,
-    ConfigError,
-    RunKey,
-    add_config_arguments,
-    cache_root,
-    resolve_storage_path,
-)
+from common.paths import cache_root, resolve_storage_path
+from runners.config import Config, ConfigError, add_config_arguments
+from runners.run_schema import RUN_SCHEMA, RunKey
 
 # ---------------------------------------------------------------------------------------------------
 # fakes: a model with two zoo types, a builder with two dataset types, a task with extra run keys
@@ -450,7 +444,7 @@ def test_run_schema_covers_the_lavis_run_keys():
         distributed use_dist_eval_sampler log_freq save_freq val_freq save_last train_dataset_ratios k_test num_beams
         max_len min_len length_penalty inference_method prompt num_ans_candidates answer_list apply_lemmatizer""".split()
     # every LAVIS key is either read here (run schema or a task's RUN_KEYS) or refused with the reason
-    from runners.config import NOT_READ_RUN_KEYS, TASK_KEY_CHECKS
+    from runners.run_schema import NOT_READ_RUN_KEYS, TASK_KEY_CHECKS
 
     assert set(lavis_keys) <= set(RUN_SCHEMA) | set(TASK_KEY_CHECKS) | set(NOT_READ_RUN_KEYS)
     assert not set(RUN_SCHEMA) & set(NOT_READ_RUN_KEYS)

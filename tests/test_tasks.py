@@ -488,7 +488,7 @@ def test_itc_similarity_chunks_and_pair_dedup() -> None:
 
 
 def test_every_run_key_a_task_reads_is_declared() -> None:
-    from runners.config import RUN_SCHEMA
+    from runners.run_schema import RUN_SCHEMA
 
     class Recorder(dict):
         def __init__(self) -> None:
