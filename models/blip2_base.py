@@ -20,7 +20,9 @@ import registry
 from common.precision import PRECISIONS, autocast, compute_dtype, cpu_safe_, resolve_precision
 from models.base_model import BaseModel, block_index, config_kwargs, parameter_names
 from models.feature_cache import FrozenFeatureCache, encoder_fingerprint
-from models.qformer import QFormer, QFormerConfig, QFormerOutput, init_tokenizer
+from models.qformer import QFormer
+from models.qformer_config import QFormerConfig, QFormerOutput
+from models.qformer_init import init_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ class Blip2Base(BaseModel):
     @staticmethod
     def init_tokenizer(source: str | None = "bert-base-uncased", truncation_side: str = "right", bert: str | None = None):
         """The Q-Former tokenizer + ``[DEC]``: ``source``, or when None the BERT checkpoint's own (``bert``), else
-        bert-base-uncased (30523 tokens); see ``models.qformer.init_tokenizer``."""
+        bert-base-uncased (30523 tokens); see ``models.qformer_init.init_tokenizer``."""
         return init_tokenizer(source if source is not None else (bert or "bert-base-uncased"), truncation_side)
 
     def init_vision_encoder(

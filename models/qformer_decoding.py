@@ -21,7 +21,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from models.qformer import QFormerCache
+from models.qformer_config import QFormerCache
 
 # step(last_tokens [N, 1], cache) -> (logits [N, V], new cache)
 StepFn = Callable[[Tensor, QFormerCache], tuple[Tensor, QFormerCache]]

@@ -1,6 +1,6 @@
 """Q-Former initialisation from a Hugging Face BERT, and BLIP-2's Q-Former tokenizer (bert-base-uncased + [DEC]).
 
-Kept apart from ``models/qformer.py`` (the network) because it is about weights and vocabularies on disk.
+Kept apart from ``models/qformer.py`` and ``models/qformer_layers.py`` (the network) because it is about weights and vocabularies on disk.
 """
 from __future__ import annotations
 

@@ -316,7 +316,7 @@ def test_generate_shapes_and_incremental_decoding(model):
 
 
 def test_beam_search_min_length_and_repetition_penalty():
-    from models.qformer import QFormerCache
+    from models.qformer_config import QFormerCache
     from models.qformer_decoding import beam_search, sample
 
     vocab, eos = 6, 2

@@ -41,7 +41,7 @@ def build_reference(kind: str, factory):
     from transformers import (InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipVideoConfig,
                               InstructBlipVideoForConditionalGeneration, LlamaConfig, T5Config)
 
-    from models.qformer import init_tokenizer
+    from models.qformer_init import init_tokenizer
     from models.tiny import build_tokenizer
 
     out = factory.mktemp(f"hf_instruct_{kind}")
@@ -68,7 +68,7 @@ def build_reference(kind: str, factory):
     else:
         model = InstructBlipForConditionalGeneration(InstructBlipConfig(**common, image_token_index=len(tok)))
     if kind == "t5":
-        from models.llms import untie_lm_head
+        from models.lm_weights import untie_lm_head
 
         untie_lm_head(model.language_model)
     redraw_(model, seed={"llama": 11, "t5": 12, "video": 13}[kind])

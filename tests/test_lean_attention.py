@@ -63,7 +63,7 @@ def test_dropout_same_draws_and_bool_mask():
 
 def test_qformer_training_step_unchanged_by_lean_path(monkeypatch):
     """A training-mode (dropout on) Q-Former pass gives the same loss and grads through SDPA/F.dropout."""
-    import models.qformer as qformer_module
+    import models.qformer_layers as qformer_module
 
     queries, image, ids = _inputs()
     att = torch.ones(ids.shape[0], queries.shape[1] + ids.shape[1], dtype=torch.long)

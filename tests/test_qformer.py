@@ -4,7 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.qformer import QFormer, QFormerConfig, init_tokenizer, self_attention_mask
+from models.qformer import QFormer
+from models.qformer_config import QFormerConfig
+from models.qformer_init import init_tokenizer
+from models.qformer_layers import self_attention_mask
 
 TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
             encoder_width=24, num_query_token=4, vocab_size=50, max_position_embeddings=40)

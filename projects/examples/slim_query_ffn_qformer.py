@@ -11,7 +11,9 @@ import dataclasses
 from dataclasses import dataclass
 
 import registry
-from models.qformer import QFormer, QFormerConfig, QFormerIntermediate, QFormerSelfOutput
+from models.qformer import QFormer
+from models.qformer_config import QFormerConfig
+from models.qformer_layers import QFormerIntermediate, QFormerSelfOutput
 
 
 @dataclass
