@@ -21,7 +21,7 @@ from models.base_model import config_kwargs, parameter_names
 from models.blip2_base import Blip2Base, to_plain
 from models.checkpoints import load_state_dict_any, resolve_source
 from models.checkpoints.blip2_keys import QFORMER_TEXT_PARTS, STAGE1_ONLY_PARTS
-from models.llms import FrozenLLM
+from models.llm_adapter import FrozenLLM
 from models.lora import LoraSettings, apply_lora
 
 logger = logging.getLogger(__name__)

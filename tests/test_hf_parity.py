@@ -80,7 +80,7 @@ def build_reference(kind: str, tmp_path_factory):
         config = blip2_config(text.to_dict(), image_token_index=len(tokenizer))
         model = Blip2ForConditionalGeneration(config)
         if kind == "t5":
-            from models.llms import untie_lm_head
+            from models.lm_weights import untie_lm_head
 
             untie_lm_head(model.language_model)
     redraw_(model, seed={"opt": 1, "t5": 2, "itm": 3}[kind])

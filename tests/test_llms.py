@@ -11,7 +11,8 @@ import torch
 import registry
 from models import tiny
 from common.precision import resolve_precision
-from models.llms import FlanT5LLM, HFCausalLM, HFSeq2SeqLM, OPTLLM, untie_lm_head
+from models.llms import FlanT5LLM, HFCausalLM, HFSeq2SeqLM, OPTLLM
+from models.lm_weights import untie_lm_head
 
 
 @pytest.fixture(scope="module")

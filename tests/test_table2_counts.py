@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models import load_model
-from models.llms import shipped_llm_config
+from models.llm_adapter import shipped_llm_config
 
 BERT_H, BERT_FF, BERT_LAYERS, VOCAB, MAX_POS, QUERIES, EMBED = 768, 3072, 12, 30523, 512, 32, 256
 
