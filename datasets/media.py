@@ -11,10 +11,10 @@ import random
 from typing import Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 
-from processors.image import ImageLoadError, to_rgb
-from processors.image import load_image as load_rgb
+from processors.image import ImageLoadError, load_image as load_rgb, to_rgb
 
 FRAME_SAMPLING = ("uniform", "random", "headtail")
 #: bad files are logged one by one up to this count, then every LOG_EVERY-th (web-scale sets have many dead links)
@@ -95,7 +95,7 @@ def load_video_frames(
 ) -> list[Image.Image]:
     """Read ``n_frms`` frames of a video with decord, returned as RGB PIL images."""
     try:
-        import decord
+        import decord  # decord: optional (the video extra), only for videos
     except ImportError as e:
         raise ImportError(
             "reading videos needs decord: pip install decord (or the 'video' extra: pip install -e .[video])"
@@ -113,6 +113,4 @@ def load_video_frames(
 
 def stack_frames(frames: Sequence) -> "torch.Tensor":  # noqa: F821
     """Stack per-frame tensors [3,H,W] into a clip tensor [3,T,H,W] (the video layout of a sample)."""
-    import torch
-
     return torch.stack(list(frames), dim=1)

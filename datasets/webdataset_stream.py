@@ -132,7 +132,7 @@ class WebDatasetStream(IterableDataset):
 
     def _raw_samples(self, rng: random.Random, consumer: int, num_consumers: int) -> Iterator[dict[str, Any]]:
         try:
-            import webdataset as wds
+            import webdataset as wds  # webdataset: seconds to import, only for streamed shards
         except ImportError as e:
             raise ImportError("streaming tar shards needs webdataset: pip install webdataset") from e
 

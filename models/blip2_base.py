@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from typing import Any, Mapping
 
 import torch
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 import registry
 from common.precision import PRECISIONS, autocast, compute_dtype, cpu_safe_, resolve_precision
+from models.assets import PACKAGE_PREFIX
 from models.base_model import BaseModel, block_index, config_kwargs, parameter_names
 from models.feature_cache import FrozenFeatureCache, encoder_fingerprint
 from models.qformer import QFormer
@@ -43,10 +45,6 @@ def resolve_vit_precision(precision: str, freeze: bool) -> str:
 def _local_bert(bert: str | None) -> str | None:
     """``bert`` when it names a local checkpoint (a directory or ``package:`` name), else None (hub ids are not
     fetched just for their sizes: a checkpoint of a hub BERT is shaped by ``qformer_config``, BERT-base by default)."""
-    import os
-
-    from models.assets import PACKAGE_PREFIX
-
     if isinstance(bert, str) and (bert.startswith(PACKAGE_PREFIX) or os.path.isdir(os.path.expanduser(bert))):
         return bert
     return None

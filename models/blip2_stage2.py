@@ -9,6 +9,7 @@ decoder: encoder prefix + decoder target); captioning, answer generation and ans
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
@@ -457,8 +458,6 @@ def hf_llm_sources(hf_checkpoint: str) -> dict[str, Any]:
     """LLM ``config`` (the checkpoint's ``text_config``) and tokenizer directory of a Hugging Face BLIP-2 checkpoint,
     so that only that one checkpoint is downloaded. ``{}`` when it cannot be resolved now (e.g. offline on the meta
     device): the LLM then comes from its own name, and loading the checkpoint reports the real problem."""
-    import json
-
     try:
         path = resolve_source(hf_checkpoint)
     except FileNotFoundError as err:

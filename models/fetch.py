@@ -13,26 +13,27 @@ import argparse
 import sys
 from typing import Any, Sequence
 
+import huggingface_hub
+from omegaconf import OmegaConf
+
 from common.paths import hub_offline
 from models.checkpoints import resolve_source
 from models.weight_sources import BYTES, KNOWN_SOURCES, WeightSource, _human, plan_sources
+from models.zoo import _zoo_yaml, build_model_skeleton
 
 
 def download(source: WeightSource) -> str:
     """Fetch one missing source into its cache (hub snapshot or torch hub file); returns the local path."""
     if source.kind == "hub":
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(source.source.partition("@")[0], revision=source.source.partition("@")[2] or None,
-                                 allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+        repo_id, _, revision = source.source.partition("@")
+        return huggingface_hub.snapshot_download(repo_id, revision=revision or None,
+                                                 allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
     return str(resolve_source(source.source))
 
 
 def parameter_counts(arch: str, model_type: str, overrides: dict[str, Any]) -> dict[str, int] | None:
     """{"frozen_vision", "frozen_llm", "trainable", "other"} parameter counts from the meta-device skeleton (no weight
     read); None when the LLM's config.json is not available yet."""
-    from models.zoo import build_model_skeleton
-
     try:
         model = build_model_skeleton(arch, model_type, **overrides)
     except (OSError, ValueError) as err:
@@ -70,9 +71,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list only, download nothing")
     parser.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE", help="model config overrides")
     args = parser.parse_args(argv)
-    from omegaconf import OmegaConf
-
-    from models.zoo import _zoo_yaml
 
     try:
         overrides = OmegaConf.to_container(OmegaConf.from_dotlist(list(args.options))) if args.options else {}

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import transformers
 
 from common.paths import cache_root
 
@@ -41,8 +42,6 @@ def file_fingerprint(path: Path) -> dict:
         if stat.st_size > 2 * _CHUNK:
             handle.seek(-_CHUNK, os.SEEK_END)
         digest.update(handle.read(_CHUNK))
-    import transformers
-
     return {"format": GGUF_FORMAT_VERSION, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
             "head_tail_sha256": digest.hexdigest(), "transformers": transformers.__version__.split(".")[0]}
 
@@ -104,8 +103,6 @@ def _is_current(target: Path, fingerprint: dict) -> bool:
 
 def _convert(path: Path, out_dir: Path, auto_class: str) -> None:
     """Dequantise ``path`` with transformers and save an fp32 safetensors checkpoint and the tokenizer."""
-    import transformers
-
     auto_cls = getattr(transformers, auto_class)
     kwargs = {"gguf_file": path.name}
     with torch.device("cpu"):  # also when the caller builds under torch.device("meta")

@@ -6,6 +6,7 @@ LLM has a tokenizer, a ``Blip2Processor`` (tokenizer with an ``<image>`` token +
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -13,11 +14,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from models.checkpoints.blip2_keys import model_layout, ours_to_hf
 from models.checkpoints.sources import StateDict
 from models.instructblip_layout import blip2_to_instructblip
+from models.lora import merge_lora
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,7 @@ def hf_blip2_config(model: nn.Module, image_token_index: int | None = None, vide
     """The ``transformers`` config describing ``model``: ``Blip2Config``, or for an instruction-aware Q-Former
     ``InstructBlipConfig`` (``InstructBlipVideoConfig`` when ``video``). EVA-style encoders only: HF's vision tower
     has no ln_pre/QuickGELU, so CLIP ViT-L models cannot be expressed."""
+    # transformers' model/config modules: seconds to import, loaded on first use
     from transformers import Blip2Config, InstructBlipConfig, InstructBlipVideoConfig
 
     layout = model_layout(model)
@@ -131,8 +135,6 @@ def export_to_hf(model: nn.Module, out_dir: str | os.PathLike, save_processor: b
     token (transformers 5 needs ``num_query_tokens`` (times frames) of them in ``input_ids``); it takes a spare
     embedding row when the vocabulary has one (as OPT and Flan-T5 do), otherwise the embedding grows by a row that
     generation is told to suppress."""
-    from models.lora import merge_lora
-
     if merge_lora(model):  # LoRA adapters (models/lora.py) become part of the weights they adapt, in place
         logger.info("merged the LoRA adapters into the model's weights for export")
     out = Path(out_dir)
@@ -165,11 +167,10 @@ def export_to_hf(model: nn.Module, out_dir: str | os.PathLike, save_processor: b
     config = hf_blip2_config(model, image_token_index, video=video)
     if suppress:
         config.text_config.vocab_size = image_token_index + 1
-    from safetensors.torch import save_file
-
     save_file(_dedupe_shared(state), str(out / "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(out)
     if layout["llm"]:
+        # transformers' model/config modules: seconds to import, loaded on first use
         from transformers import GenerationConfig
 
         gen = GenerationConfig.from_model_config(config.text_config)
@@ -183,8 +184,6 @@ def export_to_hf(model: nn.Module, out_dir: str | os.PathLike, save_processor: b
 
 
 def _copy_tokenizer(tokenizer: Any) -> Any:
-    import copy
-
     return copy.deepcopy(tokenizer)
 
 
@@ -203,6 +202,7 @@ def _grow_vocab(state: StateDict, rows: int, new_rows: int) -> StateDict:
 def _save_processor(model: nn.Module, tokenizer: Any, config: Any, out: Path, media_token: str = IMAGE_TOKEN) -> None:
     """Tokenizer + BLIP image processor (bicubic resize, CLIP mean/std) as a ``Blip2Processor``; InstructBLIP adds
     the Q-Former's tokenizer (``InstructBlipProcessor``, saved under ``qformer_tokenizer/``)."""
+    # transformers' model/config modules: seconds to import, loaded on first use
     from transformers import Blip2Processor, BlipImageProcessor
 
     size = config.vision_config.image_size
@@ -220,6 +220,7 @@ def _save_processor(model: nn.Module, tokenizer: Any, config: Any, out: Path, me
             return
     try:
         if is_instruct(model):
+            # transformers' model/config modules: seconds to import, loaded on first use
             from transformers import InstructBlipProcessor
 
             InstructBlipProcessor(image_processor, tokenizer, model.tokenizer,

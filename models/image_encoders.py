@@ -304,7 +304,7 @@ class TimmImageEncoder(nn.Module):
     # -- position embeddings ------------------------------------------------------------------------
     def _resample(self, pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Bicubic resampling of [1, 1 + n, W] to [1, 1 + grid[0]*grid[1], W], keeping the CLS entry."""
-        from timm.layers import resample_abs_pos_embed
+        from timm.layers import resample_abs_pos_embed  # timm: imported on the first timm build, as in _create_timm
 
         return resample_abs_pos_embed(
             pos_embed,

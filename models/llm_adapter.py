@@ -28,12 +28,14 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 
 from common.paths import hub_offline
 from common.precision import cpu_safe_, resolve_precision
 from models.assets import resolve_asset
 from models.gguf import gguf_checkpoint, resolve_gguf_path
+from models.quantize import METHODS, bitsandbytes_config, quantize_linear_layers
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +150,6 @@ class FrozenLLM(nn.Module):
         self._tokenizer = None
         self.quantization = quantization
         if quantization is not None:
-            from models.quantize import METHODS
-
             if quantization not in METHODS:
                 raise ValueError(f"llm_kwargs.quantization must be one of {', '.join(METHODS)} or null; "
                                  f"got {quantization!r}")
@@ -157,8 +157,6 @@ class FrozenLLM(nn.Module):
                 raise ValueError("llm_kwargs.quantization is for a frozen LLM (freeze=True)")
         self._bnb_kwargs = {}
         if load_in_8bit or load_in_4bit:
-            from models.quantize import bitsandbytes_config
-
             self._bnb_kwargs = bitsandbytes_config(load_in_8bit, load_in_4bit)
         dtype = resolve_precision(precision, self.gpu_precision, what="LLM precision")
         load_weights = load_weights and not _building_on_meta()
@@ -181,21 +179,18 @@ class FrozenLLM(nn.Module):
         """Quantise the loaded LLM's linear layers as ``quantization`` asks (once; a no-op without it). An LLM built
         on the meta device calls this after a checkpoint brought its weights."""
         if self.quantization is not None and not getattr(self, "_quantized", False):
-            from models.quantize import quantize_linear_layers
-
             count = quantize_linear_layers(self.model, self.quantization)
             self._quantized = True
             logger.info("quantised %d linear layers of %s (%s)", count, self.model_name_or_path, self.quantization)
 
     # -- construction ------------------------------------------------------------------------------
     def _auto_class(self):
-        import transformers
-
         if self.gguf_file:  # the file names its architecture: build whatever it is (a Llama under the OPT adapter)
             return getattr(transformers, "AutoModelForSeq2SeqLM" if self.is_encoder_decoder else "AutoModelForCausalLM")
         return getattr(transformers, self.auto_model_name)
 
     def _load_config(self, config: Any):
+        # transformers' model/config modules: seconds to import, loaded on first use
         from transformers import AutoConfig, PretrainedConfig
 
         if isinstance(config, PretrainedConfig):
@@ -252,6 +247,7 @@ class FrozenLLM(nn.Module):
     def tokenizer(self):
         """The LLM tokenizer, loaded on first use (meta instantiation needs no tokenizer files)."""
         if self._tokenizer is None:
+            # transformers' model/config modules: seconds to import, loaded on first use
             from transformers import AutoTokenizer
 
             try:

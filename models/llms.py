@@ -52,6 +52,7 @@ class FlanT5LLM(FrozenSeq2SeqLM):
     def _load_config(self, config: Any):
         hf_config = super()._load_config(config)
         if config is None and self._dense_act_fn is not None:
+            # transformers' model/config modules: seconds to import, loaded on first use
             from transformers.activations import ACT2FN
 
             if self._dense_act_fn not in ACT2FN:

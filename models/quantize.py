@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.ao.quantization import quantize_dynamic
 
 METHODS = ("int8", "int8_dynamic")
 
@@ -84,7 +85,6 @@ def quantize_linear_layers(model: nn.Module, method: str) -> int:
     if method == "int8_dynamic":
         if any(p.device.type != "cpu" for p in model.parameters()):
             raise ValueError("llm_kwargs.quantization=int8_dynamic runs on CPU only; use int8 on other devices")
-        from torch.ao.quantization import quantize_dynamic
 
         names = {name for name, _ in targets}
         with warnings.catch_warnings():
@@ -106,10 +106,11 @@ def bitsandbytes_config(load_in_8bit: bool, load_in_4bit: bool) -> dict[str, Any
         raise ValueError(f"llm_kwargs.{flag} needs a CUDA GPU (bitsandbytes); on this machine use "
                          "llm_kwargs.quantization=int8 (weight-only int8, PyTorch) or int8_dynamic")
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes  # noqa: F401  (optional: the quant extra, CUDA only)
     except ImportError as err:
         raise ValueError(f"llm_kwargs.{flag} needs the bitsandbytes package: pip install bitsandbytes "
                          "(or use llm_kwargs.quantization=int8)") from err
+    # transformers' model/config modules: seconds to import, loaded on first use
     from transformers import BitsAndBytesConfig
 
     config = BitsAndBytesConfig(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,

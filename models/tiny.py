@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+import transformers
 
 from common.paths import cache_root
 from models.lm_weights import untie_lm_head
@@ -64,6 +65,7 @@ def build_tokenizer(kind: str, corpus: Iterable[str] | None = None, vocab_size: 
     """Train a fast tokenizer offline. ``kind="opt"``: byte-level BPE, ``</s>`` prepended as BOS,
     ``"\\n"`` one token (OPT/GPT-2 conventions). ``kind="t5"``: Metaspace BPE, ``</s>`` appended
     (ids pad 0, eos 1, unk 2 as in T5)."""
+    # transformers' tokenizer modules: seconds to import, loaded on first use (tokenizers with them)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -100,7 +102,7 @@ def build_tokenizer(kind: str, corpus: Iterable[str] | None = None, vocab_size: 
 
 def tiny_opt_config(vocab_size: int, **overrides):
     """OPT config: 2 layers, width 64, 4 heads (ids pad 1, bos/eos 2 as in OPT)."""
-    from transformers import OPTConfig
+    from transformers import OPTConfig  # transformers' model/config modules: seconds to import, loaded on first use
 
     kw = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, ffn_dim=256, num_attention_heads=4,
               max_position_embeddings=256, word_embed_proj_dim=64, pad_token_id=1, bos_token_id=2,
@@ -112,7 +114,7 @@ def tiny_opt_config(vocab_size: int, **overrides):
 
 def tiny_t5_config(vocab_size: int, **overrides):
     """Flan-T5-style config: gated-gelu FFN, untied lm_head, 2+2 layers, width 64."""
-    from transformers import T5Config
+    from transformers import T5Config  # transformers' model/config modules: seconds to import, loaded on first use
 
     kw = dict(vocab_size=vocab_size, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
               num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=0,
@@ -124,6 +126,7 @@ def tiny_t5_config(vocab_size: int, **overrides):
 
 def build_tiny_llm(kind: str, out_dir: str | Path, seed: int = 0, **config_overrides) -> Path:
     """Write a random-init tiny LLM + its tokenizer to ``out_dir`` (save_pretrained layout)."""
+    # transformers' model/config modules: seconds to import, loaded on first use
     from transformers import OPTForCausalLM, T5ForConditionalGeneration
 
     tokenizer = build_tokenizer(kind)
@@ -147,8 +150,6 @@ def tiny_llm_path(kind: str, seed: int = 0, **config_overrides) -> Path:
     """Directory of the cached tiny ``kind`` LLM ("opt" or "t5"), built atomically on first use."""
     if kind not in ("opt", "t5"):
         raise ValueError(f"tiny LLM kind must be 'opt' or 't5', got {kind!r}")
-    import transformers
-
     key = json.dumps([TINY_FORMAT_VERSION, kind, seed, sorted(config_overrides.items()), transformers.__version__],
                      default=str)
     target = cache_root() / "tiny" / f"{kind}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"

@@ -16,8 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import huggingface_hub
+import torch
+
+import registry
 from common.paths import hub_offline
+from models.assets import PACKAGE_PREFIX, package_path
+from models.blip2_base import to_plain
 from models.checkpoints.sources import HUB_ID
+from models.qformer_init import bundled_bert_vocab
 
 # Parameter counts and stored dtype of the official sources (for sizes when nothing is downloaded yet); sizes derived
 # from them are estimates and printed as such.
@@ -98,19 +105,13 @@ def _kind(source: str) -> str:
 
 def _hub_cached(repo_id: str, filename: str) -> Path | None:
     """The cached file of a hub repo (newest snapshot), or None; never touches the network."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
     repo, _, revision = repo_id.partition("@")
-    found = try_to_load_from_cache(repo, filename, revision=revision or None)
+    found = huggingface_hub.try_to_load_from_cache(repo, filename, revision=revision or None)
     return Path(found) if isinstance(found, str) else None
 
 
 def locate(source: str, files: tuple[str, ...] = ("config.json",)) -> tuple[str, Path | None]:
     """(kind, local path or None) of one source, without downloading."""
-    from models.assets import PACKAGE_PREFIX, package_path
-
     if source.startswith(PACKAGE_PREFIX):  # a file inside an installed wheel
         try:
             return "local", Path(package_path(source[len(PACKAGE_PREFIX):]))
@@ -121,14 +122,10 @@ def locate(source: str, files: tuple[str, ...] = ("config.json",)) -> tuple[str,
         path = Path(os.path.expanduser(source))
         return kind, path if path.exists() else None
     if kind == "url":
-        import torch
-
         target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(source.split("?")[0])
         return kind, target if target.exists() else None
     if kind == "hub":
         if source == "bert-base-uncased" and files == ("vocab.txt",):
-            from models.qformer_init import bundled_bert_vocab
-
             try:  # the Q-Former tokenizer's vocabulary ships in a pip package
                 return "local", Path(bundled_bert_vocab())
             except (ImportError, FileNotFoundError):
@@ -147,9 +144,6 @@ def _source(role: str, source: Any, key: str, files: tuple[str, ...] = ("config.
 
 def plan_sources(arch: str, cfg: Mapping[str, Any]) -> list[WeightSource]:
     """Every weight source the model config ``cfg`` of ``arch`` reads, in build order."""
-    import registry
-    from models.blip2_base import to_plain
-
     cls = registry.models.get(arch)
     cfg = to_plain(cfg)
     if not hasattr(cls, "weight_plan"):

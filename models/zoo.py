@@ -13,6 +13,7 @@ count parameters or plan memory.
 """
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Iterator, Mapping
 
@@ -24,6 +25,7 @@ import registry
 from common.precision import cpu_safe_
 from models.checkpoints import resolve_source
 from models.instructblip_layout import INSTRUCTBLIP_MODEL_TYPES
+from models.weight_sources import check_sources
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +92,6 @@ def load_model(
 def check_weight_sources(name: str, cfg: DictConfig | Mapping[str, Any], label: str | None = None) -> None:
     """Fail before building anything when a weight source of ``cfg`` is missing and cannot be downloaded now: one
     ``MissingWeightsError`` lists every missing source with its size and the key that points it at a local copy."""
-    from models.weight_sources import check_sources
-
     check_sources(name, cfg, label=label)
 
 
@@ -149,8 +149,6 @@ def model_config_from_hf(source: str) -> tuple[str, dict[str, Any]]:
     or video) -> ``blip2_vicuna_instruct`` / ``blip2_t5_instruct``. The LLM is built
     from the checkpoint's ``text_config`` (no separate download) and its tokenizer read from the same directory.
     """
-    import json
-
     root = resolve_source(source)
     root = root if root.is_dir() else root.parent
     config_path = root / "config.json"

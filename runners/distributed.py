@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 from common.dist import is_dist
 
@@ -71,8 +72,6 @@ def init_distributed(device: str, timeout_minutes: float = 30.0) -> DistInfo:
     info = launcher_env()
     if info is None or info["world_size"] <= 1:
         return DistInfo()
-    import torch.distributed as dist
-
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if device.startswith("cuda"):
         torch.cuda.set_device(info["local_rank"])

@@ -25,7 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import nn
 
+import registry
 from common.precision import autocast, compute_dtype, cpu_safe_, precision_dtype
+from runners import checkpointing as ckpt
+from runners.checkpointing import step_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +56,6 @@ def check_precision(precision: str, device: torch.device) -> torch.dtype:
 
 def _job_checkpoint(job_dir: Path) -> Path:
     """``checkpoint_best`` of a job if present, else its newest step checkpoint."""
-    from runners import checkpointing as ckpt
-
     best = job_dir / "checkpoint_best" / ckpt.MODEL_FILE
     if best.exists():
         return best
@@ -82,8 +83,6 @@ def _job_model_config(job_dir: Path) -> DictConfig:
 
 def _eval_vis_processor(cfg: DictConfig | None, image_size: int):
     """The eval image processor of a job's first dataset, else ``blip_image_eval`` at the model's image size."""
-    import registry
-
     for node in (cfg.get("datasets") or {}).values() if cfg is not None else ():
         proc = (node or {}).get("vis_processor", {}).get("eval") if node is not None else None
         if proc is not None and proc.get("name"):
@@ -97,8 +96,7 @@ def load_spec(
     checkpoint: str | None = None, overrides: Mapping[str, Any] | None = None,
 ) -> "Predictor":
     """Build the model a spec names (see the module docstring), in eval mode on ``device``."""
-    import registry
-    from models import zoo
+    from models import zoo  # models (transformers: seconds) loads with the first model
 
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = check_precision(precision, device)
@@ -153,8 +151,6 @@ def default_serve_specs(root: str | Path = ".") -> tuple[str, str]:
     """(generative model, matching model) for the web page: the newest trained stage-2 and stage-1 jobs under
     ``<root>/output`` (a job directory with ``config.yaml`` and a step checkpoint), else the offline ``tiny`` zoo
     models."""
-    from runners.checkpointing import step_checkpoints
-
     kinds = {"blip2_opt": 0, "blip2_t5": 0, "blip2": 1, "blip2_feature_extractor": 1, "blip2_image_text_matching": 1}
     found: list[str | None] = [None, None]
     configs = sorted(Path(root, "output").glob("**/config.yaml"), key=lambda p: p.stat().st_mtime, reverse=True)

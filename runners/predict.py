@@ -23,6 +23,12 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from runners.inference import load_spec
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TASKS = ("caption", "vqa", "itm", "itc", "features", "search")
 
@@ -132,13 +138,12 @@ def batches(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, file=sys.stderr)
 
 
 def _load_batch(paths: Sequence[str]) -> tuple[list[Any], list[str], dict[str, str]]:
     """(PIL images, their paths, {path: error}) of the readable files of a batch."""
+    # processors (torchvision: seconds) load with the first batch
     from processors.image import ImageLoadError, load_image
 
     images, ok, errors = [], [], {}
@@ -245,8 +250,6 @@ def task_features(args, predictor, sink):
 
 def task_search(args, predictor, sink):
     """Text -> images: ITC similarity over the folder, the top ``--rerank`` re-scored by ITM (as LAVIS retrieval)."""
-    import torch
-
     predictor.require("match")
     queries = [q for q in read_texts(args.text, args.texts, "search") if q not in sink.done]
     paths = collect_images(args.inputs)
@@ -350,16 +353,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.task in ("caption", "itm", "itc", "features", "search") and not args.inputs:
         parser.error(f"{args.task}: name the images (files, folders or globs)")
-    from omegaconf import OmegaConf
-
-    from runners.inference import load_spec
 
     try:
         overrides = OmegaConf.to_container(OmegaConf.from_dotlist(list(args.options))) if args.options else {}
         if args.task in ("caption", "itm", "itc", "features", "search"):
             collect_images(args.inputs)  # bad paths fail before the model is built
-        import torch
-
         torch.manual_seed(args.seed)
         predictor = load_spec(args.model, device=args.device, precision=args.precision,
                               checkpoint=args.checkpoint, overrides=overrides)

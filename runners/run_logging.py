@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from runners.checkpointing import os_error_cause
+
 logger = logging.getLogger("runners")
 
 
@@ -85,8 +87,6 @@ class JobLock:
 
 
 def _cause(err: OSError, path: Path) -> str:
-    from runners.checkpointing import os_error_cause
-
     return os_error_cause(err, path)
 
 
@@ -170,7 +170,7 @@ class MetricsLog:
         self.tb = None
         if job_dir is not None and tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # tensorboard: optional, only with run.tensorboard
             except ImportError as err:
                 raise ImportError(
                     "run.tensorboard=True needs the tensorboard package: pip install tensorboard"

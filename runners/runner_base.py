@@ -25,15 +25,14 @@ from common import dist as dist_utils
 from common.device import move_to_device
 from common.paths import cache_root
 from common.precision import autocast, resolve_amp
-from runners import checkpointing as ckpt
-from runners import stopping
+from runners import checkpointing as ckpt, stopping
 from runners.batch_stream import BatchStream
-from runners.run_schema import RunKey
 from runners.data import eval_loader, merge_train_datasets, train_loader
 from runners.lr_schedulers import build_lr_scheduler
 from runners.optim import build_optimizer, count_trainable
 from runners.run_logging import JobClaimError, MetricsLog, create_job_dir
-from runners.wrapping import wrap_model
+from runners.run_schema import RunKey
+from runners.wrapping import full_optimizer_state, full_trainable_state, load_optimizer_state, load_weights, wrap_model
 
 logger = logging.getLogger("runners")
 
@@ -354,8 +353,6 @@ class RunnerBase:
         if test_splits:
             best = self.job_dir / "checkpoint_best"
             if (best / ckpt.MODEL_FILE).is_file():
-                from runners.wrapping import load_weights
-
                 load_weights(self.model, self.raw_model, best)
                 logger.info("testing with the best checkpoint (epoch %s)", self.best_epoch)
             for split in test_splits:
@@ -419,13 +416,9 @@ class RunnerBase:
                            self.job_dir / "config.yaml")
 
     def _model_state(self) -> dict[str, torch.Tensor]:
-        from runners.wrapping import full_trainable_state
-
         return full_trainable_state(self.model, self.raw_model, self.trainable_keys)
 
     def _optimizer_state(self) -> dict:
-        from runners.wrapping import full_optimizer_state
-
         return full_optimizer_state(self.model, self.optimizer)
 
     def save_resumable(self, epoch: int, stream: BatchStream, end_of_epoch: bool = False,
@@ -467,8 +460,6 @@ class RunnerBase:
         state = self.resume_state
         if state is None:
             return 0
-        from runners.wrapping import load_optimizer_state
-
         load_optimizer_state(self.model, self.optimizer, self.resume_optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):

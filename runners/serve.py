@@ -27,6 +27,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Sequence
 
+from omegaconf import OmegaConf
+from PIL import Image, UnidentifiedImageError
+
+from runners.inference import default_serve_specs, load_spec
+
 logger = logging.getLogger(__name__)
 
 PAGE = Path(__file__).with_name("serve_page.html")
@@ -70,8 +75,6 @@ class App:
                 "max_bytes": self.max_bytes, "max_pixels": self.max_pixels}
 
     def decode_image(self, data: bytes):
-        from PIL import Image, UnidentifiedImageError
-
         if not data:
             raise BadRequest("the upload is empty: choose an image file")
         previous = Image.MAX_IMAGE_PIXELS
@@ -217,8 +220,6 @@ def make_server(app: App, host: str = "127.0.0.1", port: int = 7860) -> Threadin
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from runners.inference import default_serve_specs, load_spec
-
     default_gen, default_match = default_serve_specs()
     parser = argparse.ArgumentParser(prog="python -m runners.serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -240,8 +241,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         check_loopback(args.host)
-        from omegaconf import OmegaConf
-
         overrides = OmegaConf.to_container(OmegaConf.from_dotlist(list(args.options))) if args.options else {}
         generator = load_spec(args.model, args.device, args.precision, overrides=overrides)
         matcher = None if args.match_model == "none" else load_spec(args.match_model, args.device, args.precision)

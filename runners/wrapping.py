@@ -5,11 +5,14 @@ gradients and optimizer state with torch FSDP, for frozen LLMs that do not fit o
 """
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import dist as dist_utils
+from runners.checkpointing import load_trainable_weights, read_weights, trainable_state_dict
 
 
 def wrap_model(model: torch.nn.Module, run_cfg: Any, device: torch.device) -> torch.nn.Module:
@@ -18,13 +21,12 @@ def wrap_model(model: torch.nn.Module, run_cfg: Any, device: torch.device) -> to
         return model
     fsdp = run_cfg.get("fsdp", False)
     if not fsdp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         return DDP(
             model,
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=bool(run_cfg.get("find_unused_parameters", False)),
         )
+    # torch.distributed FSDP/DTensor/DCP: ~2 s to import, only for sharded runs
     from torch.distributed.fsdp import fully_shard
 
     options = fsdp if hasattr(fsdp, "get") else {}
@@ -43,12 +45,12 @@ def wrap_model(model: torch.nn.Module, run_cfg: Any, device: torch.device) -> to
 
 
 def _is_fsdp(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported yet: nothing was sharded (spares ~2 s)
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
 def _options() -> Any:
+    # torch.distributed FSDP/DTensor/DCP: ~2 s to import, only for sharded runs
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -56,10 +58,9 @@ def _options() -> Any:
 
 def full_trainable_state(model: torch.nn.Module, raw_model: torch.nn.Module, keys: list[str]) -> dict[str, torch.Tensor]:
     """Trainable tensors by their plain names (collective under FSDP; call on every rank)."""
-    from runners.checkpointing import trainable_state_dict
-
     if not _is_fsdp(model):
         return trainable_state_dict(raw_model)
+    # torch.distributed FSDP/DTensor/DCP: ~2 s to import, only for sharded runs
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     full = get_model_state_dict(model, options=_options())
@@ -69,6 +70,7 @@ def full_trainable_state(model: torch.nn.Module, raw_model: torch.nn.Module, key
 def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     if not _is_fsdp(model):
         return optimizer.state_dict()
+    # torch.distributed FSDP/DTensor/DCP: ~2 s to import, only for sharded runs
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     return get_optimizer_state_dict(model, optimizer, options=_options())
@@ -80,6 +82,7 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     if not _is_fsdp(model):
         optimizer.load_state_dict(state)
         return
+    # torch.distributed FSDP/DTensor/DCP: ~2 s to import, only for sharded runs
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, state, options=_options())
@@ -87,11 +90,10 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 def load_weights(model: torch.nn.Module, raw_model: torch.nn.Module, path: Any) -> None:
     """Trainable weights from a checkpoint into a (possibly FSDP-sharded) model; every rank reads the file."""
-    from runners.checkpointing import load_trainable_weights, read_weights
-
     if not _is_fsdp(model):
         load_trainable_weights(raw_model, path)
         return
+    # torch.distributed FSDP/DTensor/DCP: ~2 s to import, only for sharded runs
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     set_model_state_dict(model, read_weights(path), options=StateDictOptions(full_state_dict=True, strict=False))

@@ -119,7 +119,7 @@ class BaseTask:
         arch = model_cfg.get("arch")
         if not arch:
             raise KeyError("model.arch is missing: the model section must name a registered architecture")
-        from models.zoo import check_weight_sources
+        from models.zoo import check_weight_sources  # models (transformers: seconds) loads with the first model
 
         # every weight source resolved before anything is built: offline, all missing ones in one message at once
         check_weight_sources(arch, model_cfg, label=f"{arch}/{model_cfg.get('model_type', 'custom')}")

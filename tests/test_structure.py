@@ -145,6 +145,49 @@ def test_top_packages_import_in_a_fresh_process():
     assert done.returncode == 0, done.stderr
 
 
+LAZY_IMPORT_PACKAGES = ("common", "registry", "models", "processors", "datasets", "tasks", "runners")
+
+
+def function_local_imports(path: Path) -> list[tuple[int, bool]]:
+    """(line, says why) of each import inside a function of ``path``. An import says why with a comment on its
+    line, on the line above, or on another line of the run of imports it belongs to."""
+    text = path.read_text(encoding="utf-8")
+    commented = {tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(text).readline)
+                 if tok.type == tokenize.COMMENT and re.search("[a-z]", re.sub(r"noqa(:[ \w,]*)?", "", tok.string))}
+    found = {}
+    for fn in ast.walk(ast.parse(text)):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for body in (n.body for n in ast.walk(fn) if hasattr(n, "body") and isinstance(n.body, list)):
+            run: list[ast.stmt] = []
+            for stmt in body + [None]:
+                if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+                    run.append(stmt)
+                    continue
+                if run:
+                    lines = set(range(run[0].lineno - 1, run[-1].end_lineno + 1))
+                    for imp in run:
+                        found[imp.lineno] = bool(lines & commented)
+                run = []
+    return sorted(found.items())
+
+
+def test_function_local_imports_say_why():
+    """A function-local import defers a heavy or optional dependency (or a lazy registration) and says which;
+    one that defers nothing belongs at the top of the module."""
+    bare = [f"{path.relative_to(ROOT)}:{line}" for top in LAZY_IMPORT_PACKAGES
+            for path in sorted((ROOT / top).rglob("*.py")) for line, says_why in function_local_imports(path)
+            if not says_why]
+    assert bare == [], "function-local imports without a comment naming what they defer:\n" + "\n".join(bare)
+
+
+def test_function_local_import_check_sees_a_bare_import(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("def f():\n    import json  # noqa: PLC0415\n    return json\n\n\ndef g():\n"
+                    "    import decord  # optional (video extra)\n    import numpy\n    return decord, numpy\n")
+    assert function_local_imports(path) == [(2, False), (7, True), (8, True)]
+
+
 SMALL_HELPERS = {
     "rank / world-size query": r"^def (get_rank|get_world_size|is_dist\w*|dist_ready)\(",
     "cache-root rule": r"BLIP2_CACHE_ROOT\"?,\s*\"~|^DEFAULT_CACHE_ROOT\s*=",

@@ -14,7 +14,9 @@ import re
 from pathlib import Path
 from typing import Callable, Mapping
 
+import huggingface_hub
 import torch
+from safetensors import safe_open
 from torch import Tensor
 
 from common.paths import hub_offline
@@ -47,12 +49,10 @@ def resolve_source(source: str | os.PathLike) -> Path:
         torch.hub.download_url_to_file(text, str(target), progress=True)  # writes a temp file, then renames
         return target
     if HUB_ID.match(text) and not text.endswith((".pth", ".pt", ".bin", ".safetensors", ".json")):
-        from huggingface_hub import snapshot_download  # deferred: only hub ids need it
-
         repo_id, _, revision = text.partition("@")
         try:
             return Path(
-                snapshot_download(
+                huggingface_hub.snapshot_download(
                     repo_id,
                     revision=revision or None,
                     allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"],
@@ -95,8 +95,6 @@ def torch_file_state(path: Path) -> Mapping[str, Tensor]:
 def load_file(path: Path, select: Callable[[str], bool] | None = None) -> StateDict:
     """One weight file; ``select(name)`` keeps a subset without reading the rest (safetensors / mmap)."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open  # deferred: only .safetensors files need it
-
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             return {k: handle.get_tensor(k) for k in handle.keys() if select is None or select(k)}
     return {k: v for k, v in torch_file_state(path).items() if select is None or select(k)}
@@ -105,8 +103,6 @@ def load_file(path: Path, select: Callable[[str], bool] | None = None) -> StateD
 def file_keys(path: Path) -> list[str]:
     """Tensor names of one weight file, without reading the tensors."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open  # deferred: only .safetensors files need it
-
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             return list(handle.keys())
     return list(torch_file_state(path))

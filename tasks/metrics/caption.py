@@ -26,6 +26,7 @@ _SPICE_WARNED = False
 
 def _import_pycocoevalcap():
     try:
+        # pycocoevalcap: loaded when scoring; `import tasks` loads no metric library
         import pycocoevalcap  # noqa: F401, PLC0415
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer  # noqa: PLC0415
     except ImportError as err:
@@ -38,6 +39,7 @@ def _import_pycocoevalcap():
 def spice_available() -> bool:
     """True when SPICE can run offline: its jar and the Stanford CoreNLP jars it needs are present."""
     try:
+        # pycocoevalcap: loaded when scoring; `import tasks` loads no metric library
         import pycocoevalcap.spice as spice_pkg  # noqa: PLC0415
     except ImportError:
         return False
@@ -99,6 +101,7 @@ def caption_scores(
 
 
 def _run_scorers(gts: dict, res: dict, wanted: list[str]) -> dict[str, float]:
+    # pycocoevalcap: loaded when scoring; `import tasks` loads no metric library
     from pycocoevalcap.bleu.bleu import Bleu  # noqa: PLC0415
     from pycocoevalcap.cider.cider import Cider  # noqa: PLC0415
     from pycocoevalcap.meteor.meteor import Meteor  # noqa: PLC0415
@@ -119,6 +122,7 @@ def _run_scorers(gts: dict, res: dict, wanted: list[str]) -> dict[str, float]:
     if "CIDEr" in wanted:
         out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
     if "SPICE" in wanted:
+        # pycocoevalcap: loaded when scoring; `import tasks` loads no metric library
         from pycocoevalcap.spice.spice import Spice  # noqa: PLC0415
 
         out["SPICE"] = float(Spice().compute_score(gts, res)[0])
