@@ -7,6 +7,8 @@ only prints the img2dataset recipe). ``DIR`` is the cache root (the builders' ``
 default ``$BLIP2_CACHE_ROOT`` or ``~/.cache/blip2``). Annotation URLs and storage paths are read
 from the builders' default YAMLs, so the download and the builders can never disagree. Existing
 files are kept (re-running resumes). ``--dry-run`` prints the plan without touching the network.
+Files arrive through ``torch.hub.download_url_to_file`` (atomic rename; it checks a sha256 prefix, but the dataset
+YAMLs, like LAVIS's, carry none); only archive extraction is hand-written (see ``extract``).
 """
 from __future__ import annotations
 
