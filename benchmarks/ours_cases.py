@@ -72,7 +72,7 @@ def setup(case: str, ckpt: str, dims: dict, precision: str, work_dir: str | None
 
         return generate
     if case.startswith("f_"):
-        model = _load(ckpt, precision, is_eval=True)
+        model = _load(ckpt, precision, is_eval=True, tokenizer=ckpt)  # the checkpoint's tokenizer, as HF and LAVIS read
         mode = case[2:]
         samples = {"image": _images(batch, size, seed=2), "text_input": captions(batch, seed=2)}
         if mode == "text":
@@ -94,7 +94,7 @@ def _retrieval(ckpt: str, dims: dict, precision: str) -> Callable:
     """(g) through the retrieval task's own code path: ITC matrix, top-k ITM re-rank, both directions."""
     from tasks.retrieval import encode_texts, itc_similarity, rerank_scores
 
-    model = _load(ckpt, precision, is_eval=True)
+    model = _load(ckpt, precision, is_eval=True, tokenizer=ckpt)
     n_img, n_txt, k = dims["retrieval_images"], dims["retrieval_texts"], dims["k_test"]
     images = _images(n_img, dims["image_size"], seed=3)
     texts = captions(n_txt, seed=3)

@@ -156,7 +156,9 @@ def _prepare_checkpoints(config: str, kinds: set[str], root: Path) -> dict:
         path = build_checkpoint(kind, config, root)
         tok_kind = {"retrieval": "bert"}.get(kind, kind)
         vocab = dims["qformer"]["vocab_size"] if kind == "retrieval" else dims[kind]["vocab_size"]
-        if not (path / "tokenizer_config.json").exists():
+        vocab_txt = path / "vocab.txt"  # an older run's bert vocabulary was not filled up to the model's
+        stale = tok_kind == "bert" and (not vocab_txt.exists() or len(vocab_txt.read_text().splitlines()) != vocab - 1)
+        if stale or not (path / "tokenizer_config.json").exists():
             save_word_tokenizer(path, vocab, tok_kind)
         paths[kind] = str(path)
     return paths

@@ -35,16 +35,20 @@ def captions(n: int, seed: int = 0, min_words: int = 8, max_words: int = 28) -> 
 def save_word_tokenizer(out_dir: str | Path, vocab_size: int, kind: str) -> None:
     """Write a word-level tokenizer whose vocabulary fits `vocab_size` (kind: opt | t5 | bert)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import BertTokenizerFast, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
+
+    from models.qformer_init import init_tokenizer
 
     words = [f"w{i}" for i in range(900)]
     if kind == "bert":
+        # filled up to the checkpoint's vocabulary (with [DEC] added last, as BLIP-2's tokenizer has it), so our
+        # Q-Former can read this tokenizer too and every framework encodes the captions into the same ids
         vocab_file = Path(out_dir) / "vocab.txt"
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        vocab_file.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
-        tok = BertTokenizerFast(vocab_file=str(vocab_file))
-        tok.add_special_tokens({"bos_token": "[DEC]"})
-        tok.save_pretrained(out_dir)
+        entries = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
+        entries += [f"[unused{i}]" for i in range(vocab_size - 1 - len(entries))]
+        vocab_file.write_text("\n".join(entries) + "\n")
+        init_tokenizer(str(vocab_file)).save_pretrained(out_dir)  # BLIP-2's Q-Former tokenizer class, + [DEC]
         return
     specials = {"opt": ["<unk>", "<pad>", "</s>"], "t5": ["<pad>", "</s>", "<unk>"]}[kind]
     vocab = {t: i for i, t in enumerate(specials + words + ["\n"])}

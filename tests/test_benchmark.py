@@ -50,3 +50,21 @@ def test_retrieval_flops_match_the_written_out_count():
     assert pieces == {"kv": kv, "pass": expected_pass}
     pairs = (TINY["retrieval_images"] + TINY["retrieval_texts"]) * TINY["k_test"]
     assert lavis_method_flops(TINY) == pytest.approx(pairs * (kv + expected_pass) / 1e9)
+
+
+def test_benchmark_bert_tokenizer_encodes_words_like_our_qformer_reads_it(tmp_path):
+    """The retrieval checkpoint's tokenizer knows the caption words (no [UNK]) and holds the checkpoint's 30523 tokens,
+    so our Q-Former, transformers and LAVIS all read it and encode the benchmark's captions into the same ids."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.text import captions, save_word_tokenizer
+    from models.qformer_init import init_tokenizer
+
+    save_word_tokenizer(tmp_path, 30523, "bert")
+    theirs, ours = AutoTokenizer.from_pretrained(tmp_path), init_tokenizer(str(tmp_path))
+    texts = captions(3, seed=2)
+    ids = theirs(texts, padding="longest").input_ids
+    assert ours(texts, padding="longest").input_ids == ids
+    assert len(ours) == len(theirs) == 30523 and ours.bos_token_id == 30522  # [DEC] last, as in BLIP-2
+    words = texts[0].split()
+    assert ids[0][: len(words) + 2] == [2] + [5 + int(w[1:]) for w in words] + [3]  # [CLS] w<n> ... [SEP]
