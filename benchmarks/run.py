@@ -2,6 +2,7 @@
 
     python -m benchmarks.run                      # BENCH config, ours + transformers, fp32 + bf16
     python -m benchmarks.run --config tiny --repeats 1 --frameworks ours
+    python -m benchmarks.run --cases f --frameworks ours,lavis --lavis-python /path/to/lavis-venv/bin/python
 
 Every case runs in its own child process (so peak RSS is per case): 1 warm-up, then the median of
 `--repeats` timed calls, then one more call under `FlopCounterMode` for achieved GFLOP/s. The
@@ -36,6 +37,7 @@ CASES = {
 }
 HF_CASES = {"b", "c", "d", "e", "f_image", "f_text", "f_itm", "g"}
 OURS_CASES = set(CASES) - {"f_itm"}
+LAVIS_CASES = {"f_image", "f_text", "f_multimodal"}  # released LAVIS 1.0.2 in its own venv (benchmarks/lavis_cases.py)
 
 
 def _checkpoint_kind(case: str) -> str | None:
@@ -60,6 +62,10 @@ def _setup(spec: dict):
         if case in ("f_image", "f_text"):
             return impl.setup_features(case[2:], ckpt, dims, precision)
         return impl.setup_retrieval(ckpt, dims, precision)
+    if spec["framework"] == "lavis":
+        from benchmarks import lavis_cases
+
+        return lavis_cases.setup(case, ckpt, dims, precision)
     from benchmarks import ours_cases as impl
 
     return impl.setup(case, ckpt, dims, precision, spec.get("work_dir"))
@@ -135,9 +141,12 @@ def _matmul_peak(threads: int, device: str = "cpu") -> dict:
 
 
 # ---------------------------------------------------------------------------------- parent side
-def _run_child(spec: dict, timeout: float) -> dict:
+def _run_child(spec: dict, timeout: float, python: str | None = None) -> dict:
+    """Run one case in a child process: this interpreter, or ``python`` (LAVIS's venv) with this repository on its path."""
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--child", json.dumps(spec)],
+    if python is not None:
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    proc = subprocess.run([python or sys.executable, "-m", "benchmarks.run", "--child", json.dumps(spec)],
                           capture_output=True, text=True, env=env, timeout=timeout)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -197,7 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", "--case", default="a,b,c,d,e,f_image,f_text,f_multimodal,f_itm,g",
                         help=f"comma-separated subset of {','.join(CASES)}; a letter alone (e.g. `--case f`) "
                              "means every case starting with it")
-    parser.add_argument("--frameworks", default="ours,hf", help="ours, hf or both (comma-separated)")
+    parser.add_argument("--frameworks", default="ours,hf",
+                        help="ours, hf, lavis (comma-separated); lavis: f_* cases in fp32, needs --lavis-python")
+    parser.add_argument("--lavis-python", default=os.environ.get("BLIP2_LAVIS_PYTHON"),
+                        help="interpreter of a venv holding salesforce-lavis 1.0.2 (default $BLIP2_LAVIS_PYTHON); "
+                             "without one the lavis framework is skipped with a message (docs/benchmarks.md)")
     parser.add_argument("--precisions", default="fp32,bf16",
                         help="fp32, bf16 (comma-separated); int8 / int8_dynamic: ours only, generation cases, frozen LLM quantised")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per case (median reported)")
@@ -223,6 +236,15 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown case(s) {unknown}; valid: {', '.join(CASES)}")
     frameworks = [f.strip() for f in args.frameworks.split(",")]
+    unknown = sorted(set(frameworks) - {"ours", "hf", "lavis"})
+    if unknown:
+        parser.error(f"unknown framework(s) {unknown}; valid: ours, hf, lavis")
+    if "lavis" in frameworks and not (args.lavis_python and Path(args.lavis_python).is_file()):
+        print(f"LAVIS skipped: no LAVIS interpreter ({args.lavis_python or 'set --lavis-python or $BLIP2_LAVIS_PYTHON'}"
+              f"{' does not exist' if args.lavis_python else ''}); see docs/benchmarks.md to set one up", flush=True)
+        frameworks.remove("lavis")
+        if not frameworks:
+            return 0
     precisions = [p.strip() for p in args.precisions.split(",")]
     work_dir = Path(args.work_dir or Path(tempfile.gettempdir()) / "blip2_bench")
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -255,13 +277,15 @@ def main(argv: list[str] | None = None) -> int:
             for fw in frameworks:
                 if (fw == "hf" and case not in HF_CASES) or (fw == "ours" and case not in OURS_CASES):
                     continue
+                if fw == "lavis" and (case not in LAVIS_CASES or precision != "fp32"):
+                    continue
                 if precision.startswith("int8") and (fw == "hf" or case not in ("d", "e")):
                     continue  # int8: our frozen LLM quantised weight-only, measured on generation
                 spec = {"case": case, "framework": fw, "precision": precision, "config": args.config,
                         "ckpt": ckpts[_checkpoint_kind(case)], "repeats": args.repeats, "threads": args.threads,
                         "count_flops": not args.no_flops and not case.startswith("h_"), "device": args.device,
                         "work_dir": str(work_dir / f"{args.config}_cache")}
-                row[fw] = _run_child(spec, args.timeout)
+                row[fw] = _run_child(spec, args.timeout, args.lavis_python if fw == "lavis" else None)
                 res = row[fw]
                 if res.get("median_s"):
                     per_call = dims_by_config[args.config]["gen_batch" if case in ("d", "e") else "batch"]
@@ -279,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                 hf = next((r.get("hf", {}) for r in rows if r["case"] == case and r["precision"] == "fp32"), {})
             if "median_s" in ours and "median_s" in hf:
                 row["ratio_ours_over_hf"] = ours["median_s"] / hf["median_s"]
+            if "median_s" in ours and "median_s" in row.get("lavis", {}):
+                row["ratio_ours_over_lavis"] = ours["median_s"] / row["lavis"]["median_s"]
             rows.append(row)
             save()  # after every row: a run stopped by a time limit keeps what it measured
 
@@ -290,10 +316,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{_fmt(o.get('peak_rss_gb')):>9}{_fmt(o.get('gflops_per_s'), '{:.0f}'):>9}"
               f"{_fmt(o.get('share_of_peak') and 100 * o['share_of_peak'], '{:.0f}'):>7}"
               f"{_fmt(h.get('median_s'), '{:.3f}'):>9}{_fmt(h.get('peak_rss_gb')):>8}"
-              f"{_fmt(row.get('ratio_ours_over_hf'), '{:.2f}x'):>9}")
+              f"{_fmt(row.get('ratio_ours_over_hf'), '{:.2f}x'):>9}"
+              + (f"   LAVIS {row['lavis']['median_s']:.3f} s, ours/LAVIS {row['ratio_ours_over_lavis']:.2f}x"
+                 if "ratio_ours_over_lavis" in row else ""))
     save()
     print(f"\nwrote {args.out} ({time.time() - started:.0f} s)")
-    return 0 if all("error" not in r.get(fw, {}) for r in rows for fw in ("ours", "hf")) else 1
+    return 0 if all("error" not in r.get(fw, {}) for r in rows for fw in ("ours", "hf", "lavis")) else 1
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """The benchmark harness runs end to end on the tiny configuration (ours and transformers side by side)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,3 +70,54 @@ def test_benchmark_bert_tokenizer_encodes_words_like_our_qformer_reads_it(tmp_pa
     assert len(ours) == len(theirs) == 30523 and ours.bos_token_id == 30522  # [DEC] last, as in BLIP-2
     words = texts[0].split()
     assert ids[0][: len(words) + 2] == [2] + [5 + int(w[1:]) for w in words] + [3]  # [CLS] w<n> ... [SEP]
+
+
+def test_benchmark_skips_lavis_without_its_interpreter(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--config", "tiny", "--frameworks", "lavis", "--case", "f_text",
+         "--lavis-python", str(tmp_path / "missing" / "python"), "--out", str(tmp_path / "bench.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "LAVIS skipped" in proc.stdout and "does not exist" in proc.stdout
+
+
+LAVIS_PYTHON = os.environ.get("BLIP2_LAVIS_PYTHON")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (LAVIS_PYTHON and Path(LAVIS_PYTHON).is_file()),
+                    reason="set BLIP2_LAVIS_PYTHON to a venv with salesforce-lavis 1.0.2 (docs/benchmarks.md)")
+def test_lavis_case_computes_our_features_on_shared_weights(tmp_path):
+    """The benchmark's LAVIS model is the released Blip2Qformer doing our work: with our weights loaded (same key
+    names) and the same captions and images, its extract_features equals ours in all three modes (fp32, 1e-5)."""
+    from benchmarks.bench_config import TINY
+    from benchmarks.ours_cases import _load
+    from benchmarks.run import _prepare_checkpoints
+    from benchmarks.text import captions, images
+
+    ckpt = _prepare_checkpoints("tiny", {"retrieval"}, tmp_path)["retrieval"]
+    model = _load(ckpt, "fp32", is_eval=True, tokenizer=ckpt)
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    script = (
+        "import sys, torch\n"
+        "from benchmarks.bench_config import TINY\n"
+        "from benchmarks.lavis_cases import build_blip2_qformer\n"
+        "from benchmarks.text import captions, images\n"
+        "model = build_blip2_qformer(sys.argv[1], TINY)\n"
+        "model.load_state_dict(torch.load(sys.argv[2], weights_only=True), strict=True)\n"
+        "samples = {'image': images(2, TINY['image_size'], seed=2), 'text_input': captions(2, seed=2)}\n"
+        "out = {m: model.extract_features(samples, mode=m) for m in ('image', 'text', 'multimodal')}\n"
+        "torch.save({'image': out['image'].image_embeds_proj, 'text': out['text'].text_embeds_proj,\n"
+        "            'multimodal': out['multimodal'].multimodal_embeds}, sys.argv[3])\n"
+    )
+    proc = subprocess.run([LAVIS_PYTHON, "-c", script, ckpt, str(tmp_path / "weights.pt"), str(tmp_path / "lavis.pt")],
+                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lavis = torch.load(tmp_path / "lavis.pt", weights_only=True)
+    samples = {"image": images(2, TINY["image_size"], seed=2), "text_input": captions(2, seed=2)}
+    ours = {m: model.extract_features(samples, mode=m) for m in ("image", "text", "multimodal")}
+    torch.testing.assert_close(ours["image"].image_embeds_proj, lavis["image"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours["text"].text_embeds_proj, lavis["text"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours["multimodal"].multimodal_embeds, lavis["multimodal"], atol=1e-5, rtol=1e-5)
