@@ -10,8 +10,9 @@
 - ``load_in_8bit`` / ``load_in_4bit`` - bitsandbytes on CUDA (``transformers``' ``BitsAndBytesConfig``), when both
   are present; elsewhere a clear error naming the CPU options above.
 
-Embeddings (and an output projection tied to them) stay in their dtype: the soft prompt enters through
-``inputs_embeds`` and tied weights must stay one tensor.
+Embeddings stay in their dtype: the soft prompt enters through ``inputs_embeds``. With ``int8`` an output projection
+tied to them stays too (tied weights must stay one tensor, and a frozen int8 LLM still passes gradients);
+``int8_dynamic`` is inference only, so there a tied output projection gets its own quantised copy.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.ao.quantization import quantize_dynamic
+
+from models.lm_weights import untie_lm_head
 
 METHODS = ("int8", "int8_dynamic")
 
@@ -87,6 +90,13 @@ def quantize_linear_layers(model: nn.Module, method: str) -> int:
             raise ValueError("llm_kwargs.quantization=int8_dynamic runs on CPU only; use int8 on other devices")
 
         names = {name for name, _ in targets}
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if type(head) is nn.Linear and id(head.weight) in tied:
+            # inference only (no backward through these layers), so the tie can go: the output projection gets its
+            # own copy, quantised like every other linear layer (in OPT-125m a third of the weights each decoding
+            # step reads), and the input embeddings stay as they are for the soft prompt
+            untie_lm_head(model)
+            names.add(next(name for name, module in model.named_modules() if module is head))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao's deprecation notice; the API is what this method names
             quantize_dynamic(model, qconfig_spec=names, dtype=torch.qint8, inplace=True)

@@ -10,7 +10,8 @@ import registry
 from models.quantize import Int8WeightOnlyLinear
 
 # Relative logit error ||int8 - fp32|| / ||fp32|| of the tiny LLMs on random soft prompts (measured: weight-only int8
-# 1.1% (OPT) and 1.7% (T5); dynamic int8, which also rounds activations, 3.3% and 5.5%).
+# 1.2% (OPT) and 2.0% (T5); dynamic int8, which also rounds activations and quantises OPT's output projection, 3.8%
+# and 5.0%).
 TOLERANCE = {"int8": 0.03, "int8_dynamic": 0.08}
 
 
@@ -37,8 +38,13 @@ def test_int8_llm_logits_close_to_fp32_and_generates(kind, name, method):
     ref = registry.llms.get(kind)(name, precision="fp32")
     quant = registry.llms.get(kind)(name, precision="fp32", quantization=method)
     linears = [m for m in quant.model.modules() if type(m) is nn.Linear]
-    tied = quant.model.get_output_embeddings() if kind == "opt" else None
+    tied = quant.model.get_output_embeddings() if kind == "opt" and method == "int8" else None
     assert linears == ([tied] if tied is not None else [])  # every other linear layer was replaced
+    embed = quant.model.get_input_embeddings().weight
+    assert embed.dtype == torch.float32 and torch.equal(embed, ref.model.get_input_embeddings().weight)
+    if kind == "opt":  # int8 keeps OPT's tied output projection; int8_dynamic (inference only) quantises a copy
+        head = quant.model.get_output_embeddings()
+        assert (head.weight is embed) == (method == "int8")
     torch.manual_seed(1)
     embeds = torch.randn(3, 7, ref.hidden_size) * 0.5
     mask = torch.ones(3, 7, dtype=torch.long)
