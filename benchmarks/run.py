@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                       + (f"ERROR {msg}" if msg else f"{res['median_s']:.3f} s  peak RSS {res['peak_rss_gb']:.2f} GB"
                          f"{gpu}  {_fmt(res.get('gflops_per_s'), '{:.0f}')} GFLOP/s"), flush=True)
             ours, hf = row.get("ours", {}), row.get("hf", {})
-            if precision == "int8":  # the int8 target is against transformers' fp32 time in the same run
+            if precision.startswith("int8"):  # the int8 targets are against transformers' fp32 time in the same run
                 hf = next((r.get("hf", {}) for r in rows if r["case"] == case and r["precision"] == "fp32"), {})
             if "median_s" in ours and "median_s" in hf:
                 row["ratio_ours_over_hf"] = ours["median_s"] / hf["median_s"]
