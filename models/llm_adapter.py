@@ -412,6 +412,43 @@ class FrozenLLM(nn.Module):
         cache.batch_repeat_interleave(copies)
         return {name: cache}
 
+    @torch.no_grad()
+    def prefix_state(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Decoder-only: (log p(next token | prefix) [B, V] in fp32, the prefix's KV cache) for ``embeds`` [B, L, H]."""
+        self._cpu_safe()
+        extra = {"logits_to_keep": 1} if self._selects_logit_rows else {}
+        with self._autocast():
+            out = self.model(inputs_embeds=self._cast(embeds), attention_mask=attention_mask, use_cache=True, **extra)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        return out.logits[:, -1].float().log_softmax(-1), cache
+
+    @torch.no_grad()
+    def continuation_nll(self, first_log_probs: torch.Tensor, cache: Any, prefix_mask: torch.Tensor,
+                         targets: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed NLL [k], token count [k]) of each token row of ``targets`` after one unpadded prefix, from
+        ``prefix_state`` of that prefix ([1, V] log-probs, its cache, ``prefix_mask`` [1, L]). Each row runs only
+        through its own tokens against the shared cache (consumed: repeated to k rows and extended), the same
+        numbers as running [prefix; row] in full. Rows are right-padded; padding is neither attended nor scored."""
+        k, width = len(targets), max(len(t) for t in targets)
+        ids = torch.full((k, width), self.pad_token_id, dtype=torch.long, device=first_log_probs.device)
+        mask = torch.zeros((k, width), dtype=torch.bool, device=first_log_probs.device)
+        for row, t in enumerate(targets):
+            ids[row, : len(t)] = torch.tensor(t, device=ids.device)
+            mask[row, : len(t)] = True
+        nll = -first_log_probs[0, ids[:, 0]]  # [k]: the prefix's last position predicts each row's first token
+        if width > 1:
+            length = prefix_mask.shape[1]
+            cache.batch_repeat_interleave(k)
+            attention = torch.cat([prefix_mask.expand(k, -1), mask[:, :-1].to(prefix_mask.dtype)], dim=1)
+            positions = torch.arange(length, length + width - 1, device=ids.device).expand(k, -1)
+            cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+            with self._autocast():
+                out = self.model(inputs_embeds=self._cast(self.embed_tokens(ids[:, :-1])), attention_mask=attention,
+                                 position_ids=positions, use_cache=True, **{cache_arg: cache})
+            picked = out.logits.float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]  # [k, width - 1]
+            nll = nll - (picked * mask[:, 1:]).sum(1)
+        return nll, mask.sum(1)
+
     def decode(self, ids: torch.Tensor) -> list[str]:
         """Token ids -> stripped strings (special tokens removed)."""
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]

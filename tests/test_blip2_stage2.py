@@ -244,6 +244,24 @@ def test_predict_answers_generate_and_rank_consistency(cls, opt_model, t5_model)
         model.predict_answers(samples, prompt="Answer:")
 
 
+def test_rank_shared_prefix_scores_equal_full_forwards(opt_model):
+    """Decoder-only ranking runs [soft prompt; prompt] once and the candidates against its KV cache: each candidate's
+    summed NLL and token count equal those of the full [soft; prompt; candidate] forward (fp32, 1e-4)."""
+    model = opt_model
+    samples = {"image": images(1), "text_input": ["what color is it?"]}
+    candidates = ["red", "a red circle", "two blue squares here", "yes"]  # 1 to 4 words: right padding is used
+    with torch.no_grad():
+        soft = model.soft_prompt(samples)
+        prompt = QUESTION_PROMPT.format(samples["text_input"][0])
+        full = model.llm(**model.lm_inputs(soft.expand(len(candidates), -1, -1), [prompt] * len(candidates),
+                                           candidates), return_logits=False)
+        embeds, atts = model.generation_inputs(soft, [prompt])
+        first, cache = model.llm.prefix_state(embeds, atts)
+        nll, count = model.llm.continuation_nll(first, cache, atts, model.target_ids(prompt, candidates))
+    assert count.tolist() == full.num_tokens.tolist()
+    torch.testing.assert_close(nll, full.nll, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("cls", [Blip2OPT, Blip2T5])
 def test_rank_picks_planted_answer(cls):
     """Teach each image its answer; ranking must then pick it among distractors (generate too)."""

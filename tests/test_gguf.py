@@ -148,6 +148,26 @@ def test_gguf_through_the_opt_adapter_keeps_its_behaviour(tiny_gguf):
     assert type(llm.model).__name__ == "LlamaForCausalLM" and llm.stop_at_newline
 
 
+def test_shared_prefix_scoring_matches_full_forwards_on_llama(tiny_gguf):
+    """``prefix_state`` + ``continuation_nll`` (the KV cache of a prefix shared by right-padded candidate rows, with
+    explicit positions) give a Llama the summed NLL of full [prefix; candidate] forwards (fp32, 1e-4)."""
+    path, _ = tiny_gguf
+    llm = HFCausalLM(str(path), precision="fp32")
+    torch.manual_seed(0)
+    prefix = torch.randn(1, 6, 64)
+    targets = [[5, 9], [7], [3, 4, 8, 2]]
+    with torch.no_grad():
+        first, cache = llm.prefix_state(prefix, torch.ones(1, 6, dtype=torch.long))
+        nll, count = llm.continuation_nll(first, cache, torch.ones(1, 6, dtype=torch.long), targets)
+        for row, t in enumerate(targets):
+            ids = torch.tensor([t])
+            embeds = torch.cat([prefix, llm.embed_tokens(ids)], dim=1)
+            labels = torch.cat([torch.full((1, 6), -100), ids], dim=1)
+            out = llm(embeds, torch.ones(1, embeds.shape[1], dtype=torch.long), labels=labels, return_logits=False)
+            torch.testing.assert_close(nll[row], out.nll[0], rtol=1e-4, atol=1e-4)
+            assert int(count[row]) == len(t)
+
+
 def test_package_asset_names(tmp_path):
     root = package_path("gguf")
     assert os.path.isdir(root) and resolve_asset("package:gguf") == root
