@@ -66,7 +66,8 @@ class VQADataset(BaseDataset):
 
 
 class VQAEvalDataset(BaseDataset):
-    """Eval VQA samples ``{"image", "text_input", "question_id", "instance_id"}`` (+ answers if given).
+    """Eval VQA samples ``{"image", "text_input", "question_id", "instance_id"}`` (+ answers if given, + ``choices``
+    when a record lists its own candidate answers).
 
     ``answer_list`` (list[str] or None), ``coco_question_file`` and ``coco_annotation_file``
     (paths or None) are set by the builder from the config.
@@ -101,6 +102,8 @@ class VQAEvalDataset(BaseDataset):
         if self.fields["answer"] in ann:
             answers, weights = answer_weights(self.get(ann, "answer"))
             sample.update(answers=answers, weights=weights, n_answers=len(answers))
+        if "choices" in ann:  # a multiple-choice question (A-OKVQA's layout): rank answers among its own choices
+            sample["choices"] = [str(c) for c in ann["choices"]]
         return sample
 
 

@@ -130,12 +130,17 @@ class VQATask(BaseTask):
 
     def valid_step(self, model: torch.nn.Module, samples: dict) -> list[dict]:
         answer_list = self.answer_list()
-        if self.inference.get("inference_method") == "rank" and not answer_list:
-            raise ValueError(
-                "vqa: run.inference_method='rank' needs candidate answers: the eval dataset has no "
-                "answer_list; set run.answer_list to a JSON list of answers or use 'generate'"
-            )
-        answers = call_with_supported_kwargs(model.predict_answers, samples, answer_list=answer_list, **self.inference)
+        ranking = self.inference.get("inference_method") == "rank"
+        if ranking and samples.get("choices") is not None:
+            answers = self.rank_among_choices(model, samples)
+        else:
+            if ranking and not answer_list:
+                raise ValueError(
+                    "vqa: run.inference_method='rank' needs candidate answers: the eval dataset has no "
+                    "answer_list; set run.answer_list to a JSON list of answers or use 'generate'"
+                )
+            answers = call_with_supported_kwargs(model.predict_answers, samples, answer_list=answer_list,
+                                                 **self.inference)
         if self.lemmatizer is not None:
             answers = self.lemmatizer(answers)
         if self.sample_id_key not in samples:
@@ -148,6 +153,21 @@ class VQATask(BaseTask):
             for rec, gold in zip(records, samples["answers"]):
                 rec["gt_answers"] = list(gold)
         return records
+
+    def rank_among_choices(self, model: torch.nn.Module, samples: dict) -> list[str]:
+        """Multiple choice: each question ranked among its own ``choices`` (all of them re-scored), one
+        ``predict_answers`` call per distinct choice list in the batch."""
+        choices = [tuple(c) for c in samples["choices"]]
+        batch = len(choices)
+        answers: list[str | None] = [None] * batch
+        for group in dict.fromkeys(choices):
+            rows = [i for i, c in enumerate(choices) if c == group]
+            part = {k: _take(v, rows, batch) for k, v in samples.items()}
+            options = {**self.inference, "num_ans_candidates": len(group)}
+            for i, answer in zip(rows, call_with_supported_kwargs(model.predict_answers, part,
+                                                                  answer_list=list(group), **options)):
+                answers[i] = answer
+        return answers
 
     # -- scoring --------------------------------------------------------------------------------
     def annotation_file(self, split: str) -> str | None:
@@ -206,3 +226,12 @@ class GQATask(VQATask):
             accuracy = 100.0 * hits / len(merged)
             metrics = {"agg_metrics": accuracy, "accuracy": accuracy, "num_questions": len(merged)}
         return self.finish_metrics(metrics, split, epoch)
+
+
+def _take(value: Any, rows: list[int], batch: int) -> Any:
+    """The ``rows`` of a batch entry (a tensor or list with one item per sample); other values as they are."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return value[rows]
+    if isinstance(value, list) and len(value) == batch:
+        return [value[i] for i in rows]
+    return value

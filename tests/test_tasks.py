@@ -304,6 +304,31 @@ def test_vqa_task_accuracy_per_answer_type(tmp_path: Path) -> None:
     assert [r["answer"] for r in saved] == ["Red.", "two", "a circle", "yes"]
 
 
+def test_vqa_rank_among_each_questions_choices(tmp_path: Path) -> None:
+    """Samples with ``choices`` (multiple choice): each question is ranked among its own choices, all of them
+    re-scored, one predict_answers call per distinct choice list; images and ids stay with their questions."""
+    choices = {100: ["blue", "red"], 101: ["1", "2", "3"], 102: ["square", "circle"], 103: ["yes", "no"]}
+    samples = [{**s, "image": torch.full((3, 2, 2), float(s["question_id"])), "choices": choices[s["question_id"]]}
+               for s in _vqa_dataset().samples]
+    samples[2]["choices"] = choices[100]  # two questions share a choice list: one call for both
+    run = {"output_dir": str(tmp_path), "inference_method": "rank"}
+    task = VQATask.setup_task(OmegaConf.create({"run": run}))
+    seen = []
+
+    class Recorder(FakeAnswerer):
+        def predict_answers(self, samples, **kwargs):
+            seen.append((samples["image"][:, 0, 0, 0].tolist(), kwargs["num_ans_candidates"]))
+            return super().predict_answers(samples, **kwargs)
+
+    model = Recorder()
+    results = task.evaluation(model, _loader(ListDataset(samples, answer_list=["never"]), batch_size=4))
+    assert [c["answer_list"] for c in model.calls] == [["blue", "red"], ["1", "2", "3"], ["yes", "no"]]
+    assert seen == [([100.0, 102.0], 2), ([101.0], 3), ([103.0], 2)]
+    answers = {r["question_id"]: r["answer"] for r in results}
+    # "Red." -> red; "two" shares no letter with a digit -> the first, "1"; "a circle" ties blue/red -> blue
+    assert answers == {100: "red", 101: "1", 102: "blue", 103: "yes"}
+
+
 def test_vqa_task_with_official_annotation_file_and_rank(tmp_path: Path) -> None:
     anno = {"annotations": [
         {"question_id": q, "answer_type": ANSWER_TYPES[q], "question_type": "x",
