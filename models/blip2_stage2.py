@@ -38,6 +38,8 @@ class Blip2LLMBase(Blip2Base):
     DEFAULT_LLM_TYPE: ClassVar[str] = "hf_causal_lm"
     EXPECT_ENCODER_DECODER: ClassVar[bool] = False
     DEFAULT_QFORMER: ClassVar[str] = "bert_qformer"  # registry.qformers name used when model.qformer is unset
+    #: ``predict_answers``' length penalty when the caller gives none: LAVIS's default per family (OPT 0, Flan-T5 -1)
+    ANSWER_LENGTH_PENALTY: ClassVar[float] = 0.0
     #: LAVIS key names of constructor parameters (the LLM's key is ``LLM_NAME_KEY``, added by ``config_aliases``)
     CONFIG_ALIASES: ClassVar[dict[str, str]] = {"bert": "qformer_bert", "tokenizer": "qformer_tokenizer"}
     #: read by ``weight_plan`` and by ``from_config`` (the Q-Former text weights of a stage-1 checkpoint, LoRA)
@@ -345,19 +347,21 @@ class Blip2LLMBase(Blip2Base):
         num_ans_candidates: int = 128,
         answer_list: Sequence[str] | None = None,
         prompt: str = "",
-        length_penalty: float = -1,
+        length_penalty: float | None = None,
     ) -> list[str]:
         """Answer ``samples["text_input"]`` (questions) about ``samples["image"]``.
 
         ``generate``: beam search (``num_beams``, ``max_len``/``min_len`` new tokens, ``length_penalty``).
         ``rank``: the ``num_ans_candidates`` candidates of ``answer_list`` with the most likely first token are
         re-scored by their full LM log-likelihood (end token included), normalised as beam search does
-        (``sum_logprob / num_tokens ** length_penalty``); the best one is returned.
+        (``sum_logprob / num_tokens ** length_penalty``); the best one is returned. ``length_penalty`` None: the
+        family's ``ANSWER_LENGTH_PENALTY`` (LAVIS: 0 for OPT, -1 for Flan-T5).
         """
         questions = samples["text_input"]
         questions = [questions] if isinstance(questions, str) else list(questions)
         prompts = self.format_prompts(prompt or self._question_prompt(), questions)
         soft = self.soft_prompt(samples, questions)
+        length_penalty = self.ANSWER_LENGTH_PENALTY if length_penalty is None else length_penalty
         if inference_method == "generate":
             embeds, atts = self.generation_inputs(soft, prompts)
             ids = self.llm.generate(embeds, atts, num_beams=num_beams, max_new_tokens=max_len,

@@ -33,6 +33,7 @@ class Blip2T5(Blip2LLMBase):
     LLM_NAME_KEY = "t5_model"
     DEFAULT_LLM_TYPE = "flan_t5"
     EXPECT_ENCODER_DECODER = True
+    ANSWER_LENGTH_PENALTY = -1.0
 
     #: how a caption without ``text_output`` is split (``prefix_lm_split``): ``prompt`` (the prompt prefix to the
     #: encoder) or ``random`` (paper, section 3.3: a random word boundary while training; ``prompt`` in eval)

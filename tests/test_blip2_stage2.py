@@ -244,6 +244,20 @@ def test_predict_answers_generate_and_rank_consistency(cls, opt_model, t5_model)
         model.predict_answers(samples, prompt="Answer:")
 
 
+@pytest.mark.parametrize("cls, expected", [(Blip2OPT, 0.0), (Blip2T5, -1.0)])
+def test_predict_answers_length_penalty_defaults_to_lavis(cls, expected, opt_model, t5_model, monkeypatch):
+    """Without a length_penalty, beam search gets LAVIS's per-family default (blip2_opt.py 0, blip2_t5.py -1);
+    an explicit value wins."""
+    model = opt_model if cls is Blip2OPT else t5_model
+    seen = []
+    real = model.llm.generate
+    monkeypatch.setattr(model.llm, "generate", lambda *a, **kw: seen.append(kw["length_penalty"]) or real(*a, **kw))
+    samples = {"image": images(1), "text_input": ["what color is it?"]}
+    model.predict_answers(samples, num_beams=2, max_len=2, prompt=QUESTION_PROMPT)
+    model.predict_answers(samples, num_beams=2, max_len=2, prompt=QUESTION_PROMPT, length_penalty=0.5)
+    assert seen == [expected, 0.5]
+
+
 def test_rank_shared_prefix_scores_equal_full_forwards(opt_model):
     """Decoder-only ranking runs [soft prompt; prompt] once and the candidates against its KV cache: each candidate's
     summed NLL and token count equal those of the full [soft; prompt; candidate] forward (fp32, 1e-4)."""
