@@ -68,10 +68,14 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else f"{v:.1f}" if isinstance(v, (int, float)) else str(v)
 
 
-def metric_table(metrics: dict[str, dict], chance: dict[str, float]) -> str:
-    """Text table: metric | BLIP-2 (| without stage 1) | chance."""
+def metric_table(metrics: dict[str, dict], chance: dict[str, float],
+                 reference: dict[str, Any] | None = None) -> str:
+    """Text table: metric | BLIP-2 (| without stage 1) | chance (| ``reference["label"]``: ``reference["metrics"]``,
+    e.g. the figures of an earlier run)."""
     cols = [c for c in ("blip2", "no_stage1") if c in metrics]
     head = ["metric", *({"blip2": "BLIP-2 demo", "no_stage1": "no stage 1"}[c] for c in cols), "chance"]
+    if reference:
+        head.append(reference["label"])
     rows = []
     for key, label in ROWS:
         values = [metrics[c].get(key) for c in cols]
@@ -81,7 +85,11 @@ def metric_table(metrics: dict[str, dict], chance: dict[str, float]) -> str:
         values = [None if v is None else v * scale for v in values]
         label = label + (" (x100)" if scale == 100.0 else "")
         level = chance.get(key.removeprefix("itc_").removeprefix("llm_text_"), 0.0 if scale == 100.0 else None)
-        rows.append([label, *map(_fmt, values), _fmt(level)])
+        row = [label, *map(_fmt, values), _fmt(level)]
+        if reference:
+            ref = reference["metrics"].get(key)
+            row.append(_fmt(None if ref is None else ref * scale))
+        rows.append(row)
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
     return "\n".join([line(head), "-" * (sum(widths) + 2 * len(widths) - 2), *map(line, rows)])
@@ -165,3 +173,32 @@ def examples(data_root: Path, captions: list[dict], k: int = 5) -> str:
         out.append(f"image {image_id}:\n  generated: {c['caption']}\n  reference: {refs[image_id][0]}\n"
                    f"  reference: {refs[image_id][1]}")
     return "\n".join(out)
+
+
+def instruction_grid(rows: list[dict[str, str]], path: Path, width: int = 40) -> Path:
+    """PNG like the paper's Figure 4: each image once, with every instruction given to it and the model's answer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    images = list(dict.fromkeys(r["image"] for r in rows))
+    cols = 4
+    nrows = (len(images) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 4.6 * nrows), squeeze=False)
+    for ax, image in zip(axes.flat, images):
+        ax.imshow(Image.open(image).convert("RGB").resize((160, 160)))
+        lines = []
+        for r in rows:
+            if r["image"] == image:
+                lines += _wrap(f"> {r['instruction']}", width) + _wrap(f"  {r['answer']}", width)
+        ax.set_xlabel("\n".join(lines), fontsize=7, loc="left")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in list(axes.flat)[len(images):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,5 +1,9 @@
 """``python -m projects.blip2.demo``: the BLIP-2 recipe end to end at toy scale, offline, on a CPU.
 
+Two recipes share the plumbing of ``pipeline.py``. ``--parts scratch`` (the default, below) pre-trains its own small
+frozen parts first; ``--parts pretrained`` freezes real pre-trained ones installed from PyPI wheels (ImageNet
+EfficientNet-Lite0, SmolLM2-135M-Instruct; ``pretrained.py``). With ``--parts scratch``:
+
 1. generate the synthetic ``shapes`` data set (projects/blip2/demo/shapes.py) into the cache root;
 2. pre-train the parts BLIP-2 freezes, through ``runners.train``: a small timm ConvNeXt (dense attribute
    labels) and a small OPT-style LLM (``--llm t5``: a Flan-T5-style encoder-decoder; its own byte-level BPE
@@ -24,23 +28,26 @@ depend on image or text for hundreds of steps (measurements: RESULTS.md).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from projects.blip2.demo.pipeline import Pipeline, prepare_out_dir, say, torch_threads, write_qformer_vocab
+from projects.blip2.demo.pretrained import BUDGETS as PRETRAINED_BUDGETS
+from projects.blip2.demo.pretrained import (
+    QFORMERS, PretrainedDemo, instructions_text, scratch_parts_reference, summary,
+)
 from projects.blip2.demo.report import (
     VQA_TYPES, read_result, caption_attribute_accuracies, caption_grid, examples, loss_curves, metric_table,
 )
 
-DEMO_DIR = Path(__file__).resolve().parent  # the demo's project YAMLs
-MARKER = ".blip2_demo_output"
+PARTS = ("scratch", "pretrained")
+
 
 # Steps of each training, and the data set size: full demo vs the shortened CI test (--quick). The step counts
 # trade the scores against the 10-minute budget; the runs behind them are in RESULTS.md.
@@ -59,86 +66,21 @@ BUDGETS = {
     "quick": {"encoder": 200, "lm": 150, "stage1": 100, "stage2": 60,
               "splits": {"train": 1000, "val": 20, "test": 60}},
 }
-DATASETS = ("shapes_caption", "shapes_retrieval", "shapes_vqa", "shapes_scenes", "shapes_text")
 
 
-def _say(msg: str) -> None:
-    print(msg, flush=True)
-
-
-class Demo:
-    """Runs the steps in order; every training/evaluation goes through runners.train / runners.evaluate."""
+class Demo(Pipeline):
+    """The recipe with frozen parts pre-trained here: every training/evaluation goes through runners.train /
+    runners.evaluate."""
 
     def __init__(self, out: Path, budget: dict[str, Any], seed: int, extra: Sequence[str] = (),
                  llm: str = "opt") -> None:
         if llm not in LLMS:
             raise ValueError(f"demo LLM must be one of {sorted(LLMS)}, got {llm!r}")
-        self.out, self.budget, self.seed, self.extra = out, budget, seed, list(extra)
+        super().__init__(out, budget, seed, extra)
         self.llm = LLMS[llm]
         self.frozen = out / "frozen"
-        self.runs = out / "runs"
-        self.feature_cache = out / "feature_cache"  # frozen-encoder outputs shared by stage 1 and stage 2
-        self.timings: dict[str, float] = {}
-
-    # -- plumbing ---------------------------------------------------------------------------------------------
-    def data_options(self, yaml_name: str) -> list[str]:
-        """Same generator settings for every builder (so all read one generated copy)."""
-        from omegaconf import OmegaConf
-
-        names = list(OmegaConf.load(DEMO_DIR / yaml_name).datasets.keys())
-        opts = []
-        for name in names:
-            opts += [f"datasets.{name}.generator.seed={self.seed}"]
-            opts += [f"datasets.{name}.generator.splits.{k}={v}" for k, v in self.budget["splits"].items()]
-        return opts
-
-    def _run(self, module: str, yaml_name: str, options: list[str], extra_args: list[str] = ()) -> dict:
-        from runners import evaluate, train
-
-        opts = [f"run.output_dir={self.runs}"] + self.data_options(yaml_name) + options + self.extra
-        if module == "train":
-            opts.insert(1, f"run.feature_cache_dir={self.feature_cache}")
-        argv = ["--cfg", str(DEMO_DIR / yaml_name), *extra_args, "--options", *opts]
-        return (train if module == "train" else evaluate).main(argv)
-
-    def train(self, label: str, yaml_name: str, job: str, steps: int, options: list[str]) -> Path:
-        _say(f"\n== {label} ({steps} steps) ==")
-        start = time.time()
-        self._run("train", yaml_name, [f"run.job_name={job}", f"run.max_iters={steps}",
-                                       f"run.iters_per_inner_epoch={steps}", *options])
-        self.timings[job] = time.time() - start
-        return self.runs / job
-
-    def checkpoint(self, job: str) -> Path:
-        from runners import checkpointing as ckpt
-
-        path = ckpt.latest_checkpoint(self.runs / job)
-        if path is None:
-            raise FileNotFoundError(f"training job {self.runs / job} wrote no checkpoint")
-        return path
-
-    def evaluate(self, label: str, yaml_name: str, job: str, checkpoint: Path, options: list[str]) -> dict:
-        _say(f"\n== {label} ==")
-        start = time.time()
-        results = self._run("evaluate", yaml_name, [f"run.job_name={job}", *options],
-                            ["--checkpoint", str(checkpoint)])
-        self.timings[job] = time.time() - start
-        return results["test"]
 
     # -- steps ------------------------------------------------------------------------------------------------
-    def generate_data(self) -> Path:
-        import registry
-
-        start = time.time()
-        builder = registry.builders.get("shapes_caption")
-        cfg = builder.default_config()
-        cfg.generator.seed = self.seed
-        cfg.generator.splits = dict(self.budget["splits"])
-        root = builder(cfg).ensure_generated()
-        self.timings["data"] = time.time() - start
-        _say(f"data: {root} ({self.budget['splits']})")
-        return root
-
     def train_and_export(self, label: str, yaml_name: str, job: str, steps: int, options: list[str],
                          target: Path) -> None:
         """Pre-train a part BLIP-2 will freeze, then export it to ``target`` as real weights come (timm / HF)."""
@@ -182,10 +124,6 @@ class Demo:
         opts = [f"model.vit_pretrained={self.frozen / 'image_encoder'}", f"model.tokenizer={self.qformer_vocab}"]
         return opts + ([f"model.{self.llm['model_key']}={self.frozen / 'llm'}"] if llm else [])
 
-    @property
-    def qformer_vocab(self) -> Path:
-        return self.out / "qformer_vocab.txt"
-
     def run_all(self, ablation: bool) -> dict[str, Any]:
         data_root = self.generate_data()
         write_qformer_vocab(data_root, self.qformer_vocab)
@@ -221,78 +159,40 @@ class Demo:
             m["_captions"] = captions
         metrics["blip2"].update({f"llm_text_vqa_acc{'' if k == 'overall' else '_' + k}": v
                                  for k, v in llm_text_vqa.items()})
-        shutil.rmtree(self.feature_cache, ignore_errors=True)  # ~25 kB per training image; not needed any more
+        self.drop_feature_cache()
         return {"data_root": str(data_root), "metrics": metrics}
-
-
-@contextlib.contextmanager
-def _torch_threads(count: int):
-    """Run the block with ``count`` torch threads (0: unchanged), then restore the previous count."""
-    import torch
-
-    previous = torch.get_num_threads()
-    if count:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def write_qformer_vocab(data_root: Path, path: Path) -> Path:
-    """bert-base-uncased's vocab.txt restricted to the special tokens and the tokens of the data set's text.
-
-    Every word of the templates is a whole-word entry of bert-base-uncased, so texts tokenize into the
-    same token strings as with the full vocabulary, while the Q-Former's word embeddings and ITG output
-    layer shrink from 30523 rows to about 60 (the output layer dominated a stage-1 step's cost on a CPU).
-    """
-    from models.qformer_init import bundled_bert_vocab, init_tokenizer
-
-    full = Path(bundled_bert_vocab()).read_text(encoding="utf-8").splitlines()
-    tokenizer = init_tokenizer(bundled_bert_vocab())
-    texts = []
-    for split in ("train", "val", "test"):
-        for rec in json.loads((data_root / "annotations" / f"caption_{split}.json").read_text()):
-            texts += rec["caption"] if isinstance(rec["caption"], list) else [rec["caption"]]
-        texts += [q["question"] for q in json.loads((data_root / "annotations" / f"vqa_{split}.json").read_text())]
-    used = {t for text in set(texts) for t in tokenizer.tokenize(text)}
-    keep = [t for t in full if t in used or t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(keep) + "\n", encoding="utf-8")
-    return path
-
-
-# ---------------------------------------------------------------------------------------------------------------
-def prepare_out_dir(out: Path) -> None:
-    """Create ``out``; a previous demo output there (marked) is replaced, anything else is refused."""
-    if out.exists() and any(out.iterdir()):
-        if not (out / MARKER).is_file():
-            raise FileExistsError(f"{out} exists and is not a demo output directory; choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by python -m projects.blip2.demo; removed and rewritten on the next run\n")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m projects.blip2.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="output/demo", help="output directory (replaced if it holds a demo output)")
+    parser.add_argument("--parts", choices=PARTS, default="scratch",
+                        help="frozen parts: 'scratch' pre-trains a small image encoder and LLM here (the 10-minute "
+                             "demo); 'pretrained' uses ImageNet EfficientNet-Lite0 and SmolLM2-135M-Instruct from "
+                             "their PyPI wheels (pretrained.py)")
     parser.add_argument("--ablation", action="store_true", help="also train stage 2 without stage 1 (Figure 5)")
     parser.add_argument("--quick", action="store_true", help="shortened pipeline (fewer steps, less data; for CI)")
     parser.add_argument("--seed", type=int, default=0, help="data-set generator seed")
     parser.add_argument("--llm", choices=sorted(LLMS), default="opt",
-                        help="the frozen LLM: an OPT-style decoder (blip2_opt) or a Flan-T5-style "
+                        help="--parts scratch: the frozen LLM, an OPT-style decoder (blip2_opt) or a Flan-T5-style "
                              "encoder-decoder (blip2_t5)")
+    parser.add_argument("--qformer", choices=sorted(QFORMERS), default="scratch",
+                        help="--parts pretrained: the Q-Former, 2 x 128 from scratch or all-MiniLM-L6-v2 (6 x 384)")
     parser.add_argument("--max-steps", type=int, default=0, help="cap every training at this many steps (smoke runs)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--verbose", action="store_true", help="keep the runners' INFO logs")
     parser.add_argument("--options", nargs="*", default=[], help="extra key=value options for every run")
     args = parser.parse_args(argv)
+    if args.parts == "pretrained" and args.llm != "opt":
+        parser.error("--llm chooses between the demo's own LLMs (--parts scratch); --parts pretrained uses SmolLM2")
+    if args.parts == "scratch" and args.qformer != "scratch":
+        parser.error("--qformer minilm needs --parts pretrained")
 
     if not args.verbose:
         logging.disable(logging.INFO)
     try:
-        with _torch_threads(args.threads):  # leave the process as it was (the demo also runs inside the test suite)
+        with torch_threads(args.threads):  # leave the process as it was (the demo also runs inside the test suite)
             return _run_demo(args)
     finally:
         logging.disable(logging.NOTSET)
@@ -307,10 +207,14 @@ def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out).expanduser().resolve()
     prepare_out_dir(out)
     start = time.time()
-    budget = dict(BUDGETS["quick" if args.quick else "full"])
+    budgets = PRETRAINED_BUDGETS if args.parts == "pretrained" else BUDGETS
+    budget = dict(budgets["quick" if args.quick else "full"])
     if args.max_steps:
         budget.update({k: min(v, args.max_steps) for k, v in budget.items() if isinstance(v, int)})
-    demo = Demo(out, budget, args.seed, args.options, llm=args.llm)
+    if args.parts == "pretrained":
+        demo: Pipeline = PretrainedDemo(out, budget, args.seed, args.options, qformer=args.qformer)
+    else:
+        demo = Demo(out, budget, args.seed, args.options, llm=args.llm)
     result = demo.run_all(args.ablation)
     total = time.time() - start
 
@@ -319,18 +223,29 @@ def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
     data_root = Path(result["data_root"])
     chance = chance_levels(data_root, "test")
     metrics = result["metrics"]
+    instructed = metrics.pop("instructed", None)
     captions = metrics["blip2"].pop("_captions")
     if "no_stage1" in metrics:
         metrics["no_stage1"].pop("_captions")
-    jobs = ["encoder_pretrain", "lm_pretrain", "stage1", "stage2"] + (["stage2_no_stage1"] if args.ablation else [])
+    jobs = [job for job in ("encoder_pretrain", "lm_pretrain", "stage1", "stage2", "stage2_no_stage1")
+            if (demo.runs / job).is_dir()]
     loss_curves(demo.runs, jobs, out)
     caption_grid(data_root, captions, out / "test_captions.png")
     report = {"metrics": metrics, "chance": chance, "seconds": {**demo.timings, "total": total},
-              "budget": budget, "llm": args.llm, "torch_threads": torch.get_num_threads()}
+              "budget": budget, "parts": args.parts, "llm": args.llm, "torch_threads": torch.get_num_threads()}
+    if args.parts == "pretrained":
+        report.update({"qformer": args.qformer, "instructed": instructed})
     (out / "metrics.json").write_text(json.dumps(report, indent=1))
-    _say("\n" + metric_table(metrics, chance))
-    _say("\nheld-out examples:\n" + examples(data_root, captions))
-    _say(f"\ntotal {total:.0f} s; files in {out}: metrics.json, loss_*.png, test_captions.png")
+    if args.parts == "pretrained":
+        say("\n" + summary(demo, budget, total))
+        reference = {"label": "scratch parts", "metrics": scratch_parts_reference()}
+        say("\n" + metric_table(metrics, chance, reference))
+        say("\ninstructed generation (instructed.png):\n" + instructions_text(instructed))
+    else:
+        say("\n" + metric_table(metrics, chance))
+    say("\nheld-out examples:\n" + examples(data_root, captions))
+    say(f"\ntotal {total:.0f} s; files in {out}: metrics.json, loss_*.png, test_captions.png"
+        + (", instructed.png" if args.parts == "pretrained" else ""))
     return report
 
 

