@@ -220,8 +220,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results.json", help="JSON output path")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per case")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--serve", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.serve is not None:  # benchmarks.interleaved: set up once, then one timed call per line read
+        import torch
+
+        spec = json.loads(args.serve)
+        torch.set_num_threads(spec["threads"])
+        torch.manual_seed(0)
+        step = _setup(spec)
+        step()  # warm-up
+        print("READY", flush=True)
+        for _ in sys.stdin:
+            t0 = time.perf_counter()
+            step()
+            print(f"TIME {time.perf_counter() - t0}", flush=True)
+        return 0
     if args.child is not None:
         spec = json.loads(args.child)
         result = _matmul_peak(spec["threads"], spec.get("device", "cpu")) if spec["case"] == "peak" else _child(spec)

@@ -121,3 +121,15 @@ def test_lavis_case_computes_our_features_on_shared_weights(tmp_path):
     torch.testing.assert_close(ours["image"].image_embeds_proj, lavis["image"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours["text"].text_embeds_proj, lavis["text"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours["multimodal"].multimodal_embeds, lavis["multimodal"], atol=1e-5, rtol=1e-5)
+
+
+def test_interleaved_served_child_times_one_call_per_request(tmp_path):
+    """benchmarks.interleaved's child protocol (used for LAVIS's venv): set up once, then one timed call per request."""
+    from benchmarks.interleaved import _served
+    from benchmarks.run import _prepare_checkpoints
+
+    ckpt = _prepare_checkpoints("tiny", {"retrieval"}, tmp_path)["retrieval"]
+    call = _served({"framework": "ours", "case": "f_text", "precision": "fp32", "config": "tiny", "ckpt": ckpt,
+                    "threads": 1}, sys.executable)
+    times = [call(), call()]
+    assert all(isinstance(t, float) and 0 < t < 60 for t in times)
