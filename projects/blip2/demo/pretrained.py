@@ -14,6 +14,7 @@ Figure 4 in miniature, through ``runners.inference`` as ``blip2-predict`` uses i
 """
 from __future__ import annotations
 
+import inspect
 import json
 import random
 import time
@@ -21,9 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from safetensors import safe_open
 
-from projects.blip2.demo.report import VQA_TYPES, caption_attribute_accuracies, read_result
 from projects.blip2.demo.pipeline import DEMO_DIR, Pipeline, say, write_qformer_vocab
+from projects.blip2.demo.report import VQA_TYPES, caption_attribute_accuracies, instruction_grid, read_result
 
 # Optimizer steps of each stage, and the data set size; the runs behind them are in RESULTS.md.
 BUDGETS = {
