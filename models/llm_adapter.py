@@ -388,6 +388,8 @@ class FrozenLLM(nn.Module):
             kwargs.update(top_p=top_p, temperature=temperature)
         else:  # keep sampling-only defaults of some generation configs from warning
             kwargs.update(top_p=None, temperature=None, top_k=None)
+        if num_beams == 1:  # only beam search reads it; greedy and sampling warn that it is ignored
+            kwargs.pop("length_penalty")
         with self._autocast():
             embeds = self._cast(inputs_embeds)
             # generate repeats every input this many times (beams, or returned samples) before its first forward
