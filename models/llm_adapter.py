@@ -360,6 +360,12 @@ class FrozenLLM(nn.Module):
         return ("logits_to_keep" in inspect.signature(self.model.forward).parameters
                 and getattr(module, "slice_logits_to_keep", None) is not None)
 
+    @functools.cached_property
+    def _cache_name(self) -> str:
+        """The wrapped model's name for the KV cache, as a forward argument and as an output attribute: ``cache``, or
+        the older ``past_key_values``."""
+        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+
     @torch.no_grad()
     def generate(
         self,
@@ -407,12 +413,11 @@ class FrozenLLM(nn.Module):
             return {}
         extra = {"logits_to_keep": 1} if self._selects_logit_rows else {}  # no logit is used: project one position
         out = self.model(inputs_embeds=embeds[:, :-1], attention_mask=attention_mask[:, :-1], use_cache=True, **extra)
-        name = "cache" if getattr(out, "cache", None) is not None else "past_key_values"  # the older name
-        cache = getattr(out, name, None)
+        cache = getattr(out, self._cache_name, None)
         if not hasattr(cache, "batch_repeat_interleave"):
             return {}
         cache.batch_repeat_interleave(copies)
-        return {name: cache}
+        return {self._cache_name: cache}
 
     @torch.no_grad()
     def prefix_state(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Any]:
@@ -421,8 +426,7 @@ class FrozenLLM(nn.Module):
         extra = {"logits_to_keep": 1} if self._selects_logit_rows else {}
         with self._autocast():
             out = self.model(inputs_embeds=self._cast(embeds), attention_mask=attention_mask, use_cache=True, **extra)
-        cache = getattr(out, "cache", None) or out.past_key_values
-        return out.logits[:, -1].float().log_softmax(-1), cache
+        return out.logits[:, -1].float().log_softmax(-1), getattr(out, self._cache_name)
 
     @torch.no_grad()
     def continuation_nll(self, first_log_probs: torch.Tensor, cache: Any, prefix_mask: torch.Tensor,
@@ -443,10 +447,9 @@ class FrozenLLM(nn.Module):
             cache.batch_repeat_interleave(k)
             attention = torch.cat([prefix_mask.expand(k, -1), mask[:, :-1].to(prefix_mask.dtype)], dim=1)
             positions = torch.arange(length, length + width - 1, device=ids.device).expand(k, -1)
-            cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
             with self._autocast():
                 out = self.model(inputs_embeds=self._cast(self.embed_tokens(ids[:, :-1])), attention_mask=attention,
-                                 position_ids=positions, use_cache=True, **{cache_arg: cache})
+                                 position_ids=positions, use_cache=True, **{self._cache_name: cache})
             picked = out.logits.float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]  # [k, width - 1]
             nll = nll - (picked * mask[:, 1:]).sum(1)
         return nll, mask.sum(1)
