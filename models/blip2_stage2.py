@@ -381,43 +381,34 @@ class Blip2LLMBase(Blip2Base):
         self, soft: Tensor, prompts: list[str], answer_list: list[str], num_ans_candidates: int,
         length_penalty: float = 0.0,
     ) -> list[str]:
-        """Best answer of ``answer_list`` per image (see ``predict_answers``)."""
-        k = max(1, min(int(num_ans_candidates), len(answer_list)))
-        if not self.llm.is_encoder_decoder:
-            return self._rank_with_shared_prefix(soft, prompts, answer_list, k, length_penalty)
-        first = self.first_token_log_probs(soft, prompts)  # [B, V]
-        best = []
-        for i, prompt in enumerate(prompts):
-            targets = self.target_ids(prompt, answer_list)
-            first_ids = torch.tensor([t[0] for t in targets], device=first.device)
-            top = first[i, first_ids].float().topk(k).indices.tolist()  # candidates by first-token probability
-            if k == 1:
-                best.append(answer_list[top[0]])
-                continue
-            candidates = [answer_list[j] for j in top]
-            out = self.llm(**self.lm_inputs(soft[i : i + 1].expand(k, -1, -1), [prompt] * k, candidates),
-                           return_logits=False)
-            scores = -out.nll / out.num_tokens.float().clamp(min=1) ** length_penalty
-            best.append(candidates[int(scores.argmax())])
-        return best
+        """Best answer of ``answer_list`` per image (see ``predict_answers``).
 
-    def _rank_with_shared_prefix(
-        self, soft: Tensor, prompts: list[str], answer_list: list[str], k: int, length_penalty: float,
-    ) -> list[str]:
-        """``rank_answers`` for a decoder-only LLM: each question's [soft prompt; prompt] runs once, unpadded; its last
-        position ranks the first tokens and its KV cache serves the k candidates, which then run only through their
-        own tokens (a few) instead of the whole prefix again (about 25 positions here), k times."""
+        Decoder-only LLMs: each question's [soft prompt; prompt] runs once, unpadded; its last position ranks the first
+        tokens and its KV cache serves the k candidates, which then run only through their own tokens (a few) instead
+        of the whole prefix again (about 25 positions for short questions), k times. Encoder-decoder LLMs: one batched
+        first-token pass, then each question's candidates in full."""
+        k = max(1, min(int(num_ans_candidates), len(answer_list)))
+        shared_prefix = not self.llm.is_encoder_decoder
+        first = None if shared_prefix else self.first_token_log_probs(soft, prompts)  # [B, V]
         best = []
         for i, prompt in enumerate(prompts):
-            embeds, atts = self.generation_inputs(soft[i : i + 1], [prompt])  # [1, L, H]: one row, no padding
-            first, cache = self.llm.prefix_state(embeds, atts)  # [1, V]
+            if shared_prefix:
+                embeds, atts = self.generation_inputs(soft[i : i + 1], [prompt])  # [1, L, H]: one row, no padding
+                row, cache = self.llm.prefix_state(embeds, atts)  # [1, V]
+            else:
+                row = first[i : i + 1]
             targets = self.target_ids(prompt, answer_list)
-            first_ids = torch.tensor([t[0] for t in targets], device=first.device)
-            top = first[0, first_ids].topk(k).indices.tolist()  # candidates by first-token probability
+            first_ids = torch.tensor([t[0] for t in targets], device=row.device)
+            top = row[0, first_ids].float().topk(k).indices.tolist()  # candidates by first-token probability
             if k == 1:
                 best.append(answer_list[top[0]])
                 continue
-            nll, num_tokens = self.llm.continuation_nll(first, cache, atts, [targets[j] for j in top])
+            if shared_prefix:
+                nll, num_tokens = self.llm.continuation_nll(row, cache, atts, [targets[j] for j in top])
+            else:
+                out = self.llm(**self.lm_inputs(soft[i : i + 1].expand(k, -1, -1), [prompt] * k,
+                                                [answer_list[j] for j in top]), return_logits=False)
+                nll, num_tokens = out.nll, out.num_tokens
             scores = -nll / num_tokens.float().clamp(min=1) ** length_penalty
             best.append(answer_list[top[int(scores.argmax())]])
         return best
