@@ -28,6 +28,7 @@ from safetensors import safe_open
 
 from projects.blip2.demo.pipeline import DEMO_DIR, Pipeline, say, write_qformer_vocab
 from projects.blip2.demo.report import VQA_TYPES, caption_attribute_accuracies, instruction_grid, read_result
+from runners.inference import Predictor, load_spec
 
 # Optimizer steps of each stage, and the data set size; the runs behind them are in RESULTS.md.
 BUDGETS = {
@@ -96,13 +97,15 @@ class PretrainedDemo(Pipeline):
             m.update({f"vqa_acc_{kind}": vqa[kind] for kind in VQA_TYPES if kind in vqa})
         start = time.time()
         say("\n== the frozen LLM reading each image's true description instead of the image ==")
-        ceiling = description_vqa_accuracy(self.runs / "stage2", data_root, self.seed)
+        # the stage-2 model, built once for both steps below (as blip2-predict builds it from a job folder)
+        predictor = load_spec(str(self.runs / "stage2"))
+        ceiling = description_vqa_accuracy(predictor.model, data_root, self.seed)
         self.timings["llm_text_vqa"] = time.time() - start
         metrics["blip2"].update({f"llm_text_vqa_acc{'' if k == 'overall' else '_' + k}": v
                                  for k, v in ceiling.items()})
         start = time.time()
         say("\n== instructed generation: held-out images and real photos ==")
-        metrics["instructed"] = instructed_generation(self.runs / "stage2", data_root, self.out)
+        metrics["instructed"] = instructed_generation(predictor, data_root, self.out)
         self.timings["instructed"] = time.time() - start
         self.drop_feature_cache()
         return {"data_root": str(data_root), "metrics": metrics}
@@ -120,14 +123,12 @@ def _vqa_run_settings(model: torch.nn.Module) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def description_vqa_accuracy(job_dir: Path, data_root: Path, seed: int = 0, split: str = "test") -> dict[str, float]:
+def description_vqa_accuracy(model: torch.nn.Module, data_root: Path, seed: int = 0,
+                             split: str = "test") -> dict[str, float]:
     """VQA accuracy (%) of the frozen LLM alone: one of each image's reference captions, as token embeddings, takes
     the place of the soft visual prompt; the question, prompt, candidate answers (each question's ``choices``) and
     ranking are those of the VQA evaluation (pretrained_eval_vqa.yaml, tasks/vqa.py). Exact match with the most common reference answer; per answer type and
-    ``overall``. Nothing trained is used: only the frozen LLM of the stage-2 job's model."""
-    from runners.inference import load_spec  # builds models: imported when a model is needed
-
-    model = load_spec(str(job_dir)).model
+    ``overall``. Nothing trained is used: only the frozen LLM of ``model`` (a stage-2 model)."""
     settings = _vqa_run_settings(model)
     ann = data_root / "annotations"
     captions = {c["image"]: c["caption"] for c in json.loads((ann / f"caption_{split}.json").read_text())}
@@ -165,13 +166,10 @@ def write_photos(folder: Path) -> list[Path]:
     return paths
 
 
-def instructed_generation(job_dir: Path, data_root: Path, out: Path, held_out: int = 4) -> list[dict[str, str]]:
+def instructed_generation(predictor: Predictor, data_root: Path, out: Path, held_out: int = 4) -> list[dict[str, str]]:
     """Image, instruction, answer for ``held_out`` test images and the real photos (paper Figure 4): a caption with
     no instruction, then questions through the VQA evaluation's unseen prompt. Writes ``instructed.png`` and
-    ``instructed.json`` in ``out``; returns the rows."""
-    from runners.inference import load_spec  # builds models: imported when a model is needed
-
-    predictor = load_spec(str(job_dir))
+    ``instructed.json`` in ``out``; returns the rows. ``predictor``: the stage-2 model (``runners.inference``)."""
     prompt = _vqa_run_settings(predictor.model)["prompt"]
     scenes = json.loads((data_root / "annotations" / "scenes_test.json").read_text())[:held_out]
     items = [(data_root / "images" / s["image"],
