@@ -22,6 +22,7 @@ from common.precision import PRECISIONS, autocast, compute_dtype, cpu_safe_, res
 from models.assets import PACKAGE_PREFIX
 from models.base_model import BaseModel, block_index, config_kwargs, parameter_names
 from models.feature_cache import FrozenFeatureCache, encoder_fingerprint
+from models.quantize import quantize_image_encoder
 from models.qformer import QFormer
 from models.qformer_config import QFormerConfig, QFormerOutput
 from models.qformer_init import init_tokenizer
@@ -32,8 +33,21 @@ logger = logging.getLogger(__name__)
 VIT_ALIASES = {"eva_clip_g": "eva_vit_g", "clip_L": "clip_vit_l"}
 
 
+#: ``vit_precision`` values beyond the dtypes: a frozen encoder's linear layers quantised (``models/quantize.py``)
+VIT_QUANTIZATION = ("int8_dynamic",)
+
+
 def resolve_vit_precision(precision: str, freeze: bool) -> str:
-    """Validate ``vit_precision`` and apply ``common.precision``'s rule (fp16 without CUDA becomes fp32)."""
+    """Validate ``vit_precision`` and apply ``common.precision``'s rule (fp16 without CUDA becomes fp32).
+    ``int8_dynamic`` (fbgemm dynamic int8 linear layers, CPU inference) needs a frozen encoder."""
+    if precision in VIT_QUANTIZATION:
+        if not freeze:
+            raise ValueError(f"model.vit_precision={precision} quantises a frozen image encoder and needs "
+                             "freeze_vit: true; a trainable one takes fp32, bf16 or fp16")
+        return precision
+    if precision not in (None, "auto", *PRECISIONS):
+        raise ValueError(f"model.vit_precision must be one of auto, {', '.join(PRECISIONS)}, "
+                         f"{', '.join(VIT_QUANTIZATION)}; got {precision!r}")
     dtype = resolve_precision(precision, what="model.vit_precision")
     precision = next(name for name, value in PRECISIONS.items() if value == dtype)
     if precision != "fp32" and not freeze:
@@ -91,9 +105,10 @@ class Blip2Base(BaseModel):
         name = VIT_ALIASES.get(vit_model, vit_model)
         encoder_cls = registry.image_encoders.get(name)
         precision = resolve_vit_precision(vit_precision, freeze_vit)
+        quantization = precision if precision in VIT_QUANTIZATION else None
         self.visual_encoder = encoder_cls(
             image_size=image_size,
-            precision=precision,
+            precision="fp32" if quantization else precision,
             freeze=freeze_vit,
             grad_checkpointing=use_grad_checkpoint,
             drop_path_rate=drop_path_rate,
@@ -108,6 +123,11 @@ class Blip2Base(BaseModel):
             self.visual_encoder.requires_grad_(False)
             self.visual_encoder.eval()
             logger.info("froze vision encoder %s", name)
+        self.vit_quantization = quantization
+        if quantization:  # the encoder's weights are here; a checkpoint loaded later is quantised as it loads
+            count = quantize_image_encoder(self.visual_encoder, quantization)
+            if not count:
+                logger.warning("vit_precision=%s: %s has no nn.Linear layer; nothing quantised", quantization, name)
 
     def init_qformer(
         self,
@@ -184,12 +204,18 @@ class Blip2Base(BaseModel):
         encoder = self.visual_encoder
         if images.device.type == "cpu":
             cpu_safe_(encoder, "image encoder")  # the precision rule: fp16 never computes on CPU
+        elif getattr(self, "vit_quantization", None):
+            raise ValueError(f"model.vit_precision={self.vit_quantization} runs on CPU only (fbgemm); the images are "
+                             f"on {images.device}: use fp16, bf16 or fp32 there")
         cache = getattr(self, "feature_cache", None)
+        # fbgemm's int8 layers take fp32 inputs: a quantised encoder runs outside a bf16 autocast (run.amp)
+        fp32_only = torch.autocast("cpu", enabled=False) if getattr(self, "vit_quantization", None) \
+            else contextlib.nullcontext()
         if cache is not None and self.vit_frozen:
             # Frozen-feature cache (run.cache_image_features): the encoder runs only on unseen images.
-            with torch.no_grad():
+            with torch.no_grad(), fp32_only:
                 return cache.features(images, encoder).float()
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vit_frozen):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vit_frozen), fp32_only:
             features = encoder(images)  # [B, N, W]
         return features.float()
 

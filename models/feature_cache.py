@@ -34,11 +34,16 @@ def encoder_fingerprint(encoder: nn.Module, image_size: int, extra: str = "") ->
     channels), weights, image size, dtype."""
     width = getattr(encoder, "num_features", "")
     digest = hashlib.sha256(f"{type(encoder).__qualname__}|{width}|{image_size}|{extra}".encode())
-    for name, tensor in encoder.state_dict().items():
-        flat = tensor.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy()
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
-        digest.update(sample.tobytes())
+    for name, value in encoder.state_dict().items():
+        # a quantised layer's entries: its packed (int8 weight, bias) pair and its dtype besides tensors
+        for tensor in value if isinstance(value, tuple) else (value,):
+            if not isinstance(tensor, Tensor):
+                digest.update(f"{name}|{tensor}".encode())
+                continue
+            flat = (tensor.int_repr() if tensor.is_quantized else tensor).detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy()
+            digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
+            digest.update(sample.tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -1,6 +1,6 @@
-"""Quantised frozen LLMs: fewer bytes per weight for the part that dominates memory and decoding time.
+"""Quantised frozen parts: fewer bytes per weight for the parts that dominate memory and inference time.
 
-``llm_kwargs`` of a stage-2 model select it (the adapters in ``models/llms.py`` call in here):
+``llm_kwargs`` of a stage-2 model select it for the LLM (the adapters in ``models/llms.py`` call in here):
 
 - ``quantization: int8`` - weight-only int8 on any device, PyTorch's own kernel (``aten._weight_int8pack_mm``):
   every ``nn.Linear`` of the LLM keeps its weight as int8 with one fp scale per output channel (symmetric, absmax),
@@ -13,6 +13,10 @@
 Embeddings stay in their dtype: the soft prompt enters through ``inputs_embeds``. With ``int8`` an output projection
 tied to them stays too (tied weights must stay one tensor, and a frozen int8 LLM still passes gradients);
 ``int8_dynamic`` is inference only, so there a tied output projection gets its own quantised copy.
+
+``model.vit_precision: int8_dynamic`` gives a frozen image encoder's linear layers the same fbgemm dynamic int8 on CPU
+(``models/blip2_base.py``). Its layers (``FrozenDynamicInt8Linear``) load like frozen parts: a checkpoint without
+their keys leaves them as they are, fp32 ``weight``/``bias`` (a checkpoint that holds the encoder) are quantised.
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+from torch.ao.nn.quantized.modules.linear import LinearPackedParams
 from torch.ao.quantization import quantize_dynamic
 
 from models.lm_weights import untie_lm_head
@@ -71,23 +77,65 @@ class Int8WeightOnlyLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, weight=int8 per-channel"
 
 
+class _FrozenPackedParams(LinearPackedParams):
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        if any(key.startswith(prefix) for key in state_dict):  # absent: the frozen layer keeps its weights
+            super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+class FrozenDynamicInt8Linear(DynamicQuantizedLinear):
+    """torch's dynamic int8 ``Linear`` (fbgemm: int8 weight, per-tensor scale; activations quantised per call) for
+    a frozen layer. ``load_state_dict`` reads its own saved format, quantises an fp32 ``weight``/``bias`` and leaves
+    the layer as it is when the state dict has neither (torch's own class fails on a state dict without its keys)."""
+
+    def __init__(self, in_features: int, out_features: int, bias_: bool = True, dtype=torch.qint8) -> None:
+        super().__init__(in_features, out_features, bias_, dtype=dtype)
+        packed = _FrozenPackedParams(dtype)
+        packed.set_weight_bias(*self._packed_params._weight_bias())
+        self._packed_params = packed
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        if prefix + "scale" in state_dict:  # the format state_dict() writes
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+            return
+        weight, bias = state_dict.pop(prefix + "weight", None), state_dict.pop(prefix + "bias", None)
+        if weight is None and bias is None:
+            return
+        qweight = self.weight()
+        if weight is not None:
+            if tuple(weight.shape) != (self.out_features, self.in_features):
+                error_msgs.append(f"size mismatch for {prefix}weight: {tuple(weight.shape)} in the checkpoint, "
+                                  f"{(self.out_features, self.in_features)} in the model")
+                return
+            linear = nn.Linear(self.in_features, self.out_features, bias=False)
+            linear.weight.data = weight.detach().float()
+            linear.qconfig = None  # from_float's default: the qconfig quantize_dynamic uses
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.ao's deprecation notice, as below
+                qweight = DynamicQuantizedLinear.from_float(linear).weight()
+        self.set_weight_bias(qweight, self.bias() if bias is None else bias.detach().float())
+
+
 def _tied_to_embeddings(model: nn.Module) -> set[int]:
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     return {id(embed.weight)} if embed is not None else set()
 
 
-def quantize_linear_layers(model: nn.Module, method: str) -> int:
-    """Replace the ``nn.Linear`` layers of ``model`` in place (``method`` in ``METHODS``); returns how many."""
+def quantize_linear_layers(model: nn.Module, method: str, key: str = "llm_kwargs.quantization") -> int:
+    """Replace the ``nn.Linear`` layers of ``model`` in place (``method`` in ``METHODS``); returns how many. ``key``:
+    the config key that asked for it, for the error messages."""
     if method not in METHODS:
-        raise ValueError(f"llm_kwargs.quantization must be one of {', '.join(METHODS)} (or null); got {method!r}")
+        raise ValueError(f"{key} must be one of {', '.join(METHODS)} (or null); got {method!r}")
     if any(p.is_meta for p in model.parameters()):
-        raise ValueError("cannot quantise an LLM whose weights are not loaded yet (meta device)")
+        raise ValueError(f"{key}: cannot quantise a model whose weights are not loaded yet (meta device)")
     tied = _tied_to_embeddings(model)
     targets = [(name, module) for name, module in model.named_modules()
                if type(module) is nn.Linear and id(module.weight) not in tied]
     if method == "int8_dynamic":
         if any(p.device.type != "cpu" for p in model.parameters()):
-            raise ValueError("llm_kwargs.quantization=int8_dynamic runs on CPU only; use int8 on other devices")
+            raise ValueError(f"{key}=int8_dynamic runs on CPU only (fbgemm); the model is on another device")
 
         names = {name for name, _ in targets}
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -99,12 +147,23 @@ def quantize_linear_layers(model: nn.Module, method: str) -> int:
             names.add(next(name for name, module in model.named_modules() if module is head))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao's deprecation notice; the API is what this method names
-            quantize_dynamic(model, qconfig_spec=names, dtype=torch.qint8, inplace=True)
+            quantize_dynamic(model, qconfig_spec=names, dtype=torch.qint8, inplace=True,
+                             mapping={nn.Linear: FrozenDynamicInt8Linear})
         return len(names)
     for name, module in targets:
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, Int8WeightOnlyLinear(module))
     return len(targets)
+
+
+def quantize_image_encoder(encoder: nn.Module, method: str) -> int:
+    """``model.vit_precision: int8_dynamic``: the frozen encoder's ``nn.Linear`` layers quantised in place; returns
+    how many. timm's EVA attention with separate q/v biases reads its qkv weight directly (``F.linear``); it is
+    switched to calling the layer and adding those biases (its ``qkv_bias_separate``, the same sum)."""
+    for module in encoder.modules():
+        if getattr(module, "q_bias", None) is not None and hasattr(module, "qkv_bias_separate"):
+            module.qkv_bias_separate = True
+    return quantize_linear_layers(encoder, method, key="model.vit_precision")
 
 
 def bitsandbytes_config(load_in_8bit: bool, load_in_4bit: bool) -> dict[str, Any]:

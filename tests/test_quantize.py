@@ -1,6 +1,9 @@
-"""Quantised frozen LLMs on CPU: the int8 layer computes the weight-only int8 formula, an int8 LLM generates and its
-logits stay within a stated tolerance of fp32, a stage-2 model runs with it, bitsandbytes flags fail clearly here."""
+"""Quantised frozen parts on CPU: the int8 layer computes the weight-only int8 formula, an int8 LLM generates and its
+logits stay within a stated tolerance of fp32, a stage-2 model runs with it, bitsandbytes flags fail clearly here; an
+int8_dynamic frozen ViT stays within a stated tolerance of fp32, loads checkpoints and trains stage 1 and 2."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -81,3 +84,99 @@ def test_bad_quantization_options_are_clear():
             registry.llms.get("opt")("tiny:opt", load_in_8bit=True)
         with pytest.raises(ValueError, match="load_in_4bit needs a CUDA GPU"):
             registry.llms.get("opt")("tiny:opt", load_in_4bit=True)
+
+
+# ---- a frozen image encoder with fbgemm dynamic int8 linear layers (model.vit_precision: int8_dynamic) ----
+# Relative error ||int8 - fp32|| / ||fp32|| of the tiny ViT's features on random images; about a tenth of this bound
+# on the tiny ViT (the BENCH ViT-B's: benchmarks/RESULTS.md).
+VIT_TOLERANCE = 0.01
+
+
+def _vit_features(model, images):
+    with torch.no_grad():
+        return model.frozen_image_features(images)
+
+
+def test_int8_dynamic_vit_is_quantised_close_to_fp32_and_loads_fp32_weights():
+    from models import load_model
+    from models.quantize import FrozenDynamicInt8Linear, quantize_linear_layers
+
+    torch.manual_seed(0)
+    ref = load_model("blip2", "tiny", is_eval=True)
+    torch.manual_seed(1)  # other weights, replaced by ref's through a state dict holding the fp32 ViT (HF layout)
+    quant = load_model("blip2", "tiny", is_eval=True, vit_precision="int8_dynamic")
+    n_linear = sum(type(m) is nn.Linear for m in ref.visual_encoder.modules())
+    assert sum(type(m) is FrozenDynamicInt8Linear for m in quant.visual_encoder.modules()) == n_linear > 0
+    assert not any(type(m) is nn.Linear for m in quant.visual_encoder.modules())
+    assert quant.load_state_dict(ref.state_dict(), strict=False).unexpected_keys == []
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    a, b = _vit_features(ref, images), _vit_features(quant, images)
+    err = float((a - b).norm() / a.norm())
+    print(f"\n[quantize] tiny ViT int8_dynamic: relative feature error {err:.4f}")
+    assert 0 < err < VIT_TOLERANCE
+    direct = copy.deepcopy(ref.visual_encoder)  # quantised after its weights are in: the same layers
+    quantize_linear_layers(direct, "int8_dynamic")
+    with torch.no_grad():
+        torch.testing.assert_close(direct(images), b, rtol=0, atol=0)
+    # a state dict without the frozen ViT (a trainable-only checkpoint) leaves the int8 layers as they are
+    quant.load_state_dict(quant.trainable_state_dict(), strict=False)
+    torch.testing.assert_close(_vit_features(quant, images), b, rtol=0, atol=0)
+
+
+def test_int8_dynamic_vit_refusals_are_clear():
+    from models import load_model
+
+    with pytest.raises(ValueError, match=r"vit_precision=int8_dynamic .*needs freeze_vit: true"):
+        load_model("blip2", "tiny", vit_precision="int8_dynamic", freeze_vit=False)
+    with pytest.raises(ValueError, match=r"vit_precision must be one of auto, fp32, bf16, fp16, int8_dynamic; "
+                                         r"got 'int8'"):
+        load_model("blip2", "tiny", vit_precision="int8")
+    model = load_model("blip2", "tiny", vit_precision="int8_dynamic")
+    with pytest.raises(ValueError, match=r"vit_precision=int8_dynamic runs on CPU only.*images are on meta"):
+        model.frozen_image_features(torch.empty(1, 3, 64, 64, device="meta"))
+
+
+def test_training_steps_with_an_int8_dynamic_vit(tmp_path):
+    """Stage 1 and stage 2 train with it (no gradient reaches the ViT); checkpoints hold no ViT tensor; a trainable-only
+    checkpoint loads back; the feature cache keys it apart from the fp32 encoder; a bf16 autocast step runs."""
+    from models import load_model
+
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    samples = {"image": images, "text_input": ["a red circle", "a blue square"], "text_output": ["red", "blue"]}
+    for arch in ("blip2", "blip2_t5"):
+        torch.manual_seed(0)
+        model = load_model(arch, "tiny", vit_precision="int8_dynamic").train()
+        assert not model.visual_encoder.training
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        loss = model(samples)["loss"]
+        loss.backward()
+        optimizer.step()
+        assert torch.isfinite(loss) and model.query_tokens.grad.abs().sum() > 0
+        state = model.trainable_state_dict()
+        assert state and not any(k.startswith("visual_encoder.") for k in state)
+        result = model.load_state_dict(state, strict=False)  # as a resume or checkpoint_best loads it
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert result.unexpected_keys == [] and not trainable & set(result.missing_keys)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.isfinite(model(samples)["loss"].float())
+    fp32 = load_model("blip2", "tiny")
+    fp32.enable_feature_cache(str(tmp_path))
+    model.enable_feature_cache(str(tmp_path))
+    assert model.feature_cache.dir != fp32.feature_cache.dir
+    first = _vit_features(model, images)
+    torch.testing.assert_close(_vit_features(model, images), first, rtol=0, atol=0)
+
+
+def test_int8_dynamic_model_loads_a_trainable_only_checkpoint():
+    """A job's checkpoint (trainable tensors only) loads into a model whose frozen LLM and ViT are int8_dynamic, as
+    ``load_spec`` with ``--options`` does; torch's own dynamic int8 layer fails on a state dict without its keys."""
+    from models import load_model
+
+    torch.manual_seed(0)
+    trained = load_model("blip2_t5", "tiny", is_eval=True)
+    quant = load_model("blip2_t5", "tiny", is_eval=True, vit_precision="int8_dynamic",
+                       llm_kwargs={"quantization": "int8_dynamic"})
+    assert quant.load_state_dict(trained.trainable_state_dict(), strict=False).unexpected_keys == []
+    torch.testing.assert_close(quant.query_tokens, trained.query_tokens)
+    captions = quant.generate({"image": torch.randn(2, 3, 64, 64)}, num_beams=2, max_length=4)
+    assert len(captions) == 2
