@@ -180,6 +180,9 @@ class Blip2Base(BaseModel):
     # -- modes and precision -----------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "Blip2Base":
         """``model.train()`` never puts frozen parts back in training mode."""
+        if mode and getattr(self, "qformer_quantization", None):
+            raise RuntimeError(f"this model's Q-Former is {self.qformer_quantization} (quantize_for_inference): "
+                               "inference only, it cannot train; build the model again to train it")
         super().train(mode)
         for module in self.frozen_modules():
             module.eval()

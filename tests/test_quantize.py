@@ -87,9 +87,9 @@ def test_bad_quantization_options_are_clear():
 
 
 # ---- a frozen image encoder with fbgemm dynamic int8 linear layers (model.vit_precision: int8_dynamic) ----
-# Relative error ||int8 - fp32|| / ||fp32|| of the tiny ViT's features on random images; about a tenth of this bound
-# on the tiny ViT (the BENCH ViT-B's: benchmarks/RESULTS.md).
-VIT_TOLERANCE = 0.01
+# Relative error ||int8 - fp32|| / ||fp32|| of the tiny ViT's features and of the tiny Q-Former's soft prompt on random
+# images; a tenth of this bound or less on the tiny models (the BENCH model's: benchmarks/RESULTS.md).
+IMAGE_PATH_TOLERANCE = 0.01
 
 
 def _vit_features(model, images):
@@ -99,7 +99,7 @@ def _vit_features(model, images):
 
 def test_int8_dynamic_vit_is_quantised_close_to_fp32_and_loads_fp32_weights():
     from models import load_model
-    from models.quantize import FrozenDynamicInt8Linear, quantize_linear_layers
+    from models.quantize import FrozenDynamicInt8Linear, quantize_image_encoder
 
     torch.manual_seed(0)
     ref = load_model("blip2", "tiny", is_eval=True)
@@ -108,14 +108,15 @@ def test_int8_dynamic_vit_is_quantised_close_to_fp32_and_loads_fp32_weights():
     n_linear = sum(type(m) is nn.Linear for m in ref.visual_encoder.modules())
     assert sum(type(m) is FrozenDynamicInt8Linear for m in quant.visual_encoder.modules()) == n_linear > 0
     assert not any(type(m) is nn.Linear for m in quant.visual_encoder.modules())
+    assert quant.visual_encoder.blocks[0].attn.qkv.weight().qscheme() == torch.per_channel_affine
     assert quant.load_state_dict(ref.state_dict(), strict=False).unexpected_keys == []
     images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     a, b = _vit_features(ref, images), _vit_features(quant, images)
     err = float((a - b).norm() / a.norm())
     print(f"\n[quantize] tiny ViT int8_dynamic: relative feature error {err:.4f}")
-    assert 0 < err < VIT_TOLERANCE
+    assert 0 < err < IMAGE_PATH_TOLERANCE
     direct = copy.deepcopy(ref.visual_encoder)  # quantised after its weights are in: the same layers
-    quantize_linear_layers(direct, "int8_dynamic")
+    quantize_image_encoder(direct, "int8_dynamic")
     with torch.no_grad():
         torch.testing.assert_close(direct(images), b, rtol=0, atol=0)
     # a state dict without the frozen ViT (a trainable-only checkpoint) leaves the int8 layers as they are
@@ -180,3 +181,27 @@ def test_int8_dynamic_model_loads_a_trainable_only_checkpoint():
     torch.testing.assert_close(quant.query_tokens, trained.query_tokens)
     captions = quant.generate({"image": torch.randn(2, 3, 64, 64)}, num_beams=2, max_length=4)
     assert len(captions) == 2
+
+
+def test_quantize_for_inference_quantises_the_qformer_and_forbids_training():
+    from models import load_model
+    from models.quantize import FrozenDynamicInt8Linear, quantize_for_inference
+
+    torch.manual_seed(0)
+    ref = load_model("blip2_t5", "tiny", is_eval=True)
+    quant = copy.deepcopy(ref)
+    count = quantize_for_inference(quant)
+    assert count == sum(type(m) is FrozenDynamicInt8Linear for m in quant.Qformer.modules()) > 0
+    assert not any(type(m) is nn.Linear for m in quant.Qformer.modules())
+    assert not any(p.requires_grad for p in quant.Qformer.parameters())
+    samples = {"image": torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))}
+    with torch.no_grad():
+        a, b = ref.soft_prompt(samples), quant.soft_prompt(samples)
+    err = float((a - b).norm() / a.norm())
+    print(f"\n[quantize] tiny Q-Former int8_dynamic: relative soft-prompt error {err:.4f}")
+    assert 0 < err < IMAGE_PATH_TOLERANCE
+    assert len(quant.generate(samples, num_beams=2, max_length=4)) == 2
+    with pytest.raises(RuntimeError, match="quantize_for_inference.*cannot train"):
+        quant.train()
+    with pytest.raises(ValueError, match="must be int8_dynamic; got 'int8'"):
+        quantize_for_inference(copy.deepcopy(ref), "int8")
