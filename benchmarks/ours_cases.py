@@ -1,7 +1,9 @@
 """The benchmark cases run with this framework, from the same seeded HF checkpoint as `hf_cases.py`.
 
 `amp: bf16` here means what it means in training: frozen encoder and LLM held in bf16, and the
-step under bf16 autocast (CPU or GPU). fp32 keeps everything in fp32.
+step under bf16 autocast (CPU or GPU). fp32 keeps everything in fp32. `int8` quantises the frozen LLM's linear layers
+weight-only; `int8_dynamic` those of the frozen LLM and ViT (fbgemm dynamic int8, CPU) and, in the generation cases
+(d, e), the Q-Former's for inference (`quantize_for_inference`).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from benchmarks import text as bench_text
 from benchmarks.bench_config import optimizer_for
 from benchmarks.feature_cache_case import setup_epoch
 from benchmarks.text import autocast as _autocast, captions, images as _images
+from models.quantize import quantize_for_inference
 
 
 def _load(ckpt: str, precision: str, arch: str | None = None, is_eval: bool = False, **overrides):
@@ -23,8 +26,10 @@ def _load(ckpt: str, precision: str, arch: str | None = None, is_eval: bool = Fa
 
     inferred, cfg = model_config_from_hf(ckpt)
     half = {"vit_precision": precision, "llm_precision": precision} if precision == "bf16" else {}
-    if precision in ("int8", "int8_dynamic"):  # fp32 everywhere but the frozen LLM's linear layers (models/quantize.py)
+    if precision in ("int8", "int8_dynamic"):  # fp32 but the frozen LLM's (and, int8_dynamic, ViT's) linear layers
         half = {"llm_kwargs": {**cfg.get("llm_kwargs", {}), "quantization": precision}}
+        if precision == "int8_dynamic":  # weight-only int8 has no ViT counterpart (models/quantize.py)
+            half["vit_precision"] = precision
     cfg = OmegaConf.create(dict(cfg, **half, **overrides))
     model = registry.models.get(arch or inferred).from_config(cfg).to(bench_text.DEVICE)
     model.train(not is_eval)
@@ -63,6 +68,8 @@ def setup(case: str, ckpt: str, dims: dict, precision: str, work_dir: str | None
         return _train_step(model, samples, precision)
     if case in ("d", "e"):
         model = _load(ckpt, precision, is_eval=True)
+        if precision == "int8_dynamic":  # at inference the Q-Former too (models/quantize.py)
+            quantize_for_inference(model, precision)
         n = dims["gen_new_tokens"]
         samples = {"image": _images(dims["gen_batch"], size, seed=1), "prompt": ""}
 

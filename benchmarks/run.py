@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="interpreter of a venv holding salesforce-lavis 1.0.2 (default $BLIP2_LAVIS_PYTHON); "
                              "without one the lavis framework is skipped with a message (docs/benchmarks.md)")
     parser.add_argument("--precisions", default="fp32,bf16",
-                        help="fp32, bf16 (comma-separated); int8 / int8_dynamic: ours only, generation cases, frozen LLM quantised")
+                        help="fp32, bf16 (comma-separated); int8 / int8_dynamic: ours only, generation cases, frozen "
+                             "LLM quantised (int8_dynamic: the frozen ViT too)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per case (median reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per child process")
     parser.add_argument("--no-flops", action="store_true", help="skip the FlopCounterMode pass")
