@@ -296,7 +296,9 @@ class QFormerModel(nn.Module):
                 out.append(None)
                 continue
             attn = layer.crossattention.self
-            states = image.to(attn.key.weight.dtype) if not torch.is_autocast_enabled() else image
+            weight = attn.key.weight  # a method on an int8_dynamic layer (quantize_for_inference): fp32 inputs
+            cast = isinstance(weight, Tensor) and not torch.is_autocast_enabled()
+            states = image.to(weight.dtype) if cast else image
             out.append((attn._heads(attn.key(states)), attn._heads(attn.value(states))))
         return out
 
