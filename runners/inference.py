@@ -26,12 +26,20 @@ from PIL import Image
 from torch import nn
 
 import registry
-from common.precision import autocast, compute_dtype, cpu_safe_, precision_dtype
+from common.precision import PRECISIONS, autocast, compute_dtype, cpu_safe_, precision_dtype
 from runners import checkpointing as ckpt
 from runners.checkpointing import step_checkpoints
 
 logger = logging.getLogger(__name__)
 
+#: ``--precision int8_dynamic``: fbgemm dynamic int8 linear layers in the ViT, the Q-Former and the LLM (CPU only)
+INT8_DYNAMIC = "int8_dynamic"
+#: the ``--precision`` values of ``blip2-predict`` and the web server (``load_spec``'s ``precision``)
+PRECISION_CHOICES = (*PRECISIONS, INT8_DYNAMIC)
+PRECISION_HELP = ("fp32, bf16, fp16: frozen parts stored and computed in this precision (fp16 without CUDA computes "
+                  "in fp32); int8_dynamic (CPU only): the linear layers of the image encoder, Q-Former and LLM with "
+                  "dynamic int8, the rest fp32 (--options vit_precision=... or llm_kwargs.quantization=... override "
+                  "its parts)")
 
 
 class ModelSpecError(ValueError):
@@ -50,8 +58,33 @@ def resolve_device(device: str) -> torch.device:
 
 
 def check_precision(precision: str, device: torch.device) -> torch.dtype:
-    """``--precision`` -> dtype under ``common.precision``'s rule (fp16 off CUDA computes in fp32, with a warning)."""
+    """``--precision`` -> the dtype that computes: ``common.precision``'s rule (fp16 off CUDA computes in fp32, with a
+    warning); ``int8_dynamic`` computes in fp32 and runs on CPU only."""
+    if precision == INT8_DYNAMIC:
+        if device.type != "cpu":
+            raise ValueError(f"--precision {INT8_DYNAMIC} runs on CPU only (fbgemm dynamic int8); the device is "
+                             f"{device}: use --device cpu, or --precision {', '.join(PRECISIONS)} on {device}")
+        return torch.float32
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}; got {precision!r}")
     return compute_dtype(precision_dtype(precision, "--precision"), device.type == "cuda", "--precision")
+
+
+def precision_overrides(precision: str, dtype: torch.dtype, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The model config overrides ``--precision`` implies, under the user's: a key the user sets wins.
+
+    A half precision stores the frozen ViT and LLM in it. ``int8_dynamic`` sets ``vit_precision: int8_dynamic``,
+    ``llm_precision: fp32`` and ``llm_kwargs.quantization: int8_dynamic``; that one key is merged into the user's
+    ``llm_kwargs`` (and, as every override, into the spec's own). Models without an LLM ignore the LLM keys."""
+    overrides = dict(overrides or {})
+    if precision == INT8_DYNAMIC:
+        overrides.setdefault("vit_precision", INT8_DYNAMIC)
+        overrides.setdefault("llm_precision", "fp32")
+        overrides["llm_kwargs"] = {"quantization": INT8_DYNAMIC, **dict(overrides.get("llm_kwargs") or {})}
+    elif dtype != torch.float32:  # frozen parts stored in half precision; the rest runs under autocast
+        overrides.setdefault("vit_precision", precision)
+        overrides.setdefault("llm_precision", precision)
+    return overrides
 
 
 def _job_checkpoint(job_dir: Path) -> Path:
@@ -95,15 +128,14 @@ def load_spec(
     spec: str, device: str | torch.device = "cpu", precision: str = "fp32",
     checkpoint: str | None = None, overrides: Mapping[str, Any] | None = None,
 ) -> "Predictor":
-    """Build the model a spec names (see the module docstring), in eval mode on ``device``."""
+    """Build the model a spec names (see the module docstring), in eval mode on ``device``. ``precision``: one of
+    ``PRECISION_CHOICES`` (``precision_overrides``); with ``int8_dynamic`` the Q-Former is quantised too, after the
+    weights are loaded (``quantize_for_inference``)."""
     from models import zoo  # models (transformers: seconds) loads with the first model
 
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = check_precision(precision, device)
-    overrides = dict(overrides or {})
-    if dtype != torch.float32:  # frozen parts stored in half precision; the rest runs under autocast
-        overrides.setdefault("vit_precision", precision)
-        overrides.setdefault("llm_precision", precision)
+    overrides = precision_overrides(precision, dtype, overrides)
     path = Path(spec).expanduser()
     if path.exists():
         if (path / "config.yaml").exists() or (path.parent.parent / "config.yaml").exists() and (
@@ -144,6 +176,10 @@ def load_spec(
     model.eval()
     if device.type == "cpu":
         cpu_safe_(model, name)
+    if precision == INT8_DYNAMIC and hasattr(model, "Qformer"):
+        from models.quantize import quantize_for_inference
+
+        quantize_for_inference(model)
     return Predictor(model.to(device), vis, device, dtype, name)
 
 

@@ -27,7 +27,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from runners.inference import load_spec
+from runners.inference import PRECISION_CHOICES, PRECISION_HELP, load_spec
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TASKS = ("caption", "vqa", "itm", "itc", "features", "search")
@@ -301,8 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="start the output file over instead of resuming")
     g.add_argument("-b", "--batch-size", type=int, default=8)
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
-    g.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
-                   help="frozen parts stored and computed in this precision (fp16 without CUDA computes in fp32)")
+    g.add_argument("--precision", default="fp32", choices=PRECISION_CHOICES, help=PRECISION_HELP)
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     d = common.add_argument_group("decoding (caption, vqa)")
     d.add_argument("--num-beams", type=int, default=5)

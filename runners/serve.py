@@ -30,7 +30,7 @@ from typing import Any, Sequence
 from omegaconf import OmegaConf
 from PIL import Image, UnidentifiedImageError
 
-from runners.inference import default_serve_specs, load_spec
+from runners.inference import PRECISION_CHOICES, PRECISION_HELP, default_serve_specs, load_spec
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="loopback address only (default: %(default)s)")
     parser.add_argument("--port", type=int, default=7860, help="0 picks a free port (default: %(default)s)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--precision", default="fp32", choices=PRECISION_CHOICES, help=PRECISION_HELP)
     parser.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE", help="caption model overrides")
     parser.add_argument("--num-beams", type=int, default=5)
     parser.add_argument("--max-length", type=int, default=30, help="caption length in new tokens")
