@@ -177,7 +177,7 @@ def load_spec(
     if device.type == "cpu":
         cpu_safe_(model, name)
     if precision == INT8_DYNAMIC and hasattr(model, "Qformer"):
-        from models.quantize import quantize_for_inference
+        from models.quantize import quantize_for_inference  # the models package: loaded with the first model
 
         quantize_for_inference(model)
     return Predictor(model.to(device), vis, device, dtype, name)
