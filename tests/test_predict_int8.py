@@ -100,7 +100,8 @@ def test_int8_dynamic_loads_the_job_checkpoint_before_quantising(tmp_path):
     quantised = model.Qformer.bert.encoder.layer[0].attention.self.query
     assert type(quantised) is FrozenDynamicInt8Linear
     expected = layer.weight.detach()
-    torch.testing.assert_close(quantised.weight().dequantize(), expected, atol=float(expected.abs().max()) / 100, rtol=0)
+    atol = float(expected.abs().max()) / 100  # int8 per-channel rounding: half a step of absmax / 127
+    torch.testing.assert_close(quantised.weight().dequantize(), expected, atol=atol, rtol=0)
 
 
 def test_int8_dynamic_off_the_cpu_is_a_clear_error(images, monkeypatch, capsys):
