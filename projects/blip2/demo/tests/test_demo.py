@@ -440,6 +440,7 @@ def test_quick_demo_on_pretrained_parts(tmp_path, monkeypatch, capsys):
     rows = report["instructed"]
     photos = [r for r in rows if "/photos/" in r["image"]]
     assert len(rows) == 4 * 3 + 4 * 3 and len(photos) == 12 and all(isinstance(r["answer"], str) for r in rows)
+    assert not any("\n" in r["answer"] for r in rows)  # stop_at_newline: answers end where the LLM starts a new line
     for name in ("metrics.json", "instructed.png", "test_captions.png", "loss_stage1.png", "loss_stage2.png"):
         assert (out / name).is_file(), name
     printed = capsys.readouterr().out
@@ -461,6 +462,26 @@ def test_metric_table_shows_a_reference_column():
     assert caption_row.split()[-3:] == ["71.0", "0.9", f"{reference['caption_attr_acc']:.1f}"]
     bleu_row = next(r for r in rows if r.startswith("caption BLEU-4"))
     assert bleu_row.split()[-1] == f"{100 * reference['Bleu_4']:.1f}"  # BLEU and CIDEr are shown x100
+
+
+def test_pretrained_yamls_build_one_stage2_model():
+    """Stage 2 and the evaluations that load its checkpoint build the same model (frozen parts, Q-Former, LLM); the VQA
+    evaluation only ends answers at a newline (``llm_kwargs.stop_at_newline``), and the LLM's ceiling and the
+    instructed answers are built with that same setting."""
+    from omegaconf import OmegaConf
+
+    from projects.blip2.demo.pretrained import vqa_llm_overrides
+
+    demo_dir = Path(__file__).resolve().parents[1]
+    models = {name: OmegaConf.to_container(OmegaConf.load(demo_dir / f"{name}.yaml").model)
+              for name in ("pretrained_stage2", "pretrained_eval_caption", "pretrained_eval_vqa")}
+    checkpoint_keys = {"weights", "load_pretrained", "pretrained"}  # how stage 2 starts, not what it builds
+    built = {name: {k: v for k, v in model.items() if k not in checkpoint_keys} for name, model in models.items()}
+    assert built["pretrained_eval_caption"] == built["pretrained_stage2"]
+    assert "llm_kwargs" not in built["pretrained_stage2"]  # captions end with the LLM's eos
+    vqa = built["pretrained_eval_vqa"]
+    assert vqa.pop("llm_kwargs") == {"stop_at_newline": True} == vqa_llm_overrides()["llm_kwargs"]
+    assert vqa == built["pretrained_stage2"]
 
 
 def test_runs_as_a_module_and_is_a_plugin(repo_root):
