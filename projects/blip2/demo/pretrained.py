@@ -138,7 +138,8 @@ def description_vqa_accuracy(model: torch.nn.Module, data_root: Path, seed: int 
     """VQA accuracy (%) of the frozen LLM alone: one of each image's reference captions, as token embeddings, takes
     the place of the soft visual prompt; the question, prompt, candidate answers (each question's ``choices``) and
     ranking are those of the VQA evaluation (pretrained_eval_vqa.yaml, tasks/vqa.py). Exact match with the most common reference answer; per answer type and
-    ``overall``. Nothing trained is used: only the frozen LLM of ``model`` (a stage-2 model)."""
+    ``overall``. Nothing trained is used: only the frozen LLM of ``model`` (a stage-2 model, built with
+    ``vqa_llm_overrides()`` so that answers end as the VQA evaluation ends them)."""
     settings = _vqa_run_settings(model)
     ann = data_root / "annotations"
     captions = {c["image"]: c["caption"] for c in json.loads((ann / f"caption_{split}.json").read_text())}
