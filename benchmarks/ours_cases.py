@@ -17,6 +17,7 @@ from benchmarks.bench_config import optimizer_for
 from benchmarks.feature_cache_case import setup_epoch
 from benchmarks.text import autocast as _autocast, captions, images as _images
 from models.quantize import quantize_for_inference
+from runners.inference import check_precision, precision_overrides
 
 
 def _load(ckpt: str, precision: str, arch: str | None = None, is_eval: bool = False, **overrides):
@@ -25,12 +26,12 @@ def _load(ckpt: str, precision: str, arch: str | None = None, is_eval: bool = Fa
     from models.zoo import model_config_from_hf
 
     inferred, cfg = model_config_from_hf(ckpt)
-    half = {"vit_precision": precision, "llm_precision": precision} if precision == "bf16" else {}
-    if precision in ("int8", "int8_dynamic"):  # fp32 but the frozen LLM's (and, int8_dynamic, ViT's) linear layers
-        half = {"llm_kwargs": {**cfg.get("llm_kwargs", {}), "quantization": precision}}
-        if precision == "int8_dynamic":  # weight-only int8 has no ViT counterpart (models/quantize.py)
-            half["vit_precision"] = precision
-    cfg = OmegaConf.create(dict(cfg, **half, **overrides))
+    llm_kwargs = {"llm_kwargs": cfg.get("llm_kwargs", {})}
+    if precision == "int8":  # weight-only int8: the frozen LLM's linear layers only (not an inference --precision)
+        parts = {"llm_kwargs": {**llm_kwargs["llm_kwargs"], "quantization": precision}}
+    else:  # fp32, bf16, int8_dynamic: the parts blip2-predict's --precision sets (runners.inference)
+        parts = precision_overrides(precision, check_precision(precision, bench_text.DEVICE), llm_kwargs)
+    cfg = OmegaConf.create(dict(cfg, **parts, **overrides))
     model = registry.models.get(arch or inferred).from_config(cfg).to(bench_text.DEVICE)
     model.train(not is_eval)
     return model
