@@ -105,7 +105,7 @@ class FrozenLLM(nn.Module):
         config_overrides: dict[str, Any] | None = None,
         tokenizer_name_or_path: str | None = None,
         attn_implementation: str | None = "sdpa",
-        stop_at_newline: bool = False,
+        stop_at_newline: bool | str = False,
         cache_dir: str | None = None,
         revision: str | None = None,
         local_files_only: bool | None = None,
@@ -126,7 +126,13 @@ class FrozenLLM(nn.Module):
         ``dense_act_fn: gelu``); an attribute the config does not have is an error.
         ``quantization`` (``int8`` weight-only, ``int8_dynamic``) or ``load_in_8bit``/``load_in_4bit`` (bitsandbytes,
         CUDA): a quantised frozen LLM (``models/quantize.py``); applied once the weights are loaded.
+        ``stop_at_newline``: ``true`` ends generation at the "\\n" token as well as at eos, and "\\n" closes a
+        target (as BLIP-2's OPT does: the released code stops at that one token, so a "\\n\\n" token does not stop
+        it); ``"any"`` also stops at every other token whose text holds a newline ("\\n\\n", "\\n   ", "\\r\\n" in a
+        byte-level BPE vocabulary), so that an answer never runs past a line; ``false``: eos only.
         """
+        if not (isinstance(stop_at_newline, bool) or stop_at_newline == "any"):
+            raise ValueError(f"stop_at_newline={stop_at_newline!r}: expected true, false or 'any'")
         super().__init__()
         model_name_or_path = resolve_asset(str(model_name_or_path))  # "tiny:opt", "package:x/y" -> local path
         if gguf_file is None and model_name_or_path.endswith(".gguf") and os.path.isfile(model_name_or_path):
@@ -283,10 +289,19 @@ class FrozenLLM(nn.Module):
             raise ValueError(f"tokenizer of {self.tokenizer_name_or_path!r} encodes '\\n' as {ids}, not one token")
         return ids[0]
 
+    @functools.cached_property
+    def _other_newline_token_ids(self) -> list[int]:
+        """Every token but "\\n" itself whose decoded text holds a newline (one pass over the vocabulary)."""
+        texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+        return [i for i, text in enumerate(texts) if "\n" in text and i != self.newline_token_id]
+
     @property
     def eos_token_ids(self) -> list[int]:
-        """Token ids that end generation (and end a scored answer): eos, plus "\\n" when asked."""
+        """Token ids that end generation (and end a scored answer, with the first): "\\n" when asked (with
+        ``stop_at_newline="any"`` every newline-holding token after it), then eos."""
         ids = [self.newline_token_id] if self.stop_at_newline else []
+        if self.stop_at_newline == "any":
+            ids += self._other_newline_token_ids
         if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
             ids.append(self.tokenizer.eos_token_id)
         return ids
@@ -455,8 +470,12 @@ class FrozenLLM(nn.Module):
         return nll, mask.sum(1)
 
     def decode(self, ids: torch.Tensor) -> list[str]:
-        """Token ids -> stripped strings (special tokens removed)."""
-        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        """Token ids -> stripped strings (special tokens removed); with ``stop_at_newline="any"`` a text ends at
+        its first newline (a stop token holding text before its newline, e.g. ".\\n", keeps that text)."""
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        if self.stop_at_newline == "any":
+            texts = [t.split("\n", 1)[0] for t in texts]
+        return [t.strip() for t in texts]
 
     def materialize_computed_buffers(self, device: torch.device | str = "cpu") -> list[str]:
         """After a meta-device build took its weights from a checkpoint: buffers no checkpoint holds (non-persistent,
