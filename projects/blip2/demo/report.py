@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -127,6 +128,15 @@ def loss_curves(runs: Path, jobs: Sequence[str], out: Path) -> list[Path]:
     return written
 
 
+def _save_text_figure(fig, path: Path) -> None:
+    """Lay out and write a figure whose titles are model output: a generated text may hold characters (any script the
+    LLM's vocabulary has) that matplotlib's font lacks; they are drawn as boxes without a warning per glyph."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+
+
 def caption_grid(data_root: Path, captions: list[dict], path: Path, n: int = 12) -> Path:
     """PNG grid of held-out images with their generated captions."""
     import matplotlib
@@ -145,8 +155,7 @@ def caption_grid(data_root: Path, captions: list[dict], path: Path, n: int = 12)
         ax.set_title("\n".join(_wrap(c["caption"], 34)), fontsize=8)
     for ax in axes.flat:
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    _save_text_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -198,7 +207,6 @@ def instruction_grid(rows: list[dict[str, str]], path: Path, width: int = 40) ->
         ax.set_yticks([])
     for ax in list(axes.flat)[len(images):]:
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    _save_text_figure(fig, path)
     plt.close(fig)
     return path
