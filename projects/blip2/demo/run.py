@@ -179,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              "encoder-decoder (blip2_t5)")
     parser.add_argument("--qformer", choices=sorted(QFORMERS), default="scratch",
                         help="--parts pretrained: the Q-Former, 2 x 128 from scratch or all-MiniLM-L6-v2 (6 x 384)")
+    parser.add_argument("--stage2-steps", type=int, default=0,
+                        help="stage-2 optimizer steps, one cosine schedule over them (0: the budget's; "
+                             "projects/blip2/demo/RESULTS.md shows how captions grow with them)")
     parser.add_argument("--max-steps", type=int, default=0, help="cap every training at this many steps (smoke runs)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--verbose", action="store_true", help="keep the runners' INFO logs")
@@ -188,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error("--llm chooses between the demo's own LLMs (--parts scratch); --parts pretrained uses SmolLM2")
     if args.parts == "scratch" and args.qformer != "scratch":
         parser.error("--qformer minilm needs --parts pretrained")
+    if args.stage2_steps < 0:
+        parser.error(f"--stage2-steps must be a positive number of steps (0: the budget's), got {args.stage2_steps}")
 
     if not args.verbose:
         logging.disable(logging.INFO)
@@ -209,6 +214,8 @@ def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
     start = time.time()
     budgets = PRETRAINED_BUDGETS if args.parts == "pretrained" else BUDGETS
     budget = dict(budgets["quick" if args.quick else "full"])
+    if args.stage2_steps:
+        budget["stage2"] = args.stage2_steps
     if args.max_steps:
         budget.update({k: min(v, args.max_steps) for k, v in budget.items() if isinstance(v, int)})
     if args.parts == "pretrained":
