@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,6 +34,7 @@ from common.paths import hub_offline
 from common.precision import cpu_safe_, resolve_precision
 from models.assets import resolve_asset
 from models.gguf import gguf_checkpoint, resolve_gguf_path
+from models.llm_output import LLMOutput, output_with_loss, scored_rows_nll, token_nll
 from models.quantize import METHODS, bitsandbytes_config, quantize_linear_layers
 
 logger = logging.getLogger(__name__)
@@ -43,35 +43,6 @@ logger = logging.getLogger(__name__)
 def _building_on_meta() -> bool:
     """True inside ``with torch.device("meta"):`` (instantiate without weights)."""
     return torch.get_default_device().type == "meta"
-
-
-@dataclass
-class LLMOutput:
-    """What an adapter forward returns. ``nll``/``num_tokens`` are per sample (sum over target tokens)."""
-
-    # [B, T, V] (decoder-only: over the whole input; seq2seq: over the decoder targets); None when the adapter was
-    # called with return_logits=False
-    logits: torch.Tensor | None
-    loss: torch.Tensor | None = None  # mean token NLL over all non-ignored labels
-    nll: torch.Tensor | None = None  # [B] summed token NLL
-    num_tokens: torch.Tensor | None = None  # [B] number of scored tokens
-
-
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token NLL in fp32 for already aligned ``logits`` [B,T,V] and ``labels`` [B,T] (-100 ignored).
-
-    Returns (nll [B,T] with zeros at ignored positions, mask [B,T] bool).
-    """
-    mask = labels.ne(-100)
-    return scored_rows_nll(logits[mask], labels, mask), mask
-
-
-def scored_rows_nll(rows: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """NLL [B,T] in fp32 (zeros where ``mask`` [B,T] is False) from the logits ``rows`` [n, V] of the True positions
-    of ``mask`` in row-major order. Contiguous rows make log-softmax a fast inner-dim reduction (a cross-entropy over
-    the class dim of a transposed [B, V, T] view is a strided one, several times slower, over every position)."""
-    picked = F.cross_entropy(rows.float(), labels[mask], reduction="none")  # [n]
-    return torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
 
 
 SHIPPED_LLM_CONFIGS = Path(__file__).parent / "configs" / "llm"
@@ -364,7 +335,7 @@ class FrozenLLM(nn.Module):
             return LLMOutput(logits=out.logits)
         rows = out.logits if select else out.logits[:, :-1][mask]  # [n, V]
         nll = scored_rows_nll(rows, labels[:, 1:], mask)
-        return _with_loss(None if select else out.logits, nll, mask)
+        return output_with_loss(None if select else out.logits, nll, mask)
 
     @functools.cached_property
     def _selects_logit_rows(self) -> bool:
@@ -530,18 +501,12 @@ class FrozenSeq2SeqLM(FrozenLLM):
                 decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask, use_cache=False,
             )
         nll, mask = token_nll(out.logits, labels)
-        return _with_loss(out.logits if return_logits else None, nll, mask)
+        return output_with_loss(out.logits if return_logits else None, nll, mask)
 
 
 def _untied_checkpoint_notice(record: logging.LogRecord) -> bool:
     """Drop transformers' notice that an untied checkpoint (Flan-T5) is loaded untied: that is what we want."""
     return "so we will NOT tie them" not in record.getMessage()
-
-
-def _with_loss(logits: torch.Tensor | None, nll: torch.Tensor, mask: torch.Tensor) -> LLMOutput:
-    num_tokens = mask.sum(1)
-    loss = nll.sum() / num_tokens.sum().clamp(min=1)
-    return LLMOutput(logits=logits, loss=loss, nll=nll.sum(1), num_tokens=num_tokens)
 
 
 def _load_error(name: str, what: str, err: Exception) -> str:
