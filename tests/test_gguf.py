@@ -40,7 +40,8 @@ def write_tiny_llama_gguf(path: Path, seed: int = 0):
     import gguf
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    merges = ["Ġ a", "r e", "Ġ re", "Ġre d", "c i", "r c", "Ġ ci", "Ġci rc", "Ġcirc l", "Ġcircl e", "Ċ Ċ", "Ġ Ċ"]
+    merges = ["Ġ a", "r e", "Ġ re", "Ġre d", "c i", "r c", "Ġ ci", "Ġci rc", "Ġcirc l", "Ġcircl e",
+              "Ċ Ċ", "Ġ Ċ"]
     tokens = _byte_alphabet() + ["".join(m.split()) for m in merges] + SPECIALS
     config = LlamaConfig(vocab_size=len(tokens), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -152,29 +153,30 @@ def test_stop_at_any_newline_token(tiny_gguf):
     """``stop_at_newline=True`` stops at the "\\n" token only (as BLIP-2's OPT); ``"any"`` at every token holding a
     newline too ("\\n\\n", " \\n"). An LM head that always prefers "\\n\\n" shows it in generation."""
     path, _ = tiny_gguf
-    lines = {mode: HFCausalLM(str(path), precision="fp32", stop_at_newline=mode) for mode in (False, True, "any")}
-    tok = lines["any"].tokenizer
-    newline, double, space_newline = (tok.convert_tokens_to_ids(t) for t in ("Ċ", "ĊĊ", "ĠĊ"))
+    llms = {mode: HFCausalLM(str(path), precision="fp32", stop_at_newline=mode) for mode in (False, True, "any")}
+    tok = llms["any"].tokenizer
+    newline, double, space_newline, a = (tok.convert_tokens_to_ids(t) for t in ("Ċ", "ĊĊ", "ĠĊ", "a"))
     eos = tok.eos_token_id
     assert tok("a\n\n", add_special_tokens=False).input_ids[-1] == double
-    assert lines[False].eos_token_ids == [eos] and lines[True].eos_token_ids == [newline, eos]
-    assert lines["any"].eos_token_ids == [newline, double, space_newline, eos]
+    assert llms[False].eos_token_ids == [eos] and llms[True].eos_token_ids == [newline, eos]
+    assert llms["any"].eos_token_ids == [newline, double, space_newline, eos]
     with pytest.raises(ValueError, match="stop_at_newline='yes'.*true, false or 'any'"):
         HFCausalLM(str(path), stop_at_newline="yes")
     embeds, mask = torch.zeros(1, 2, 64), torch.ones(1, 2, dtype=torch.long)
     for mode in (True, "any"):
-        llm = lines[mode]
+        llm = llms[mode]
         head = torch.nn.Linear(64, len(tok))  # untied: zero weights, a bias that prefers "\n\n", then "a"
         torch.nn.init.zeros_(head.weight)
         with torch.no_grad():
             head.bias.zero_()
-            head.bias[double], head.bias[tok.convert_tokens_to_ids("a")] = 2.0, 1.0
+            head.bias[double], head.bias[a] = 2.0, 1.0
         llm.model.lm_head = head
     # min_new_tokens=1 holds an "any" answer's stop tokens back at the first step: "a", then "\n\n" ends it; with
     # True "\n\n" is an ordinary token, generated until max_new_tokens
-    ids = {mode: lines[mode].generate(embeds, mask, num_beams=1, max_new_tokens=5)[0].tolist() for mode in (True, "any")}
-    assert ids["any"] == [tok.convert_tokens_to_ids("a"), double]
-    assert lines["any"].decode(torch.tensor([ids["any"] + [tok.convert_tokens_to_ids("a")]])) == ["a"]
+    ids = {mode: llms[mode].generate(embeds, mask, num_beams=1, max_new_tokens=5)[0].tolist()
+           for mode in (True, "any")}
+    assert ids["any"] == [a, double]
+    assert llms["any"].decode(torch.tensor([ids["any"] + [a]])) == ["a"]
     assert ids[True] == [double] * 5
 
 

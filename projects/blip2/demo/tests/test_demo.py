@@ -443,7 +443,8 @@ def test_quick_demo_on_pretrained_parts(tmp_path, monkeypatch, capsys):
     rows = report["instructed"]
     photos = [r for r in rows if "/photos/" in r["image"]]
     assert len(rows) == 4 * 3 + 4 * 3 and len(photos) == 12 and all(isinstance(r["answer"], str) for r in rows)
-    assert not any("\n" in r["answer"] for r in rows)  # stop_at_newline: any: answers end at any newline token ("\n\n" too)
+    # stop_at_newline: any: answers end at any newline token ("\n\n" too)
+    assert not any("\n" in r["answer"] for r in rows)
     for name in ("metrics.json", "instructed.png", "test_captions.png", "loss_stage1.png", "loss_stage2.png"):
         assert (out / name).is_file(), name
     printed = capsys.readouterr().out
