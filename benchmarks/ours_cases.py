@@ -26,11 +26,12 @@ def _load(ckpt: str, precision: str, arch: str | None = None, is_eval: bool = Fa
     from models.zoo import model_config_from_hf
 
     inferred, cfg = model_config_from_hf(ckpt)
-    llm_kwargs = {"llm_kwargs": cfg.get("llm_kwargs", {})}
+    own_llm_kwargs = cfg.get("llm_kwargs", {})  # the checkpoint's, kept under the quantization key added here
     if precision == "int8":  # weight-only int8: the frozen LLM's linear layers only (not an inference --precision)
-        parts = {"llm_kwargs": {**llm_kwargs["llm_kwargs"], "quantization": precision}}
+        parts = {"llm_kwargs": {**own_llm_kwargs, "quantization": precision}}
     else:  # fp32, bf16, int8_dynamic: the parts blip2-predict's --precision sets (runners.inference)
-        parts = precision_overrides(precision, check_precision(precision, bench_text.DEVICE), llm_kwargs)
+        parts = precision_overrides(precision, check_precision(precision, bench_text.DEVICE),
+                                    {"llm_kwargs": own_llm_kwargs})
     cfg = OmegaConf.create(dict(cfg, **parts, **overrides))
     model = registry.models.get(arch or inferred).from_config(cfg).to(bench_text.DEVICE)
     model.train(not is_eval)
