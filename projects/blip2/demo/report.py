@@ -152,7 +152,7 @@ def caption_grid(data_root: Path, captions: list[dict], path: Path, n: int = 12)
     for ax, c in zip(axes.flat, chosen):
         scene = scenes[int(c["image_id"])]
         ax.imshow(Image.open(data_root / "images" / scene["image"]).resize((128, 128), Image.NEAREST))
-        ax.set_title("\n".join(_wrap(c["caption"], 34)), fontsize=8)
+        ax.set_title("\n".join(_wrap(c["caption"], 34)), fontsize=8, parse_math=False)  # "$" is a character
     for ax in axes.flat:
         ax.axis("off")
     _save_text_figure(fig, path)
@@ -202,7 +202,7 @@ def instruction_grid(rows: list[dict[str, str]], path: Path, width: int = 40) ->
         for r in rows:
             if r["image"] == image:
                 lines += _wrap(f"> {r['instruction']}", width) + _wrap(f"  {r['answer']}", width)
-        ax.set_xlabel("\n".join(lines), fontsize=7, loc="left")
+        ax.set_xlabel("\n".join(lines), fontsize=7, loc="left", parse_math=False)  # generated text, not mathtext
         ax.set_xticks([])
         ax.set_yticks([])
     for ax in list(axes.flat)[len(images):]:

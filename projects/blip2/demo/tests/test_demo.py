@@ -504,3 +504,21 @@ def test_runs_as_a_module_and_is_a_plugin(repo_root):
     demo_dir = repo_root / "projects" / "blip2" / "demo"
     for path in demo_dir.glob("*.yaml"):
         assert OmegaConf.load(path).plugins == ["projects.blip2.demo"], path
+
+
+def test_figures_draw_generated_text_as_it_is(tmp_path):
+    """Captions and answers are model output: a "$" (an unmatched "$$" came out of SmolLM2 in a CI run) is drawn as a
+    character, not parsed as matplotlib mathtext, and both grids are written."""
+    from PIL import Image
+
+    from projects.blip2.demo.report import caption_grid, instruction_grid
+
+    root = tmp_path / "data"
+    (root / "annotations").mkdir(parents=True)
+    (root / "images").mkdir()
+    Image.new("RGB", (32, 32), "red").save(root / "images" / "a.png")
+    (root / "annotations" / "scenes_test.json").write_text(json.dumps([{"image_id": 1, "image": "a.png"}]))
+    texts = [". The original equation is: $$", "costs $5 and $x^", "\\frac{a}{"]
+    assert caption_grid(root, [{"image_id": 1, "caption": t} for t in texts[:1]], tmp_path / "c.png").stat().st_size
+    rows = [{"image": str(root / "images" / "a.png"), "instruction": "(none: caption)", "answer": t} for t in texts]
+    assert instruction_grid(rows, tmp_path / "i.png").stat().st_size
