@@ -21,7 +21,7 @@ import registry
 from common.precision import PRECISIONS, autocast, compute_dtype, cpu_safe_, resolve_precision
 from models.assets import PACKAGE_PREFIX
 from models.base_model import BaseModel, block_index, config_kwargs, parameter_names
-from models.feature_cache import FrozenFeatureCache, encoder_fingerprint
+from models.feature_cache import FeatureCacheBusy, FrozenFeatureCache, encoder_fingerprint
 from models.quantize import quantize_image_encoder
 from models.qformer import QFormer
 from models.qformer_config import QFormerConfig, QFormerOutput
@@ -231,7 +231,11 @@ class Blip2Base(BaseModel):
             raise ValueError("cache_image_features needs a frozen image encoder (freeze_vit: true)")
         dtype = str(next(self.visual_encoder.parameters()).dtype)
         fingerprint = encoder_fingerprint(self.visual_encoder, self.visual_encoder.image_size, extra=dtype)
-        self.feature_cache = FrozenFeatureCache(root, fingerprint, rank=rank)
+        try:
+            self.feature_cache = FrozenFeatureCache(root, fingerprint, rank=rank)
+        except FeatureCacheBusy as busy:
+            logger.warning("%s. This job runs the image encoder on every batch.", busy)
+            self.feature_cache = None
 
     def encode_image(self, images: Tensor) -> Tensor:
         """images [B,3,S,S] -> image_embeds [B, N, W] = ln_vision(encoder(images)) in fp32."""

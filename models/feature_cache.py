@@ -9,15 +9,19 @@ changed encoder, size or checkpoint gets a fresh directory instead of stale feat
 ``keys.txt`` holds one line per row: the image key and a digest of the row's bytes. A row whose bytes
 no longer match (a damaged or truncated chunk) is recomputed by the encoder and rewritten, with a
 warning naming the chunk: a damaged cache costs time, never correctness.
+One process at a time writes a cache directory: it holds an exclusive lock (``flock`` on ``lock``, released when
+the process ends, however it ends); a job started meanwhile with the same encoder gets ``FeatureCacheBusy`` (the
+model then runs its encoder on every batch instead). Two writers would append different images to the same rows.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable
 
 import numpy as np
 import torch
@@ -27,6 +31,42 @@ logger = logging.getLogger(__name__)
 
 ROWS_PER_CHUNK = 256
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.bfloat16: np.uint16, torch.float16: np.float16}
+_HELD: dict[Path, tuple[IO[str], int]] = {}  # cache directories this process has locked: (lock file, open caches)
+
+
+class FeatureCacheBusy(RuntimeError):
+    """Another process holds the cache directory's lock."""
+
+
+def _lock(directory: Path) -> None:
+    """Lock ``directory`` for this process (shared by the caches it opens there), or raise FeatureCacheBusy."""
+    if directory in _HELD:
+        handle, users = _HELD[directory]
+        _HELD[directory] = (handle, users + 1)
+        return
+    handle = open(directory / "lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise FeatureCacheBusy(f"feature cache {directory} is in use by process {holder} (another job with the same "
+                               f"frozen encoder); set run.feature_cache_dir to another directory to cache this job's "
+                               f"features too") from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _HELD[directory] = (handle, 1)
+
+
+def _unlock(directory: Path) -> None:
+    handle, users = _HELD[directory]
+    if users > 1:
+        _HELD[directory] = (handle, users - 1)
+    else:
+        del _HELD[directory]
+        handle.close()  # releases the flock
 
 
 def encoder_fingerprint(encoder: nn.Module, image_size: int, extra: str = "") -> str:
@@ -57,8 +97,11 @@ class FrozenFeatureCache:
     """Maps preprocessed images to stored encoder features [N, W], computing only the misses."""
 
     def __init__(self, root: str | os.PathLike, fingerprint: str, rank: int = 0) -> None:
-        self.dir = Path(root).expanduser() / fingerprint / f"rank{rank}"
+        self.dir = Path(root).expanduser().resolve() / fingerprint / f"rank{rank}"
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._chunks: dict[int, np.memmap] = {}
+        _lock(self.dir)
+        self._locked = True
         self._keys_file = self.dir / "keys.txt"
         lines = self._keys_file.read_text().splitlines() if self._keys_file.exists() else []
         entries = [line.split() for line in lines]
@@ -66,12 +109,21 @@ class FrozenFeatureCache:
         self._digests = {row: entry[1] for row, entry in enumerate(entries) if len(entry) > 1}
         meta = self.dir / "meta.json"
         self._meta = json.loads(meta.read_text()) if meta.exists() else None
-        self._chunks: dict[int, np.memmap] = {}
         self.hits = 0
         self.misses = 0
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    def close(self) -> None:
+        """Release this cache's share of the directory lock (also on garbage collection)."""
+        if getattr(self, "_locked", False):
+            self._locked = False
+            self._chunks.clear()
+            _unlock(self.dir)
+
+    def __del__(self) -> None:
+        self.close()
 
     # -- storage ---------------------------------------------------------------------------------------------------
     def _chunk(self, index: int, create: bool) -> np.memmap:

@@ -366,7 +366,8 @@ class RunnerBase:
             raise ValueError(f"run.cache_image_features: {type(self.raw_model).__name__} has no frozen image encoder")
         root = os.path.expanduser(self.run_cfg.get("feature_cache_dir") or os.path.join(cache_root(), "feature_cache"))
         self.raw_model.enable_feature_cache(root, rank=self.rank)
-        logger.info("frozen-feature cache on under %s (valid only with deterministic image preprocessing)", root)
+        if getattr(self.raw_model, "feature_cache", None) is not None:
+            logger.info("frozen-feature cache on under %s (valid only with deterministic image preprocessing)", root)
 
     def evaluate(self) -> dict[str, Any]:
         """Evaluate the current weights on ``test_splits`` (or ``valid_splits``); used by runners.evaluate."""

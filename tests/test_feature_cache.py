@@ -74,3 +74,65 @@ def test_tiny_blip2_with_cache_gives_the_uncached_loss(tmp_path):
         second = model(samples)["loss"]
     assert model.feature_cache.hits == 2 and model.feature_cache.misses == 2
     assert torch.equal(uncached, first) and torch.equal(first, second)
+
+
+def _open_in_another_process(root, fingerprint) -> str:
+    """What a second process gets when it opens the cache: "opened" or the FeatureCacheBusy message."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys\nfrom models.feature_cache import FrozenFeatureCache, FeatureCacheBusy\n"
+            "try:\n    FrozenFeatureCache(sys.argv[1], sys.argv[2]).close()\n    print('opened')\n"
+            "except FeatureCacheBusy as busy:\n    print(busy)\n")
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code, str(root), fingerprint], capture_output=True, text=True,
+                          cwd=repo, timeout=120, check=True)
+    return done.stdout.strip()
+
+
+def test_one_process_at_a_time_writes_a_cache_directory(tmp_path):
+    """Two jobs with the same frozen encoder (the default run.feature_cache_dir is shared) would append different
+    images to the same rows: a second process is refused, naming the holder, until the first closes its caches."""
+    import os
+
+    encoder = CountingEncoder()
+    fingerprint = encoder_fingerprint(encoder, 16)
+    first = FrozenFeatureCache(tmp_path, fingerprint)
+    same_process = FrozenFeatureCache(tmp_path, fingerprint)  # one process shares its lock (stage 1, then stage 2)
+    refused = _open_in_another_process(tmp_path, fingerprint)
+    assert refused.startswith(f"feature cache {first.dir} is in use by process {os.getpid()}"), refused
+    first.close()
+    assert _open_in_another_process(tmp_path, fingerprint).startswith("feature cache")  # still held by same_process
+    same_process.close()
+    assert _open_in_another_process(tmp_path, fingerprint) == "opened"
+    reopened = FrozenFeatureCache(tmp_path, fingerprint)  # and this process can lock it again
+    reopened.close()
+
+
+def test_a_busy_cache_leaves_the_model_computing_its_features(tmp_path, caplog):
+    import fcntl
+
+    from models import load_model
+
+    torch.manual_seed(0)
+    model = load_model("blip2_opt", "tiny").eval()
+    size = model.visual_encoder.patch_embed.img_size[0] if hasattr(model.visual_encoder, "patch_embed") else 224
+    samples = {"image": torch.randn(2, 3, size, size), "text_input": ["a red circle", "two blue squares"]}
+    model.enable_feature_cache(str(tmp_path))
+    directory = model.feature_cache.dir
+    model.feature_cache.close()
+    model.feature_cache = None
+    with open(directory / "lock", "a+") as other:  # another process's lock (a separate open file holds it)
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.truncate(0)
+        other.write("4242\n")  # the holder writes its pid
+        other.flush()
+        with caplog.at_level("WARNING"), torch.no_grad():
+            model.enable_feature_cache(str(tmp_path))
+            loss = model(samples)["loss"]
+    assert model.feature_cache is None
+    assert f"feature cache {directory} is in use by process 4242" in caplog.text
+    model.enable_feature_cache(str(tmp_path))  # released: the cache is on again
+    with torch.no_grad():
+        assert torch.equal(model(samples)["loss"], loss) and model.feature_cache.misses == 2
