@@ -19,6 +19,7 @@ in, so BLIP-2 then loads them through the same plugins as real encoders and LLMs
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +150,11 @@ class CausalLMPretrainer(_PretrainBase):
     """A Hugging Face causal LM trained from scratch on ``samples["text_input"]`` (list[str]).
 
     ``tokenizer`` is a directory with a saved tokenizer; ``lm_config`` holds the Hugging Face
-    config fields (``model_type`` selects the architecture, e.g. ``opt``).
+    config fields (``model_type`` selects the architecture, e.g. ``opt``). Text matched by ``prompt_regex``
+    is context, not a target: its tokens get no loss (instruction tuning's loss on responses only). The demo
+    masks the "Question: ... Short answer:" of its question lines: the evaluation gives that prompt, so the LLM
+    need not write it; an LLM that had learnt to write questions would offer them as captions, and beam search
+    prefers them to a caption (their template tokens are near-certain).
     """
 
     default_model_type = "opt"
@@ -157,7 +162,8 @@ class CausalLMPretrainer(_PretrainBase):
     #: config field -> the tokenizer attribute it is taken from (unless lm_config sets it)
     token_ids = {"pad_token_id": "pad_token_id", "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id"}
 
-    def __init__(self, tokenizer: str, lm_config: dict[str, Any], max_txt_len: int = 64) -> None:
+    def __init__(self, tokenizer: str, lm_config: dict[str, Any], max_txt_len: int = 64,
+                 prompt_regex: str | None = None) -> None:
         super().__init__()
         import transformers
 
@@ -171,19 +177,35 @@ class CausalLMPretrainer(_PretrainBase):
         self.lm = getattr(transformers, self.auto_class).from_config(config)
         self._after_build()
         self.max_txt_len = max_txt_len
+        self.prompt_regex = re.compile(prompt_regex) if prompt_regex else None
 
     def _after_build(self) -> None:
         """Hook for architecture-specific fixes right after construction."""
 
     @classmethod
     def from_config(cls, cfg: Any) -> "CausalLMPretrainer":
-        return cls(cfg.tokenizer, dict(cfg.lm_config), cfg.get("max_txt_len", 64))
+        return cls(cfg.tokenizer, dict(cfg.lm_config), cfg.get("max_txt_len", 64), cfg.get("prompt_regex"))
+
+    def prompt_mask(self, texts: list[str], offsets: torch.Tensor) -> torch.Tensor:
+        """[B, T] True where a token starts inside a ``prompt_regex`` match; ``offsets`` [B, T, 2] are the
+        tokens' character spans (special tokens: (0, 0), never masked)."""
+        mask = torch.zeros(offsets.shape[:2], dtype=torch.bool)
+        if self.prompt_regex is None:
+            return mask
+        starts, ends = offsets[..., 0], offsets[..., 1]
+        for i, text in enumerate(texts):
+            for match in self.prompt_regex.finditer(text):
+                mask[i] |= (starts[i] >= match.start()) & (starts[i] < match.end()) & (ends[i] > starts[i])
+        return mask
 
     def forward(self, samples: dict[str, Any]) -> dict[str, torch.Tensor]:
         device = next(self.parameters()).device
-        enc = self.tokenizer(list(samples["text_input"]), return_tensors="pt", padding="longest",
-                             truncation=True, max_length=self.max_txt_len).to(device)
-        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)  # [B, T]
+        texts = list(samples["text_input"])
+        enc = self.tokenizer(texts, return_tensors="pt", padding="longest", truncation=True,
+                             max_length=self.max_txt_len, return_offsets_mapping=True)
+        no_loss = (enc.attention_mask == 0) | self.prompt_mask(texts, enc.pop("offset_mapping"))
+        enc = enc.to(device)
+        labels = enc.input_ids.masked_fill(no_loss.to(device), -100)  # [B, T]
         out = self.lm(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels)
         return {"loss": out.loss}
 

@@ -233,6 +233,45 @@ def test_tokenizer_and_llm_export_load_through_the_opt_plugin(tmp_path):
                                    trained.lm(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits)
 
 
+def test_lm_pretrain_gives_no_loss_on_the_question_prompt(tmp_path):
+    """lm_pretrain.yaml's prompt_regex: the tokens of "Question: ... Short answer:" are context (no loss); the
+    description, "</s>" and the answer are targets. Reference: the loss with labels masked by hand from the
+    tokens' text."""
+    import registry
+    from omegaconf import OmegaConf
+
+    from projects.blip2.demo.frozen_models import train_shapes_tokenizer
+
+    lines = ["a red circle</s>Question: what color is the circle? Short answer: red\n",
+             "a blue square to the left of a red cross</s>a red cross and a blue square\n"]
+    tok_dir = train_shapes_tokenizer(lines * 20, tmp_path / "tok", vocab_size=300)
+    regex = OmegaConf.load(Path(shapes.__file__).parent / "lm_pretrain.yaml").model.prompt_regex
+    cfg = OmegaConf.create({"tokenizer": str(tok_dir), "prompt_regex": regex, "lm_config": {
+        "model_type": "opt", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "ffn_dim": 64,
+        "word_embed_proj_dim": 32, "max_position_embeddings": 64}})
+    torch.manual_seed(0)
+    model = registry.models.get("frozen_lm_pretrain").from_config(cfg).eval()
+    tok = model.tokenizer
+    enc = tok(lines, return_tensors="pt", padding="longest")
+    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+    ids = enc.input_ids[0].tolist()
+    prefixes = [tok.decode(ids[:i]) for i in range(len(ids) + 1)]  # the text of the first i tokens
+    start = next(i for i in range(2, len(ids)) if prefixes[i].endswith("</s>"))  # the second "</s>"
+    end = next(i for i in range(start, len(ids)) if prefixes[i].endswith("Short answer:"))
+    assert prefixes[end] == "</s>" + lines[0].split(" red\n")[0] and tok.decode(ids[end:]) == " red\n"
+    labels[0, start:end] = -100  # tokens "Question" ... ":"
+    with torch.no_grad():
+        expected = model.lm(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels).loss
+        assert float(model({"text_input": lines})["loss"]) == pytest.approx(float(expected), rel=1e-6)
+        unmasked = model.lm(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                            labels=enc.input_ids.masked_fill(enc.attention_mask == 0, -100)).loss
+    assert abs(float(unmasked) - float(expected)) > 1e-3  # the mask changes the loss
+    no_regex = registry.models.get("frozen_lm_pretrain").from_config(OmegaConf.merge(cfg, {"prompt_regex": None}))
+    no_regex.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert float(no_regex.eval()({"text_input": lines})["loss"]) == pytest.approx(float(unmasked), rel=1e-6)
+
+
 def test_seq2seq_pairs_split_description_from_continuation(data_root):
     lines = shapes.lm_corpus(data_root, "train", seed=0, copies=1)
     pairs = [shapes.seq2seq_pair(line) for line in lines]
