@@ -177,7 +177,10 @@ class CausalLMPretrainer(_PretrainBase):
         self.lm = getattr(transformers, self.auto_class).from_config(config)
         self._after_build()
         self.max_txt_len = max_txt_len
-        self.prompt_regex = re.compile(prompt_regex) if prompt_regex else None
+        try:
+            self.prompt_regex = re.compile(prompt_regex) if prompt_regex else None
+        except re.error as err:
+            raise ValueError(f"model.prompt_regex {prompt_regex!r} is not a regular expression: {err}") from None
 
     def _after_build(self) -> None:
         """Hook for architecture-specific fixes right after construction."""
@@ -190,8 +193,6 @@ class CausalLMPretrainer(_PretrainBase):
         """[B, T] True where a token starts inside a ``prompt_regex`` match; ``offsets`` [B, T, 2] are the
         tokens' character spans (special tokens: (0, 0), never masked)."""
         mask = torch.zeros(offsets.shape[:2], dtype=torch.bool)
-        if self.prompt_regex is None:
-            return mask
         starts, ends = offsets[..., 0], offsets[..., 1]
         for i, text in enumerate(texts):
             for match in self.prompt_regex.finditer(text):
@@ -201,9 +202,12 @@ class CausalLMPretrainer(_PretrainBase):
     def forward(self, samples: dict[str, Any]) -> dict[str, torch.Tensor]:
         device = next(self.parameters()).device
         texts = list(samples["text_input"])
+        masked = self.prompt_regex is not None  # token offsets (a fast tokenizer) only when asked for
         enc = self.tokenizer(texts, return_tensors="pt", padding="longest", truncation=True,
-                             max_length=self.max_txt_len, return_offsets_mapping=True)
-        no_loss = (enc.attention_mask == 0) | self.prompt_mask(texts, enc.pop("offset_mapping"))
+                             max_length=self.max_txt_len, return_offsets_mapping=masked)
+        no_loss = enc.attention_mask == 0
+        if masked:
+            no_loss |= self.prompt_mask(texts, enc.pop("offset_mapping"))
         enc = enc.to(device)
         labels = enc.input_ids.masked_fill(no_loss.to(device), -100)  # [B, T]
         out = self.lm(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels)

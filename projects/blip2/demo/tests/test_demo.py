@@ -270,6 +270,8 @@ def test_lm_pretrain_gives_no_loss_on_the_question_prompt(tmp_path):
     no_regex.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert float(no_regex.eval()({"text_input": lines})["loss"]) == pytest.approx(float(unmasked), rel=1e-6)
+    with pytest.raises(ValueError, match=r"model.prompt_regex 'Question: \(' is not a regular expression"):
+        registry.models.get("frozen_lm_pretrain").from_config(OmegaConf.merge(cfg, {"prompt_regex": "Question: ("}))
 
 
 def test_seq2seq_pairs_split_description_from_continuation(data_root):
