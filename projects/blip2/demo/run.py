@@ -40,7 +40,7 @@ from typing import Any, Sequence
 from projects.blip2.demo.pipeline import Pipeline, prepare_out_dir, say, torch_threads, write_qformer_vocab
 from projects.blip2.demo.pretrained import BUDGETS as PRETRAINED_BUDGETS
 from projects.blip2.demo.pretrained import (
-    QFORMERS, PretrainedDemo, instructions_text, scratch_parts_reference, summary,
+    LLM_PRECISIONS, QFORMERS, PretrainedDemo, instructions_text, scratch_parts_reference, summary,
 )
 from projects.blip2.demo.report import (
     VQA_TYPES, read_result, caption_attribute_accuracies, caption_grid, examples, loss_curves, metric_table,
@@ -179,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              "encoder-decoder (blip2_t5)")
     parser.add_argument("--qformer", choices=sorted(QFORMERS), default="scratch",
                         help="--parts pretrained: the Q-Former, 2 x 128 from scratch or all-MiniLM-L6-v2 (6 x 384)")
+    parser.add_argument("--precision", choices=LLM_PRECISIONS, default="auto",
+                        help="--parts pretrained: the frozen LLM's precision; auto: bf16 on a CPU with native bf16 "
+                             "(AVX512-BF16 / AMX), fp32 elsewhere")
     parser.add_argument("--stage2-steps", type=int, default=0,
                         help="stage-2 optimizer steps, one cosine schedule over them (0: the budget's; "
                              "projects/blip2/demo/RESULTS.md shows how captions grow with them)")
@@ -191,6 +194,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error("--llm chooses between the demo's own LLMs (--parts scratch); --parts pretrained uses SmolLM2")
     if args.parts == "scratch" and args.qformer != "scratch":
         parser.error("--qformer minilm needs --parts pretrained")
+    if args.parts == "scratch" and args.precision != "auto":
+        parser.error("--precision sets the pre-trained LLM's precision (--parts pretrained); the demo's own small "
+                     "parts compute in fp32")
     if args.stage2_steps < 0:
         parser.error(f"--stage2-steps must be a positive number of steps (0: the budget's), got {args.stage2_steps}")
 
@@ -219,7 +225,8 @@ def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
     if args.max_steps:
         budget.update({k: min(v, args.max_steps) for k, v in budget.items() if isinstance(v, int)})
     if args.parts == "pretrained":
-        demo: Pipeline = PretrainedDemo(out, budget, args.seed, args.options, qformer=args.qformer)
+        demo: Pipeline = PretrainedDemo(out, budget, args.seed, args.options, qformer=args.qformer,
+                                        precision=args.precision)
     else:
         demo = Demo(out, budget, args.seed, args.options, llm=args.llm)
     result = demo.run_all(args.ablation)
@@ -241,7 +248,7 @@ def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
     report = {"metrics": metrics, "chance": chance, "seconds": {**demo.timings, "total": total},
               "budget": budget, "parts": args.parts, "llm": args.llm, "torch_threads": torch.get_num_threads()}
     if args.parts == "pretrained":
-        report.update({"qformer": args.qformer, "instructed": instructed})
+        report.update({"qformer": args.qformer, "llm_precision": demo.llm_precision, "instructed": instructed})
     (out / "metrics.json").write_text(json.dumps(report, indent=1))
     if args.parts == "pretrained":
         say("\n" + summary(demo, budget, total))

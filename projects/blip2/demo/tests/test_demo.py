@@ -490,10 +490,39 @@ def test_quick_demo_on_pretrained_parts(tmp_path, monkeypatch, capsys):
         assert (out / name).is_file(), name
     printed = capsys.readouterr().out
     assert "SmolLM2-135M-Instruct" in printed and "EfficientNet-Lite0" in printed and "scratch parts" in printed
+    # --precision auto: bf16 where the CPU computes it natively; stage 2 was trained and evaluated in it
+    from common.precision import cpu_has_fast_bf16
+
+    precision = "bf16" if cpu_has_fast_bf16() else "fp32"
+    assert report["llm_precision"] == precision and f"dequantised to {precision}" in printed
+    from omegaconf import OmegaConf
+
+    for job in ("stage2", "eval_caption", "eval_vqa"):
+        assert OmegaConf.load(out / "runs" / job / "config.yaml").model.llm_precision == precision, job
     with pytest.raises(SystemExit):
         demo.main(["--parts", "pretrained", "--llm", "t5", "--out", str(tmp_path / "never")])
     with pytest.raises(SystemExit):
         demo.main(["--parts", "pretrained", "--stage2-steps", "-1", "--out", str(tmp_path / "never")])
+
+
+def test_llm_precision_auto_follows_the_cpu(monkeypatch, tmp_path):
+    """``--precision auto`` gives the frozen LLM bf16 only where the CPU computes bf16 natively; the precision reaches
+    every run that builds the LLM (stage 2 and the evaluations of its checkpoints), not stage 1 (no LLM there)."""
+    from projects.blip2.demo import pretrained
+
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(pretrained, "cpu_has_fast_bf16", lambda native=native: native)
+        assert pretrained.resolve_llm_precision("auto") == expected
+        assert pretrained.resolve_llm_precision("fp32") == "fp32"
+        demo = pretrained.PretrainedDemo(tmp_path, pretrained.BUDGETS["quick"], 0, precision="auto")
+        assert demo.llm_options()[-1] == f"model.llm_precision={expected}"
+        assert not any(option.startswith("model.llm_precision") for option in demo.options())
+    with pytest.raises(ValueError, match="--precision must be one of auto, fp32, bf16, got 'fp16'"):
+        pretrained.resolve_llm_precision("fp16")
+    from projects.blip2.demo import run as demo_cli
+
+    with pytest.raises(SystemExit):  # the scratch parts are the demo's own small models, always fp32
+        demo_cli.main(["--precision", "bf16", "--out", str(tmp_path / "never")])
 
 
 def test_metric_table_shows_a_reference_column():
