@@ -9,12 +9,15 @@ Hand-written because torch's ``CosineAnnealingLR`` gives every group the same ab
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 import torch
 
 import registry
+
+logger = logging.getLogger(__name__)
 
 
 class StepLRSchedule:
@@ -40,6 +43,10 @@ class StepLRSchedule:
         self.min_lr = float(min_lr if min_lr is not None else 0.0)
         # LAVIS convention: warmup_lr < 0 means "start the warmup at init_lr" (i.e. no warmup ramp).
         self.warmup_lr = float(init_lr if warmup_lr is None or warmup_lr < 0 else warmup_lr)
+        if warmup_steps > 0 and self.warmup_lr == self.init_lr:
+            logger.warning("run.warmup_steps=%d has no effect: the warmup starts at run.init_lr (%g) because "
+                           "run.warmup_lr is unset or equal to it (LAVIS's convention), so the LR is flat from step "
+                           "0; set run.warmup_lr (e.g. 1e-6) for a ramp", warmup_steps, self.init_lr)
         self.warmup_steps = int(warmup_steps)
         self.total_steps = max(int(total_steps), 1)
         self.steps_per_epoch = max(int(steps_per_epoch), 1)

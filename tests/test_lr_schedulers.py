@@ -75,11 +75,19 @@ def test_constant_lr_with_and_without_warmup():
     assert sched.step(0) == pytest.approx(1e-4)
 
 
-def test_negative_warmup_lr_means_init_lr():
+def test_negative_warmup_lr_means_init_lr(caplog):
+    """LAVIS's convention, kept: no ramp when warmup_lr is unset or negative; a warning says warmup_steps is moot."""
     opt = _optimizer()
-    sched = build_lr_scheduler("linear_warmup_cosine_lr", opt, _run(warmup_lr=-1, warmup_steps=5),
-                               total_steps=20, steps_per_epoch=5)
-    assert sched.step(0) == pytest.approx(1e-4)
+    with caplog.at_level("WARNING", logger="runners.lr_schedulers"):
+        sched = build_lr_scheduler("linear_warmup_cosine_lr", opt, _run(warmup_lr=-1, warmup_steps=5),
+                                   total_steps=20, steps_per_epoch=5)
+    assert sched.step(0) == pytest.approx(1e-4) == sched.step(4)
+    assert "run.warmup_steps=5 has no effect" in caplog.text and "run.warmup_lr" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="runners.lr_schedulers"):
+        build_lr_scheduler("linear_warmup_cosine_lr", opt, _run(warmup_lr=1e-6, warmup_steps=5), 20, 5)
+        build_lr_scheduler("linear_warmup_cosine_lr", opt, _run(warmup_lr=-1, warmup_steps=0), 20, 5)
+    assert caplog.text == ""
 
 
 def test_state_dict_round_trip_restores_lrs():
