@@ -44,9 +44,9 @@ class StepLRSchedule:
         # LAVIS convention: warmup_lr < 0 means "start the warmup at init_lr" (i.e. no warmup ramp).
         self.warmup_lr = float(init_lr if warmup_lr is None or warmup_lr < 0 else warmup_lr)
         if warmup_steps > 0 and self.warmup_lr == self.init_lr:
-            logger.warning("run.warmup_steps=%d has no effect: the warmup starts at run.init_lr (%g) because "
-                           "run.warmup_lr is unset or equal to it (LAVIS's convention), so the LR is flat from step "
-                           "0; set run.warmup_lr (e.g. 1e-6) for a ramp", warmup_steps, self.init_lr)
+            logger.warning("run.warmup_steps=%d ramps nothing: run.warmup_lr is unset or equal to run.init_lr, so "
+                           "(LAVIS's convention) the LR holds at init_lr (%g) for those steps before it decays; set "
+                           "run.warmup_lr (e.g. 1e-6) for a linear ramp", warmup_steps, self.init_lr)
         self.warmup_steps = int(warmup_steps)
         self.total_steps = max(int(total_steps), 1)
         self.steps_per_epoch = max(int(steps_per_epoch), 1)

@@ -76,13 +76,13 @@ def test_constant_lr_with_and_without_warmup():
 
 
 def test_negative_warmup_lr_means_init_lr(caplog):
-    """LAVIS's convention, kept: no ramp when warmup_lr is unset or negative; a warning says warmup_steps is moot."""
+    """LAVIS's convention, kept: no ramp when warmup_lr is unset or negative; a warning says so."""
     opt = _optimizer()
     with caplog.at_level("WARNING", logger="runners.lr_schedulers"):
         sched = build_lr_scheduler("linear_warmup_cosine_lr", opt, _run(warmup_lr=-1, warmup_steps=5),
                                    total_steps=20, steps_per_epoch=5)
     assert sched.step(0) == pytest.approx(1e-4) == sched.step(4)
-    assert "run.warmup_steps=5 has no effect" in caplog.text and "run.warmup_lr" in caplog.text
+    assert "run.warmup_steps=5 ramps nothing" in caplog.text and "set run.warmup_lr" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="runners.lr_schedulers"):
         build_lr_scheduler("linear_warmup_cosine_lr", opt, _run(warmup_lr=1e-6, warmup_steps=5), 20, 5)
