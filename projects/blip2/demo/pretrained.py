@@ -99,6 +99,11 @@ class PretrainedDemo(Pipeline):
         ret = self.evaluate("zero-shot retrieval (held-out images)", "pretrained_eval_retrieval.yaml",
                             "eval_retrieval", stage1, self.options())
         metrics["blip2"] = {k: ret[k] for k in ret if k.startswith(("txt_r", "img_r", "itc_txt_r", "itc_img_r"))}
+        # what the stage-1 queries hold: captions by the Q-Former's own text decoder (ITG), before any LLM
+        self.evaluate("stage 1's own captions (the Q-Former's text decoder, no LLM)",
+                      "pretrained_eval_itg_caption.yaml", "eval_itg_caption", stage1, self.options())
+        itg = caption_attribute_accuracies(data_root, read_result(self.runs / "eval_itg_caption", "test"))
+        metrics["blip2"]["itg_caption_attr_acc"] = itg["caption_attr_acc"]
         for name, job_dir in variants.items():
             suffix = "" if name == "blip2" else f"_{name}"
             ckpt_path = self.checkpoint(job_dir.name)

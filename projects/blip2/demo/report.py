@@ -51,6 +51,7 @@ ROWS = [
     ("caption_attr_acc_1", "  images with 1 object"),
     ("caption_attr_acc_2", "  images with 2 objects"),
     ("caption_attr_acc_3", "  images with 3 objects"),
+    ("itg_caption_attr_acc", "captions all right, stage-1 Q-Former alone (ITG) %"),
     ("vqa_acc", "VQA accuracy %"),
     ("vqa_acc_color", "  colour questions"),
     ("vqa_acc_shape", "  shape questions"),
@@ -85,7 +86,8 @@ def metric_table(metrics: dict[str, dict], chance: dict[str, float],
         scale = 100.0 if key in ("Bleu_4", "CIDEr") else 1.0
         values = [None if v is None else v * scale for v in values]
         label = label + (" (x100)" if scale == 100.0 else "")
-        level = chance.get(key.removeprefix("itc_").removeprefix("llm_text_"), 0.0 if scale == 100.0 else None)
+        level = chance.get(key.removeprefix("itc_").removeprefix("itg_").removeprefix("llm_text_"),
+                           0.0 if scale == 100.0 else None)
         row = [label, *map(_fmt, values), _fmt(level)]
         if reference:
             ref = reference["metrics"].get(key)

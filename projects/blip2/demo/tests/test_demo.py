@@ -471,6 +471,7 @@ def test_quick_demo_on_pretrained_parts(tmp_path, monkeypatch, capsys):
     for key, chance_key, factor in (("itc_txt_r1", "txt_r1", 8), ("itc_img_r1", "img_r1", 8),
                                     ("txt_r5", "txt_r5", 3), ("img_r5", "img_r5", 3)):
         assert metrics[key] >= factor * chance[chance_key], (key, metrics[key], chance[chance_key])
+    assert 0 <= metrics["itg_caption_attr_acc"] <= 100  # the stage-1 Q-Former's own captions (no LLM)
     for prefix in ("vqa_acc", "llm_text_vqa_acc"):
         assert 0 <= metrics[prefix] <= 100
         assert {f"{prefix}_{kind}" for kind in ("color", "shape", "number", "yes/no")} <= set(metrics)
@@ -558,6 +559,19 @@ def test_pretrained_yamls_build_one_stage2_model():
     vqa = built["pretrained_eval_vqa"]
     assert vqa.pop("llm_kwargs") == {"stop_at_newline": "any"} == vqa_llm_overrides()["llm_kwargs"]
     assert vqa == built["pretrained_stage2"]
+
+
+def test_pretrained_stage1_evaluations_build_the_stage1_model():
+    """Retrieval and the Q-Former's own captions (ITG) load the stage-1 checkpoint into the model stage 1 trained."""
+    from omegaconf import OmegaConf
+
+    demo_dir = Path(__file__).resolve().parents[1]
+    models = {name: OmegaConf.to_container(OmegaConf.load(demo_dir / f"{name}.yaml").model)
+              for name in ("pretrained_stage1", "pretrained_eval_retrieval", "pretrained_eval_itg_caption")}
+    for model in models.values():
+        model.pop("bert")  # stage 1 may start from a BERT checkpoint; the evaluations read the Q-Former's weights
+    assert models["pretrained_eval_itg_caption"] == models["pretrained_eval_retrieval"] == models["pretrained_stage1"]
+    assert OmegaConf.load(demo_dir / "pretrained_eval_itg_caption.yaml").run.task == "captioning"
 
 
 def test_runs_as_a_module_and_is_a_plugin(repo_root):
