@@ -188,6 +188,16 @@ def examples(data_root: Path, captions: list[dict], k: int = 5) -> str:
 
 def instruction_grid(rows: list[dict[str, str]], path: Path, width: int = 40) -> Path:
     """PNG like the paper's Figure 4: each image once, with every instruction given to it and the model's answer."""
+    import matplotlib.pyplot as plt
+
+    fig = instruction_figure(rows, width)
+    _save_text_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+def instruction_figure(rows: list[dict[str, str]], width: int = 40):
+    """The figure of ``instruction_grid``: rows of images, each with a row of its instructions and answers below."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,20 +205,20 @@ def instruction_grid(rows: list[dict[str, str]], path: Path, width: int = 40) ->
     from PIL import Image
 
     images = list(dict.fromkeys(r["image"] for r in rows))
+    labels = {image: [] for image in images}
+    for r in rows:
+        labels[r["image"]] += _wrap(f"> {r['instruction']}", width) + _wrap(f"  {r['answer']}", width)
     cols = 4
     nrows = (len(images) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 4.6 * nrows), squeeze=False)
-    for ax, image in zip(axes.flat, images):
-        ax.imshow(Image.open(image).convert("RGB").resize((160, 160)))
-        lines = []
-        for r in rows:
-            if r["image"] == image:
-                lines += _wrap(f"> {r['instruction']}", width) + _wrap(f"  {r['answer']}", width)
-        ax.set_xlabel("\n".join(lines), fontsize=7, loc="left", parse_math=False)  # generated text, not mathtext
-        ax.set_xticks([])
-        ax.set_yticks([])
-    for ax in list(axes.flat)[len(images):]:
+    # under each row of images a row of text, tall enough for the longest (7-pt lines, about 0.13 inch each)
+    text_height = 0.13 * max(len(lines) for lines in labels.values()) + 0.1
+    fig, axes = plt.subplots(2 * nrows, cols, figsize=(3.6 * cols, (3.4 + text_height) * nrows), squeeze=False,
+                             gridspec_kw={"height_ratios": [3.4, text_height] * nrows})
+    for ax in axes.flat:
         ax.axis("off")
-    _save_text_figure(fig, path)
-    plt.close(fig)
-    return path
+    for i, image in enumerate(images):
+        image_ax, text_ax = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
+        image_ax.imshow(Image.open(image).convert("RGB").resize((160, 160)))
+        text_ax.text(0.0, 1.0, "\n".join(labels[image]), fontsize=7, va="top", ha="left",
+                     transform=text_ax.transAxes, parse_math=False)  # generated text, not mathtext
+    return fig

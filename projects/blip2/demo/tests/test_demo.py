@@ -606,3 +606,33 @@ def test_figures_draw_generated_text_as_it_is(tmp_path):
     assert caption_grid(root, [{"image_id": 1, "caption": t} for t in texts[:1]], tmp_path / "c.png").stat().st_size
     rows = [{"image": str(root / "images" / "a.png"), "instruction": "(none: caption)", "answer": t} for t in texts]
     assert instruction_grid(rows, tmp_path / "i.png").stat().st_size
+
+
+def test_instruction_figure_keeps_each_text_between_its_image_and_the_next_row(tmp_path):
+    """Long answers (an LLM's) make tall texts: each image's text sits below its image and above the next row's images,
+    never over them (the first layout let them run into the next row)."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from projects.blip2.demo.report import instruction_figure
+
+    paths = []
+    for i in range(6):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (32, 32), "blue").save(paths[-1])
+    rows = [{"image": str(p), "instruction": f"question {k}?", "answer": "a long answer " * (3 + 4 * k)}
+            for p in paths for k in range(3)]
+    fig = instruction_figure(rows)
+    fig.tight_layout()
+    renderer = fig.canvas.get_renderer()
+    images = [ax for ax in fig.axes if ax.images]
+    texts = [ax.texts[0] for ax in fig.axes if ax.texts]
+    assert len(images) == len(texts) == 6
+    for image_ax, text in zip(images, texts):
+        box, above = text.get_window_extent(renderer), image_ax.get_window_extent(renderer)
+        assert box.y1 <= above.y0 + 1  # below its own image (display y grows upwards; 1 px of rounding)
+        for other in images:
+            other_box = other.get_window_extent(renderer)
+            if other_box.y1 < above.y0:  # an image of a lower row
+                assert box.y0 >= other_box.y1 - 1, (box, other_box)
+    plt.close(fig)
