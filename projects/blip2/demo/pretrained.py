@@ -67,7 +67,7 @@ class PretrainedDemo(Pipeline):
     image_size = 128
 
     def __init__(self, out: Path, budget: dict[str, Any], seed: int, extra=(), qformer: str = "scratch",
-                 precision: str = "fp32") -> None:
+                 precision: str = "auto") -> None:
         if qformer not in QFORMERS:
             raise ValueError(f"--qformer must be one of {sorted(QFORMERS)}, got {qformer!r}")
         super().__init__(out, budget, seed, extra)
