@@ -1,7 +1,9 @@
-"""AdamW over trainable parameters only, with per-group weight decay and ``lr_scale``."""
+"""AdamW over trainable parameters only, with per-group weight decay and ``lr_scale`` (from the model's layer-wise
+LR decay and from ``run.lr_scales``)."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -52,10 +54,44 @@ def build_param_groups(model: torch.nn.Module, weight_decay: float, lr_layer_dec
     return cleaned
 
 
+def scale_lr_by_prefix(model: torch.nn.Module, groups: list[dict], lr_scales: Mapping[str, Any]) -> list[dict]:
+    """``run.lr_scales`` ({parameter-name prefix: factor}): a parameter under a prefix (the longest one that matches,
+    whole dotted components) has its group's ``lr_scale`` multiplied by the factor; each group is split by factor.
+    A prefix that names no trainable parameter, or a factor that is not a number >= 0, is an error. Empty: the
+    groups unchanged (every parameter at the schedule's LR, as the released recipes train)."""
+    if not lr_scales:
+        return groups
+    names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    factors: dict[str, float] = {}
+    for prefix, factor in dict(lr_scales).items():
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 0:
+            raise ValueError(f"run.lr_scales.{prefix}: the LR factor must be a number >= 0, got {factor!r}")
+        if not any(n == prefix or n.startswith(prefix + ".") for n in names.values()):
+            tops = sorted({n.split(".")[0] for n in names.values()})
+            raise ValueError(f"run.lr_scales: {prefix!r} names no trainable parameter; trainable parameters are "
+                             f"under {', '.join(tops)}")
+        factors[str(prefix)] = float(factor)
+
+    def factor_of(name: str) -> float:
+        matches = [p for p in factors if name == p or name.startswith(p + ".")]
+        return factors[max(matches, key=len)] if matches else 1.0
+
+    split: list[dict] = []
+    for group in groups:
+        by_factor: dict[float, list] = {}
+        for param in group["params"]:
+            by_factor.setdefault(factor_of(names[id(param)]), []).append(param)
+        for factor, params in by_factor.items():
+            split.append({**group, "params": params, "lr_scale": group.get("lr_scale", 1.0) * factor})
+    return split
+
+
 def build_optimizer(model: torch.nn.Module, run_cfg: Any) -> torch.optim.AdamW:
-    """AdamW with ``run.init_lr``, betas ``(run.beta1, run.beta2)``, ``run.weight_decay`` and ``run.adam_eps``."""
+    """AdamW with ``run.init_lr``, betas ``(run.beta1, run.beta2)``, ``run.weight_decay``, ``run.adam_eps`` and
+    ``run.lr_scales``."""
     get = run_cfg.get
     groups = build_param_groups(model, float(get("weight_decay", 0.05)), float(get("lr_layer_decay", 1.0)))
+    groups = scale_lr_by_prefix(model, groups, get("lr_scales", None) or {})
     betas = (float(get("beta1", 0.9)), float(get("beta2", 0.999)))
     return torch.optim.AdamW(groups, lr=float(get("init_lr")), betas=betas, eps=float(get("adam_eps", 1e-8)),
                              weight_decay=float(get("weight_decay", 0.05)),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from omegaconf import ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,8 @@ RUN_SCHEMA: dict[str, RunKey] = {
     "lr_decay_rate": _rate("decay per epoch of linear_warmup_step_lr"),
     "weight_decay": RunKey("AdamW weight decay (not applied to biases, norms, 1-d params)", _NUM, low=0.0),
     "lr_layer_decay": _fraction("layer-wise LR decay for a trainable ViT (1: off)", open_low=True),
+    "lr_scales": RunKey("LR factor per parameter-name prefix, e.g. {Qformer: 0.1} (factor >= 0; none: every "
+                        "parameter at the scheduled LR)", (dict, DictConfig) + _NONE),
     "beta1": _fraction("AdamW beta1"),
     "beta2": _fraction("AdamW beta2"),
     "grad_clip": RunKey("max gradient norm (null/0: no clipping)", _NUM + _NONE, low=0.0),

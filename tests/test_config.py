@@ -268,6 +268,7 @@ def test_task_and_runner_declare_extra_run_keys(fakes):
         ("beta2", 1.5, False), ("num_workers", -2, False), ("num_workers", 0, True), ("warmup_lr", -1, True),
         ("stop_signals", ["SIGTERM"], True), ("stop_signals", ["SIGKILL"], False),
         ("train_splits", ["train"], True), ("grad_clip", None, True), ("grad_clip", -1.0, False),
+        ("lr_scales", {"Qformer": 0.1}, True), ("lr_scales", None, True), ("lr_scales", 0.1, False),
     ],
 )
 def test_run_value_checks(fakes, key, value, ok):

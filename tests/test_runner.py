@@ -239,6 +239,42 @@ def test_optimizer_groups_decay_lr_scale_and_frozen(tmp_path, fake_plugin_dir):
     assert id(model.norm.weight) in {id(p) for p in no_decay["params"]} and no_decay["weight_decay"] == 0.0
 
 
+def test_lr_scales_multiply_the_lr_of_parameters_under_a_prefix(tmp_path, fake_plugin_dir):
+    """``run.lr_scales`` {prefix: factor} multiplies the LR of the parameters under each prefix (whole name
+    components), on top of the layer-wise decay; the scheduler's LR reaches each group times its scale."""
+    from runners.optim import build_optimizer
+
+    runner = build_runner(tmp_path, fake_plugin_dir, lr_layer_decay=0.5, lr_scales={"proj": 0.1, "head": 0.0})
+    model = runner.raw_model
+    opt = build_optimizer(model, runner.run_cfg)
+    scales = {id(p): g.get("lr_scale", 1.0) for g in opt.param_groups for p in g["params"]}
+    assert scales[id(model.proj.weight)] == pytest.approx(0.05)  # 0.5 (layer decay) x 0.1
+    assert scales[id(model.proj.bias)] == pytest.approx(0.1) and scales[id(model.head.weight)] == 0.0
+    assert scales[id(model.norm.weight)] == 1.0
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {
+        id(p) for p in model.parameters() if p.requires_grad}
+    from runners.lr_schedulers import LinearWarmupCosineLR
+
+    LinearWarmupCosineLR(opt, init_lr=1e-3, total_steps=10).step(0)
+    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lrs[id(model.proj.weight)] == pytest.approx(5e-5) and lrs[id(model.norm.weight)] == pytest.approx(1e-3)
+    assert lrs[id(model.head.weight)] == 0.0
+
+
+@pytest.mark.parametrize("lr_scales, message", [
+    ({"pro": 0.1}, "'pro' names no trainable parameter; trainable parameters are under head, norm, proj"),
+    ({"encoder": 0.1}, "'encoder' names no trainable parameter"),  # frozen
+    ({"proj": -1}, "run.lr_scales.proj: the LR factor must be a number >= 0, got -1"),
+])
+def test_lr_scales_refuses_unknown_prefixes_and_negative_factors(tmp_path, fake_plugin_dir, lr_scales, message):
+    from runners.optim import build_optimizer
+
+    runner = build_runner(tmp_path, fake_plugin_dir, lr_scales=lr_scales)
+    with pytest.raises(ValueError) as err:
+        build_optimizer(runner.raw_model, runner.run_cfg)
+    assert message in str(err.value)
+
+
 def test_fused_adamw_equals_the_reference_update(tmp_path, fake_plugin_dir):
     """The runner's AdamW is the fused kernel on CPU; three steps match PyTorch's single-tensor loop to 1e-6."""
     from runners.optim import build_optimizer
