@@ -182,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--precision", choices=LLM_PRECISIONS, default="auto",
                         help="--parts pretrained: the frozen LLM's precision; auto: bf16 on a CPU with native bf16 "
                              "(AVX512-BF16 / AMX), fp32 elsewhere")
+    parser.add_argument("--stage1-steps", type=int, default=0,
+                        help="stage-1 optimizer steps, one cosine schedule over them (0: the budget's)")
     parser.add_argument("--stage2-steps", type=int, default=0,
                         help="stage-2 optimizer steps, one cosine schedule over them (0: the budget's; "
                              "projects/blip2/demo/RESULTS.md shows how captions grow with them)")
@@ -197,8 +199,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.parts == "scratch" and args.precision != "auto":
         parser.error("--precision sets the pre-trained LLM's precision (--parts pretrained); the demo's own small "
                      "parts compute in fp32")
-    if args.stage2_steps < 0:
-        parser.error(f"--stage2-steps must be a positive number of steps (0: the budget's), got {args.stage2_steps}")
+    for flag in ("stage1_steps", "stage2_steps"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')} must be a positive number of steps (0: the budget's), "
+                         f"got {getattr(args, flag)}")
 
     if not args.verbose:
         logging.disable(logging.INFO)
@@ -220,8 +224,9 @@ def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
     start = time.time()
     budgets = PRETRAINED_BUDGETS if args.parts == "pretrained" else BUDGETS
     budget = dict(budgets["quick" if args.quick else "full"])
-    if args.stage2_steps:
-        budget["stage2"] = args.stage2_steps
+    for stage in ("stage1", "stage2"):
+        if getattr(args, f"{stage}_steps"):
+            budget[stage] = getattr(args, f"{stage}_steps")
     if args.max_steps:
         budget.update({k: min(v, args.max_steps) for k, v in budget.items() if isinstance(v, int)})
     if args.parts == "pretrained":

