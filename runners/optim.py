@@ -54,6 +54,12 @@ def build_param_groups(model: torch.nn.Module, weight_decay: float, lr_layer_dec
     return cleaned
 
 
+def _under(name: str, prefix: str) -> bool:
+    """Whether parameter ``name`` lies under ``prefix`` in whole dotted components (``proj`` holds ``proj.weight``,
+    not ``projector.weight``)."""
+    return name == prefix or name.startswith(prefix + ".")
+
+
 def scale_lr_by_prefix(model: torch.nn.Module, groups: list[dict], lr_scales: Mapping[str, Any]) -> list[dict]:
     """``run.lr_scales`` ({parameter-name prefix: factor}): a parameter under a prefix (the longest one that matches,
     whole dotted components) has its group's ``lr_scale`` multiplied by the factor; each group is split by factor.
@@ -66,14 +72,14 @@ def scale_lr_by_prefix(model: torch.nn.Module, groups: list[dict], lr_scales: Ma
     for prefix, factor in dict(lr_scales).items():
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 0:
             raise ValueError(f"run.lr_scales.{prefix}: the LR factor must be a number >= 0, got {factor!r}")
-        if not any(n == prefix or n.startswith(prefix + ".") for n in names.values()):
+        if not any(_under(n, prefix) for n in names.values()):
             tops = sorted({n.split(".")[0] for n in names.values()})
             raise ValueError(f"run.lr_scales: {prefix!r} names no trainable parameter; trainable parameters are "
                              f"under {', '.join(tops)}")
         factors[str(prefix)] = float(factor)
 
     def factor_of(name: str) -> float:
-        matches = [p for p in factors if name == p or name.startswith(p + ".")]
+        matches = [p for p in factors if _under(name, p)]
         return factors[max(matches, key=len)] if matches else 1.0
 
     split: list[dict] = []

@@ -188,10 +188,10 @@ def examples(data_root: Path, captions: list[dict], k: int = 5) -> str:
 
 def instruction_grid(rows: list[dict[str, str]], path: Path, width: int = 40) -> Path:
     """PNG like the paper's Figure 4: each image once, with every instruction given to it and the model's answer."""
+    fig = instruction_figure(rows, width)  # selects the Agg backend before pyplot is imported
+    _save_text_figure(fig, path)
     import matplotlib.pyplot as plt
 
-    fig = instruction_figure(rows, width)
-    _save_text_figure(fig, path)
     plt.close(fig)
     return path
 
